@@ -1,0 +1,34 @@
+"""cudcn: deformable convolution (DCNv1 and modulated DCNv2) for any array framework.
+
+- :mod:`cudcn.ops`: the public functions (start here).
+- :mod:`cudcn.geometry`: the one validation function.
+- :mod:`cudcn.backends`: NumPy (the readable specification) and CUDA (CuPy).
+- ``cudcn.torch`` / ``cudcn.paddle``: framework adapters, imported on demand.
+
+Importing cudcn imports NumPy only: no CuPy, torch or paddle.
+"""
+
+from cudcn.config import get_workspace_bytes, set_workspace_bytes
+from cudcn.ops import (
+    Gradients,
+    deform_col2im,
+    deform_col2im_coord,
+    deform_conv,
+    deform_conv2d,
+    deform_conv2d_backward,
+    deform_im2col,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Gradients",
+    "deform_col2im",
+    "deform_col2im_coord",
+    "deform_conv",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+    "deform_im2col",
+    "get_workspace_bytes",
+    "set_workspace_bytes",
+]

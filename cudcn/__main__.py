@@ -1,0 +1,5 @@
+import sys
+
+from cudcn.cli import main
+
+sys.exit(main())

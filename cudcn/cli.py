@@ -1,0 +1,33 @@
+"""The ``cudcn`` command line (also ``python -m cudcn``).
+
+Each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int`` and imports nothing heavy
+(no CuPy, torch or paddle) until ``run`` is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help)
+COMMANDS = {
+    "check": ("cudcn.selfcheck", "run every available backend against the NumPy backend and the oracle"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cudcn", description="Deformable convolution for any array framework.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        modules[name] = module
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The one validation function, and the geometry it produces.
+
+Every entry point (the public functions, the building blocks, the torch and
+paddle adapters) calls :func:`validate` exactly once. It checks array kinds,
+dtypes, shapes and the stride/padding/dilation arguments, and returns a
+:class:`Geometry`: a small immutable record that the backends trust without
+checking again.
+
+Notation used throughout cudcn:
+
+=========  ===========================================================
+N          batch size
+C_in, C    input channels
+C_out, O   output channels
+H, W       input height and width
+kh, kw     kernel height and width; K = kh * kw kernel points
+Ho, Wo     output height and width; L = Ho * Wo output pixels
+groups     convolution groups (C_in / weight.shape[1])
+G          offset groups (offset.shape[1] / (2 * K))
+=========  ===========================================================
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cudcn.backends import array_kind
+
+#: Floating dtypes cudcn accepts, by NumPy name (bfloat16 is ml_dtypes').
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything a backend needs to know about one call, already checked."""
+
+    kind: str  # "numpy" or "cupy": which backend runs the call
+    dtype: np.dtype
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int  # 0 for the building blocks, which have no weight
+    groups: int
+    offset_groups: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dil_h: int
+    dil_w: int
+    out_h: int
+    out_w: int
+    has_mask: bool
+    has_bias: bool
+
+    @property
+    def kernel_points(self) -> int:
+        """K = kh * kw."""
+        return self.kernel_h * self.kernel_w
+
+    @property
+    def out_pixels(self) -> int:
+        """L = Ho * Wo."""
+        return self.out_h * self.out_w
+
+    @property
+    def columns_shape(self) -> tuple[int, int, int, int]:
+        """Shape of the column buffer: (N, Ho*Wo, kh*kw, C_in)."""
+        return (self.batch, self.out_pixels, self.kernel_points, self.in_channels)
+
+
+def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least ``minimum``, as a pair."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if len(items) == 1:
+        items = (items[0], items[0])
+    ok = len(items) == 2 and all(
+        not isinstance(v, (bool, np.bool_)) and _is_int(v) for v in items
+    )
+    if not ok:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    pair = (operator.index(items[0]), operator.index(items[1]))
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_ndim(array: Any, name: str, ndim: int, layout: str) -> None:
+    if array.ndim != ndim:
+        raise ValueError(
+            f"{name} must be a {ndim}-D array {layout}, "
+            f"got {array.ndim}-D with shape {tuple(array.shape)}"
+        )
+
+
+def _check_dim(name: str, got: int, expected: int, meaning: str) -> None:
+    if got != expected:
+        raise ValueError(f"{name} must be {meaning} = {expected}, got {got}")
+
+
+def validate(
+    *,
+    input: Any = None,
+    offset: Any,
+    weight: Any = None,
+    bias: Any = None,
+    mask: Any = None,
+    grad_output: Any = None,
+    columns: Any = None,
+    input_shape: Any = None,
+    kernel_size: Any = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    names: Mapping[str, str] | None = None,
+) -> Geometry:
+    """Check one call and describe it.
+
+    Either ``input`` or ``input_shape`` (for col2im) gives (N, C_in, H, W);
+    either ``weight`` or ``kernel_size`` (for the building blocks) gives the
+    kernel. ``names`` renames arguments in error messages, so that an adapter
+    can report ``x`` where the core says ``input``.
+
+    Raises:
+        TypeError: an argument is not an array of a supported kind, the
+            arrays mix kinds, or a dtype is not floating or differs.
+        ValueError: a shape, size or geometry argument is wrong.
+    """
+    names = dict(names or {})
+
+    def nm(key: str) -> str:
+        return names.get(key, key)
+
+    arrays = {
+        "input": input,
+        "offset": offset,
+        "weight": weight,
+        "bias": bias,
+        "mask": mask,
+        "grad_output": grad_output,
+        "columns": columns,
+    }
+    arrays = {key: value for key, value in arrays.items() if value is not None}
+
+    # Array kinds and dtypes first: shapes mean nothing on a list.
+    kinds = {key: array_kind(value, nm(key)) for key, value in arrays.items()}
+    first = next(iter(kinds))
+    for key, kind in kinds.items():
+        if kind != kinds[first]:
+            raise TypeError(
+                f"{nm(key)} is a {kind} array but {nm(first)} is a "
+                f"{kinds[first]} array; pass arrays of one kind"
+            )
+    for key, value in arrays.items():
+        if value.dtype.name not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{nm(key)}.dtype must be one of {', '.join(FLOAT_DTYPES)}, "
+                f"got {value.dtype.name}"
+            )
+    for key, value in arrays.items():
+        if value.dtype != arrays[first].dtype:
+            raise TypeError(
+                f"{nm(key)}.dtype must equal {nm(first)}.dtype = "
+                f"{arrays[first].dtype.name}, got {value.dtype.name}"
+            )
+
+    # Input size.
+    if input is not None:
+        _check_ndim(input, nm("input"), 4, "(N, C_in, H, W)")
+        batch, in_channels, height, width = map(int, input.shape)
+    else:
+        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+        if shape is None or len(shape) != 4 or not all(
+            _is_int(v) and not isinstance(v, bool) and v >= 0 for v in shape
+        ):
+            raise ValueError(
+                f"{nm('input_shape')} must be 4 non-negative ints "
+                f"(N, C_in, H, W), got {input_shape!r}"
+            )
+        batch, in_channels, height, width = map(int, shape)
+
+    # Kernel and convolution groups.
+    groups, out_channels = 1, 0
+    if weight is not None:
+        _check_ndim(weight, nm("weight"), 4, "(C_out, C_in/groups, kh, kw)")
+        out_channels, per_group, kernel_h, kernel_w = map(int, weight.shape)
+        if per_group < 1 or in_channels % per_group:
+            raise ValueError(
+                f"{nm('input')}.shape[1] = {in_channels} must be a positive "
+                f"multiple of {nm('weight')}.shape[1] = {per_group} (C_in/groups)"
+            )
+        groups = in_channels // per_group
+        if out_channels % groups:
+            raise ValueError(
+                f"{nm('weight')}.shape[0] = {out_channels} (C_out) must be "
+                f"divisible by groups = {groups}"
+            )
+    else:
+        kernel_h, kernel_w = _pair(kernel_size, nm("kernel_size"), 0)
+    if kernel_h < 1 or kernel_w < 1:
+        raise ValueError(
+            f"kernel size must be at least 1x1, got {kernel_h}x{kernel_w}"
+        )
+    if in_channels < 1:
+        raise ValueError(f"{nm('input')}.shape[1] (C_in) must be >= 1, got {in_channels}")
+
+    stride_h, stride_w = _pair(stride, nm("stride"), 1)
+    pad_h, pad_w = _pair(padding, nm("padding"), 0)
+    dil_h, dil_w = _pair(dilation, nm("dilation"), 1)
+    out_h = (height + 2 * pad_h - dil_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_w = (width + 2 * pad_w - dil_w * (kernel_w - 1) - 1) // stride_w + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"output size (Ho, Wo) = ({out_h}, {out_w}) must be at least 1x1; "
+            f"input (H, W) = ({height}, {width}), kernel ({kernel_h}, {kernel_w}), "
+            f"stride ({stride_h}, {stride_w}), padding ({pad_h}, {pad_w}), "
+            f"dilation ({dil_h}, {dil_w})"
+        )
+
+    # Offset: (N, 2*G*K, Ho, Wo).
+    kernel_points = kernel_h * kernel_w
+    _check_ndim(offset, nm("offset"), 4, "(N, 2*offset_groups*kh*kw, Ho, Wo)")
+    _check_dim(f"{nm('offset')}.shape[0]", offset.shape[0], batch, f"{nm('input')}.shape[0] (N)")
+    channels = int(offset.shape[1])
+    if channels < 1 or channels % (2 * kernel_points):
+        raise ValueError(
+            f"{nm('offset')}.shape[1] must be a positive multiple of "
+            f"2*kh*kw = {2 * kernel_points}, got {channels}"
+        )
+    offset_groups = channels // (2 * kernel_points)
+    if in_channels % offset_groups:
+        raise ValueError(
+            f"{nm('input')}.shape[1] = {in_channels} (C_in) must be divisible "
+            f"by offset_groups = {offset_groups} "
+            f"({nm('offset')}.shape[1] / (2*kh*kw))"
+        )
+    if tuple(offset.shape[2:]) != (out_h, out_w):
+        raise ValueError(
+            f"{nm('offset')}.shape[2:] must be the output size (Ho, Wo) = "
+            f"({out_h}, {out_w}), got {tuple(offset.shape[2:])}"
+        )
+
+    if mask is not None:
+        _check_ndim(mask, nm("mask"), 4, "(N, offset_groups*kh*kw, Ho, Wo)")
+        _check_dim(f"{nm('mask')}.shape[0]", mask.shape[0], batch, f"{nm('input')}.shape[0] (N)")
+        _check_dim(
+            f"{nm('mask')}.shape[1]",
+            mask.shape[1],
+            offset_groups * kernel_points,
+            "offset_groups*kh*kw",
+        )
+        if tuple(mask.shape[2:]) != (out_h, out_w):
+            raise ValueError(
+                f"{nm('mask')}.shape[2:] must be the output size (Ho, Wo) = "
+                f"({out_h}, {out_w}), got {tuple(mask.shape[2:])}"
+            )
+
+    if bias is not None:
+        if weight is None:
+            raise ValueError(f"{nm('bias')} needs a weight")
+        if tuple(bias.shape) != (out_channels,):
+            raise ValueError(
+                f"{nm('bias')}.shape must be (C_out,) = ({out_channels},), "
+                f"got {tuple(bias.shape)}"
+            )
+
+    if grad_output is not None:
+        expected = (batch, out_channels, out_h, out_w)
+        if tuple(grad_output.shape) != expected:
+            raise ValueError(
+                f"{nm('grad_output')}.shape must be (N, C_out, Ho, Wo) = "
+                f"{expected}, got {tuple(grad_output.shape)}"
+            )
+
+    if columns is not None:
+        expected = (batch, out_h * out_w, kernel_points, in_channels)
+        if tuple(columns.shape) != expected:
+            raise ValueError(
+                f"{nm('columns')}.shape must be (N, Ho*Wo, kh*kw, C_in) = "
+                f"{expected}, got {tuple(columns.shape)}"
+            )
+
+    return Geometry(
+        kind=kinds[first],
+        dtype=arrays[first].dtype,
+        batch=batch,
+        in_channels=in_channels,
+        height=height,
+        width=width,
+        out_channels=out_channels,
+        groups=groups,
+        offset_groups=offset_groups,
+        kernel_h=kernel_h,
+        kernel_w=kernel_w,
+        stride_h=stride_h,
+        stride_w=stride_w,
+        pad_h=pad_h,
+        pad_w=pad_w,
+        dil_h=dil_h,
+        dil_w=dil_w,
+        out_h=out_h,
+        out_w=out_w,
+        has_mask=mask is not None,
+        has_bias=bias is not None,
+    )
