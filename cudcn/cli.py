@@ -14,6 +14,8 @@ import sys
 #: subcommand -> (module, one-line help)
 COMMANDS = {
     "check": ("cudcn.selfcheck", "run every available backend against the NumPy backend and the oracle"),
+    "info": ("cudcn.info", "versions, GPUs, available backends and the kernel cache"),
+    "bench": ("cudcn.bench", "time cudcn against the peers that are present"),
 }
 
 

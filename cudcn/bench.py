@@ -1,0 +1,417 @@
+"""``cudcn bench``: time cudcn against the peers that are present.
+
+Every implementation computes the same modulated deformable convolution
+(torchvision's semantics) on the same random arguments:
+
+- cudcn: the NumPy backend (CPU), the CUDA backend (CuPy arrays), and the
+  torch adapter on each device torch has;
+- torchvision.ops.deform_conv2d (on each device, when torchvision is installed);
+- paddle.vision.ops.deform_conv2d on the CPU (when paddle is installed);
+- a plain pure-torch implementation built from ``grid_sample``
+  (:func:`grid_sample_deform_conv2d`), on each device torch has.
+
+For each one the table gives the median time of a forward pass and of a
+forward plus backward pass (all gradients), and the largest difference of its
+output from cudcn's NumPy backend in float64, so that one can see the
+computations timed are the same. Implementations that cannot run here are
+listed as "not available" with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import cudcn
+
+
+@dataclass(frozen=True)
+class Case:
+    """The convolution being timed: input (batch, in_channels, size, size)."""
+
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: int
+    kernel: int
+    offset_groups: int
+    modulated: bool
+    dtype: str
+
+    @property
+    def padding(self) -> int:
+        """'Same' padding, so the output is size x size."""
+        return self.kernel // 2
+
+
+@dataclass
+class Prepared:
+    """One implementation, ready to run on its own copies of the arguments."""
+
+    forward: Callable[[], Any]  # returns the output in the framework's type
+    forward_backward: Callable[[], None]  # one forward and a backward for every input
+    to_numpy: Callable[[Any], np.ndarray]
+    synchronize: Callable[[], None]
+
+
+class NotAvailable(Exception):
+    """An implementation cannot run here; the message says why."""
+
+
+# ----------------------------------------------------------------------------
+# The pure-torch reference
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def grid_sample_deform_conv2d(
+    input: Any,
+    offset: Any,
+    weight: Any,
+    bias: Any | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    mask: Any | None = None,
+) -> Any:
+    """Deformable convolution in plain torch: ``grid_sample`` then a contraction.
+
+    Same arguments and semantics as ``torchvision.ops.deform_conv2d`` (and
+    :func:`cudcn.deform_conv2d`); gradients come from torch's autograd.
+
+    ``grid_sample`` with ``align_corners=False`` puts pixel ``i`` of a row of
+    ``W`` pixels at the normalised coordinate ``(2*i + 1)/W - 1``; mapping the
+    sampling point ``x`` (in pixels) to ``(2*x + 1)/W - 1`` therefore samples
+    exactly at ``x`` with pixel centres on integers, for every W (including 1,
+    where ``align_corners=True`` would divide by zero). ``padding_mode="zeros"``
+    makes every corner outside the image count 0, as torchvision does.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = input.shape
+    out_channels, c_per_group, kh, kw = weight.shape
+    groups = c // c_per_group
+    k = kh * kw
+    offset_groups = offset.shape[1] // (2 * k)
+    out_h, out_w = offset.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+
+    # Regular sampling grid of every (output row, output column, kernel point).
+    points = torch.arange(k, device=input.device)
+    i, j = points // kw, points % kw
+    rows = torch.arange(out_h, device=input.device) * sh - ph
+    cols = torch.arange(out_w, device=input.device) * sw - pw
+    base_y = (rows[:, None, None] + i * dh).to(input.dtype)  # (Ho, 1, K)
+    base_x = (cols[None, :, None] + j * dw).to(input.dtype)  # (1, Wo, K)
+
+    # offset (N, G*K*2, Ho, Wo) -> (N, G, Ho, Wo, K) for rows and for columns
+    off = offset.reshape(n, offset_groups, k, 2, out_h, out_w).permute(0, 1, 3, 4, 5, 2)
+    y = base_y + off[:, :, 0]
+    x = base_x + off[:, :, 1]
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)
+    grid = grid.reshape(n * offset_groups, out_h, out_w * k, 2)
+
+    sampled = F.grid_sample(
+        input.reshape(n * offset_groups, c // offset_groups, h, w), grid,
+        mode="bilinear", padding_mode="zeros", align_corners=False,
+    )  # (N*G, C/G, Ho, Wo*K)
+    sampled = sampled.reshape(n, offset_groups, c // offset_groups, out_h, out_w, k)
+    if mask is not None:
+        m = mask.reshape(n, offset_groups, k, out_h, out_w).permute(0, 1, 3, 4, 2)
+        sampled = sampled * m[:, :, None]
+
+    columns = sampled.reshape(n, groups, c_per_group, out_h, out_w, k)
+    kernel = weight.reshape(groups, out_channels // groups, c_per_group, k)
+    out = torch.einsum("ngchwk,gock->ngohw", columns, kernel)
+    out = out.reshape(n, out_channels, out_h, out_w)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Arguments and implementations
+
+
+def make_arguments(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float64 arguments; offsets of a few pixels, away from integers."""
+    rng = np.random.default_rng(seed)
+    n, c, o, s, kk, g = (case.batch, case.in_channels, case.out_channels,
+                         case.size, case.kernel, case.offset_groups)
+    k = kk * kk
+    args = {
+        "input": rng.standard_normal((n, c, s, s)),
+        "offset": rng.uniform(-2, 2, (n, 2 * g * k, s, s)) + 0.25,
+        "weight": rng.standard_normal((o, c, kk, kk)) / np.sqrt(c * k),
+        "bias": rng.standard_normal(o),
+    }
+    if case.modulated:
+        args["mask"] = rng.uniform(0, 1, (n, g * k, s, s))
+    return args
+
+
+def _torch_device_list() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _torch_prepared(fn, case: Case, args: dict, device: str) -> Prepared:
+    """Wrap a torch function f(input, offset, weight, bias, stride, padding, dilation, mask)."""
+    import torch
+
+    dtype = getattr(torch, case.dtype)
+    tensors = {k: torch.tensor(v, dtype=dtype, device=device) for k, v in args.items()}
+    leaves = {k: t.clone().requires_grad_(True) for k, t in tensors.items()}
+    grad_out = torch.ones((case.batch, case.out_channels, case.size, case.size), dtype=dtype, device=device)
+
+    def call(t):
+        return fn(t["input"], t["offset"], t["weight"], t.get("bias"), stride=1,
+                  padding=case.padding, dilation=1, mask=t.get("mask"))
+
+    def forward():
+        with torch.no_grad():
+            return call(tensors)
+
+    def forward_backward():
+        for t in leaves.values():
+            t.grad = None
+        call(leaves).backward(grad_out)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return Prepared(forward, forward_backward, lambda t: t.detach().cpu().double().numpy(), sync)
+
+
+def _cudcn_arrays(case: Case, args: dict, xp) -> Prepared:
+    """cudcn's own entry points on NumPy or CuPy arrays."""
+    arrays = {k: xp.asarray(v.astype(case.dtype)) for k, v in args.items()}
+    grad_out = xp.ones((case.batch, case.out_channels, case.size, case.size), case.dtype)
+    geometry = dict(stride=1, padding=case.padding, dilation=1)
+
+    def forward():
+        return cudcn.deform_conv2d(**arrays, **geometry)
+
+    def forward_backward():
+        cudcn.deform_conv2d(**arrays, **geometry)
+        cudcn.deform_conv2d_backward(grad_out, **arrays, **geometry)
+
+    if xp is np:
+        return Prepared(forward, forward_backward, lambda a: np.asarray(a, np.float64), lambda: None)
+    return Prepared(forward, forward_backward, lambda a: a.get().astype(np.float64),
+                    xp.cuda.get_current_stream().synchronize)
+
+
+def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[], Prepared]]]:
+    """(name, device, preparer) of everything worth trying; a preparer raises
+    NotAvailable (or ImportError) when it cannot run here."""
+    found: list[tuple[str, str, Callable[[], Prepared]]] = []
+    found.append(("cudcn (numpy backend)", "cpu", lambda: _cudcn_arrays(case, args, np)))
+
+    def cupy_backend():
+        try:
+            import cupy
+            if cupy.cuda.runtime.getDeviceCount() == 0:
+                raise NotAvailable("no CUDA device")
+        except NotAvailable:
+            raise
+        except Exception as error:
+            raise NotAvailable(f"no CuPy or no CUDA device ({type(error).__name__})") from error
+        return _cudcn_arrays(case, args, cupy)
+
+    found.append(("cudcn (cuda backend)", "cuda", cupy_backend))
+
+    try:
+        devices = _torch_device_list()
+    except ImportError:
+        devices = []
+        for name in ("cudcn (torch adapter)", "torchvision", "pure torch (grid_sample)"):
+            found.append((name, "-", _unavailable("torch not installed")))
+
+    def torch_peer(module_name: str, attribute: str, device: str):
+        def prepare():
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as error:
+                raise NotAvailable(f"{module_name} not installed") from error
+            return _torch_prepared(getattr(module, attribute), case, args, device)
+        return prepare
+
+    for device in devices:
+        found.append(("cudcn (torch adapter)", device, torch_peer("cudcn.torch", "deform_conv2d", device)))
+        found.append(("torchvision", device, torch_peer("torchvision.ops", "deform_conv2d", device)))
+        found.append(("pure torch (grid_sample)", device,
+                      lambda device=device: _torch_prepared(grid_sample_deform_conv2d, case, args, device)))
+    if "cuda" not in devices:
+        found.append(("torchvision", "cuda", _unavailable("no CUDA device for torch")))
+    found.append(("paddle", "cpu", lambda: _paddle_prepared(case, args)))
+    return found
+
+
+def _unavailable(reason: str):
+    def prepare():
+        raise NotAvailable(reason)
+    return prepare
+
+
+def _paddle_prepared(case: Case, args: dict) -> Prepared:
+    """paddle.vision.ops.deform_conv2d on the CPU."""
+    try:
+        import paddle
+    except ImportError as error:
+        raise NotAvailable("paddle not installed") from error
+    paddle.set_device("cpu")
+    from paddle.vision.ops import deform_conv2d
+
+    tensors = {k: paddle.to_tensor(v.astype(case.dtype)) for k, v in args.items()}
+    leaves = {k: paddle.to_tensor(v.astype(case.dtype), stop_gradient=False) for k, v in args.items()}
+    grad_out = paddle.ones([case.batch, case.out_channels, case.size, case.size], dtype=case.dtype)
+
+    def call(t):
+        return deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], stride=1,
+                             padding=case.padding, dilation=1,
+                             deformable_groups=case.offset_groups, mask=t.get("mask"))
+
+    def forward():
+        with paddle.no_grad():
+            return call(tensors)
+
+    def forward_backward():
+        for t in leaves.values():
+            t.clear_gradient()
+        call(leaves).backward(grad_out)
+
+    return Prepared(forward, forward_backward, lambda t: t.numpy().astype(np.float64), lambda: None)
+
+
+# ----------------------------------------------------------------------------
+# Timing and reporting
+
+
+def median_ms(fn: Callable[[], Any], sync: Callable[[], None], warmup: int, repeat: int) -> float:
+    """Median wall time of fn in milliseconds, synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0) -> list[dict]:
+    """One row per implementation: name, device, forward_ms, forward_backward_ms,
+    max_rel_diff (output vs cudcn's NumPy backend in float64), status."""
+    args = make_arguments(case, seed)
+    reference = cudcn.deform_conv2d(**args, stride=1, padding=case.padding, dilation=1)
+    scale = float(np.abs(reference).max())
+    rows = []
+    for name, device, prepare in implementations(case, args):
+        row = {"implementation": name, "device": device, "forward_ms": None,
+               "forward_backward_ms": None, "max_rel_diff": None, "status": "ok"}
+        try:
+            prepared = prepare()
+            output = prepared.to_numpy(prepared.forward())
+            row["max_rel_diff"] = float(np.abs(output - reference).max()) / scale
+            row["forward_ms"] = median_ms(prepared.forward, prepared.synchronize, warmup, repeat)
+            row["forward_backward_ms"] = median_ms(prepared.forward_backward, prepared.synchronize, warmup, repeat)
+        except (NotAvailable, ImportError) as error:
+            row["status"] = f"not available: {error}"
+        except Exception as error:  # a peer failing must not stop the others
+            row["status"] = f"failed: {type(error).__name__}: {error}"
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as a fixed-width text table."""
+    lines = [f"{'implementation':26} {'device':6} {'forward ms':>11} {'fwd+bwd ms':>11} {'rel. diff':>10}  status"]
+    for r in rows:
+        def num(v, fmt):
+            return f"{v:{fmt}}" if v is not None else "-"
+        lines.append(f"{r['implementation']:26} {r['device']:6} {num(r['forward_ms'], '11.2f'):>11} "
+                     f"{num(r['forward_backward_ms'], '11.2f'):>11} {num(r['max_rel_diff'], '10.1e'):>10}  {r['status']}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], case: Case, path: Path) -> None:
+    """Horizontal bars: forward and forward+backward median times of the implementations that ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if r["status"] == "ok"]
+    labels = [f"{r['implementation']} [{r['device']}]" for r in ran]
+    y = np.arange(len(ran))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(ran) + 1.5))
+    ax.barh(y - 0.2, [r["forward_ms"] for r in ran], height=0.4, label="forward")
+    ax.barh(y + 0.2, [r["forward_backward_ms"] for r in ran], height=0.4, label="forward + backward")
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median time (ms, log scale)")
+    kind = "DCNv2" if case.modulated else "DCNv1"
+    ax.set_title(f"{kind} {case.dtype}: N={case.batch}, C={case.in_channels}, O={case.out_channels}, "
+                 f"{case.size}x{case.size}, {case.kernel}x{case.kernel}, G={case.offset_groups}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--in-channels", type=int, default=32, help="input channels (default 32)")
+    parser.add_argument("--out-channels", type=int, default=32, help="output channels (default 32)")
+    parser.add_argument("--size", type=int, default=32, help="image height and width (default 32)")
+    parser.add_argument("--kernel", type=int, default=3, help="kernel height and width (default 3)")
+    parser.add_argument("--offset-groups", type=int, default=1, help="offset groups (default 1)")
+    parser.add_argument("--v1", action="store_true", help="no mask (DCNv1) instead of DCNv2")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="default float32")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls; the median is reported (default 5)")
+    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
+    parser.add_argument("--json", type=Path, help="write the case and the table as JSON here")
+    parser.add_argument("--plot", type=Path, help="draw the timings into this PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    case = Case(args.batch, args.in_channels, args.out_channels, args.size, args.kernel,
+                args.offset_groups, not args.v1, args.dtype)
+    rows = benchmark(case, warmup=args.warmup, repeat=args.repeat)
+    print(f"{'DCNv1' if args.v1 else 'DCNv2'}, {case}")
+    print(format_table(rows))
+    print("rel. diff: largest |output - cudcn numpy float64| / largest |output|")
+    for path in (args.csv, args.json, args.plot):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.json:
+        args.json.write_text(json.dumps({"case": asdict(case), "rows": rows}, indent=2) + "\n")
+    if args.plot:
+        plot(rows, case, args.plot)
+    failed = [r for r in rows if r["status"].startswith("failed")]
+    return 1 if failed else 0
