@@ -112,8 +112,8 @@ def _pixels_last(geom: Geometry, input: np.ndarray, dtype: np.dtype) -> np.ndarr
     """Input (n, C, H, W) as (n, H*W + 1, G, C/G), a zero padding pixel last."""
     n, G = input.shape[0], geom.offset_groups
     out = np.zeros((n, geom.height * geom.width + 1, geom.in_channels), dtype)
-    out[:, :-1] = input.reshape(n, geom.in_channels, -1).transpose(0, 2, 1)
-    return out.reshape(n, -1, G, geom.in_channels // G)
+    out[:, :-1] = input.reshape(n, geom.in_channels, geom.height * geom.width).transpose(0, 2, 1)
+    return out.reshape(n, geom.height * geom.width + 1, G, geom.in_channels // G)
 
 
 def _gather(pixels: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -202,7 +202,7 @@ def _grouped(geom: Geometry, columns: np.ndarray) -> np.ndarray:
     """Columns (n, L, K, C) as (groups, n*L, K*C/groups) for the GEMM."""
     n, L, K, C = columns.shape
     g = geom.groups
-    return columns.reshape(n * L, K, g, C // g).transpose(2, 0, 1, 3).reshape(g, n * L, -1)
+    return columns.reshape(n * L, K, g, C // g).transpose(2, 0, 1, 3).reshape(g, n * L, K * C // g)
 
 
 def _ungrouped(geom: Geometry, grouped: np.ndarray, n: int) -> np.ndarray:

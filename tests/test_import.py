@@ -1,0 +1,41 @@
+"""`import cudcn` pulls in no framework: not torch, not paddle, not CuPy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FRAMEWORKS = ("torch", "paddle", "cupy", "cupy_backends", "ml_dtypes")
+
+
+def _modules_after(code: str) -> set[str]:
+    script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    return {name.split(".")[0] for name in result.stdout.split()}
+
+
+def test_import_cudcn_imports_no_framework():
+    loaded = _modules_after("import cudcn, cudcn.ops, cudcn.geometry, cudcn.backends, cudcn.cli")
+    assert "cudcn" in loaded and "numpy" in loaded
+    assert not loaded & set(FRAMEWORKS), loaded & set(FRAMEWORKS)
+
+
+def test_numpy_call_imports_no_framework():
+    code = (
+        "import numpy as np, cudcn\n"
+        "x = np.ones((1, 2, 4, 4)); off = np.zeros((1, 18, 4, 4)); w = np.ones((3, 2, 3, 3))\n"
+        "cudcn.deform_conv2d_backward(np.ones((1, 3, 4, 4)), x, off, w, padding=1)"
+    )
+    assert not _modules_after(code) & set(FRAMEWORKS)
+
+
+def test_subprocess_sees_this_checkout():
+    # Guards the tests above against importing some other installed cudcn.
+    result = subprocess.run(
+        [sys.executable, "-c", "import cudcn; print(cudcn.__file__)"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    assert Path(result.stdout.strip()).resolve().parent == ROOT / "cudcn"
