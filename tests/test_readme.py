@@ -19,3 +19,12 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2, commands
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci_lines
+
+
+def test_readme_quickstart_runs():
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quickstart\n\n```python\n(.+?)```", text, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README quickstart", "exec"), namespace)
+    assert namespace["y"].shape == (2, 32, 32, 32)
+    assert namespace["grads"].mask.shape == (2, 9, 32, 32)
