@@ -1,0 +1,327 @@
+"""CUDA backend: kernels/*.cu through CuPy, the GEMMs through cuBLAS.
+
+The same three steps as the NumPy backend (:mod:`cudcn.backends.numpy_backend`,
+the specification this backend matches), per chunk of images:
+
+1. ``to_channels_last`` turns the chunk's input (n, C, H, W) into
+   (n, H*W, C), so that the sampling kernels read a pixel's channels from
+   consecutive addresses;
+2. ``deform_im2col`` samples the columns in the grouped layout
+   (groups, n*L, K*C/groups) -- for one group exactly the public layout
+   (n, L, K, C) -- and one batched cuBLAS GEMM per chunk multiplies them with
+   the weight matrix of every group at once (``numpy_backend._weight_matrix``);
+3. backward: the column gradients (one more batched GEMM, written over the
+   columns once the weight gradient has used them) go through
+   ``deform_col2im`` (atomics into a zero-filled float32/float64
+   channels-last accumulator, then ``from_channels_last`` back to NCHW in the
+   dtype) and ``deform_col2im_coord`` (offset and mask gradients, no atomics).
+
+The batch is chunked so that the column buffer stays under the workspace
+budget (:mod:`cudcn.config`). float16 columns and GEMMs stay float16 (cuBLAS
+accumulates in float32); bfloat16 columns are float32; every kernel computes
+in float32 (float64 for float64). Everything runs on the arrays' device and
+CuPy's current stream there; nothing waits for the device.
+
+Every step is written against an *engine*: an array module ``xp`` plus a
+``launch`` of a named kernel instantiation. On a GPU the engine is CuPy; the
+test suite also runs this very code with NumPy arrays and the kernels compiled
+for the host (tests/emulation), so the layouts, chunking and GEMM plumbing
+below are checked without a GPU too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from cudcn import cuda_kernels
+from cudcn.backends.numpy_backend import _chunks, _weight_from_matrix, _weight_matrix
+from cudcn.geometry import Geometry
+
+
+class Engine(Protocol):
+    """Where the steps run: an array module and a kernel launcher."""
+
+    xp: Any  # cupy (or numpy under host emulation)
+    threads: int  # the most threads one launch starts (block size * block cap)
+
+    def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
+        """Run instantiation (kernel, dtype, index) over ``total`` elements.
+
+        ``args`` are the kernel's arguments in order: contiguous arrays,
+        ``numpy.int32`` and ``numpy.int64`` scalars.
+        """
+
+
+class CupyEngine:
+    """Launch through the per-device cupy.RawModule on the current stream."""
+
+    threads = cuda_kernels.BLOCK * cuda_kernels.MAX_BLOCKS
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.xp = cupy
+
+    def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
+        name = cuda_kernels.name_expression(kernel, dtype, index)
+        function = cuda_kernels.module(dtype).get_function(name)
+        blocks = min(-(-total // cuda_kernels.BLOCK), cuda_kernels.MAX_BLOCKS)
+        function((blocks,), (cuda_kernels.BLOCK,), tuple(args))
+
+
+_engine: CupyEngine | None = None
+
+
+def _cupy_engine() -> CupyEngine:
+    global _engine
+    if _engine is None:
+        _engine = CupyEngine()
+    return _engine
+
+
+# --------------------------------------------------------------------------
+# Launchers: each allocates its outputs and launches one kernel.
+
+
+def _index(engine: Engine, *sizes: int) -> tuple[str, type]:
+    """``int`` while every tensor a launch touches, plus one grid stride, fits 31 bits."""
+    if max(sizes) + engine.threads < 2**31:
+        return "int", np.int32
+    return "long long", np.int64
+
+
+def _shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
+    """The kernels' DCN_SHAPE_PARAMS, in order (kernels/dcn_common.cuh)."""
+    return [
+        np.int32(v)
+        for v in (
+            batch, geom.in_channels, geom.height, geom.width,
+            geom.kernel_h, geom.kernel_w, geom.stride_h, geom.stride_w,
+            geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
+            geom.out_h, geom.out_w, geom.offset_groups, groups,
+        )
+    ]
+
+
+def _mask_args(mask: Any, offset: Any) -> list[Any]:
+    # Without a mask the kernels never read the pointer; the offset stands in
+    # so that every launch passes a valid device pointer.
+    return [offset if mask is None else mask, np.int32(mask is not None)]
+
+
+def _channels_last(engine: Engine, geom: Geometry, input: Any) -> Any:
+    """input (n, C, H, W) -> (n, H*W, C), same dtype."""
+    xp = engine.xp
+    input = xp.ascontiguousarray(input)
+    n, pixels = input.shape[0], geom.height * geom.width
+    out = xp.empty((n, pixels, geom.in_channels), input.dtype)
+    if out.size:
+        index, itype = _index(engine, out.size)
+        engine.launch(
+            "to_channels_last", geom.dtype.name, index, out.size,
+            [input, itype(out.size), np.int32(geom.in_channels), np.int32(pixels), out],
+        )
+    return out
+
+
+def _im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any, groups: int) -> Any:
+    """Columns (groups, n*L, K*C/groups) in the column dtype.
+
+    pixels: (n, H*W, C) channels-last input; offset (n, 2GK, Ho, Wo) and mask
+    (n, GK, Ho, Wo) or None, contiguous.
+    """
+    n = pixels.shape[0]
+    per_group = geom.kernel_points * geom.in_channels // groups
+    columns = engine.xp.empty(
+        (groups, n * geom.out_pixels, per_group), cuda_kernels.TYPES[geom.dtype.name].column_dtype
+    )
+    if columns.size:
+        index, itype = _index(engine, columns.size, pixels.size, offset.size)
+        engine.launch(
+            "deform_im2col", geom.dtype.name, index, columns.size,
+            [pixels, offset, *_mask_args(mask, offset), *_shape_args(geom, n, groups),
+             itype(columns.size), columns],
+        )
+    return columns
+
+
+def _col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any, groups: int, out: Any) -> None:
+    """Scatter column gradients (groups, n*L, K*C/groups) into out (n, C, H, W)."""
+    xp = engine.xp
+    n = offset.shape[0]
+    types = cuda_kernels.TYPES[geom.dtype.name]
+    pixels = geom.height * geom.width
+    accum = xp.zeros((n, pixels, geom.in_channels), types.accum_dtype)
+    if accum.size == 0:
+        return
+    if columns.size:
+        index, itype = _index(engine, columns.size, accum.size, offset.size)
+        engine.launch(
+            "deform_col2im", geom.dtype.name, index, columns.size,
+            [columns, offset, *_mask_args(mask, offset), *_shape_args(geom, n, groups),
+             itype(columns.size), accum],
+        )
+    index, itype = _index(engine, accum.size)
+    engine.launch(
+        "from_channels_last", geom.dtype.name, index, accum.size,
+        [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
+    )
+
+
+def _col2im_coord(
+    engine: Engine, geom: Geometry, columns: Any, pixels: Any, offset: Any, mask: Any,
+    groups: int, grad_offset: Any, grad_mask: Any,
+) -> None:
+    """Offset (n, 2GK, Ho, Wo) and mask (n, GK, Ho, Wo) gradients into the given arrays."""
+    n = offset.shape[0]
+    total = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
+    if total == 0:
+        return
+    index, itype = _index(engine, columns.size, pixels.size, offset.size)
+    engine.launch(
+        "deform_col2im_coord", geom.dtype.name, index, total,
+        [columns, pixels, offset, *_mask_args(mask, offset), *_shape_args(geom, n, groups),
+         itype(total), grad_offset, grad_offset if grad_mask is None else grad_mask],
+    )
+
+
+# --------------------------------------------------------------------------
+# The backend, against any engine.
+
+
+def _chunk(xp: Any, array: Any, part: slice) -> Any:
+    return None if array is None else xp.ascontiguousarray(array[part])
+
+
+def _forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
+    xp = engine.xp
+    types = cuda_kernels.TYPES[geom.dtype.name]
+    column_dtype = np.dtype(types.column_dtype)
+    groups, L = geom.groups, geom.out_pixels
+    per_group_out = geom.out_channels // groups
+    out = xp.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), geom.dtype)
+    matrix = _weight_matrix(geom, weight, column_dtype)  # (groups, K*C/groups, O/groups)
+    if bias is not None:
+        bias = bias.astype(types.accum_dtype).reshape(1, groups, per_group_out, 1)
+    for part in _chunks(geom, column_dtype):
+        off, m = _chunk(xp, offset, part), _chunk(xp, mask, part)
+        n = off.shape[0]
+        pixels = _channels_last(engine, geom, input[part])
+        columns = _im2col(engine, geom, pixels, off, m, groups)
+        y = xp.matmul(columns, matrix)  # (groups, n*L, O/groups)
+        y = y.reshape(groups, n, L, per_group_out).transpose(1, 0, 3, 2)
+        target = out[part].reshape(n, groups, per_group_out, L)
+        target[...] = y if bias is None else y + bias
+    return out
+
+
+def _backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
+    xp = engine.xp
+    types = cuda_kernels.TYPES[geom.dtype.name]
+    column_dtype = np.dtype(types.column_dtype)
+    groups, L = geom.groups, geom.out_pixels
+    per_group_out = geom.out_channels // groups
+    grad_input = xp.empty((geom.batch, geom.in_channels, geom.height, geom.width), geom.dtype)
+    grad_offset = xp.empty(offset.shape, geom.dtype)
+    grad_mask = None if mask is None else xp.empty(mask.shape, geom.dtype)
+    matrix = _weight_matrix(geom, weight, column_dtype)
+    grad_matrix = xp.zeros(matrix.shape, types.accum_dtype)
+    for part in _chunks(geom, column_dtype):
+        off, m = _chunk(xp, offset, part), _chunk(xp, mask, part)
+        n = off.shape[0]
+        pixels = _channels_last(engine, geom, input[part])
+        columns = _im2col(engine, geom, pixels, off, m, groups)
+        # grad_output (n, O, Ho, Wo) -> (groups, n*L, O/groups), cast on the way.
+        go = xp.empty((groups, n, L, per_group_out), column_dtype)
+        go[...] = grad_output[part].reshape(n, groups, per_group_out, L).transpose(1, 0, 3, 2)
+        go = go.reshape(groups, n * L, per_group_out)
+        grad_matrix += xp.matmul(columns.transpose(0, 2, 1), go)
+        # The columns are spent: the column gradients take their place.
+        grad_columns = xp.matmul(go, matrix.transpose(0, 2, 1), out=columns)
+        _col2im(engine, geom, grad_columns, off, m, groups, grad_input[part])
+        _col2im_coord(
+            engine, geom, grad_columns, pixels, off, m, groups,
+            grad_offset[part], None if grad_mask is None else grad_mask[part],
+        )
+    grad_bias = None
+    if geom.has_bias:
+        grad_bias = grad_output.astype(types.accum_dtype).sum(axis=(0, 2, 3)).astype(geom.dtype)
+    grad_weight = _weight_from_matrix(geom, grad_matrix).astype(geom.dtype, copy=False)
+    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
+
+
+def _public_columns(engine: Engine, geom: Geometry, columns: Any) -> Any:
+    """Public columns (N, L, K, C) as the kernels' (1, N*L, K*C) in the column dtype."""
+    xp = engine.xp
+    column_dtype = cuda_kernels.TYPES[geom.dtype.name].column_dtype
+    columns = xp.ascontiguousarray(columns.astype(column_dtype, copy=False))
+    return columns.reshape(1, geom.batch * geom.out_pixels, -1)
+
+
+def _im2col_public(engine: Engine, geom: Geometry, input: Any, offset: Any, mask: Any) -> Any:
+    xp = engine.xp
+    offset = xp.ascontiguousarray(offset)
+    mask = None if mask is None else xp.ascontiguousarray(mask)
+    pixels = _channels_last(engine, geom, input)
+    columns = _im2col(engine, geom, pixels, offset, mask, 1)
+    return columns.reshape(geom.columns_shape).astype(geom.dtype, copy=False)
+
+
+def _col2im_public(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any) -> Any:
+    xp = engine.xp
+    offset = xp.ascontiguousarray(offset)
+    mask = None if mask is None else xp.ascontiguousarray(mask)
+    out = xp.empty((geom.batch, geom.in_channels, geom.height, geom.width), geom.dtype)
+    _col2im(engine, geom, _public_columns(engine, geom, columns), offset, mask, 1, out)
+    return out
+
+
+def _col2im_coord_public(engine: Engine, geom: Geometry, columns: Any, input: Any, offset: Any, mask: Any):
+    xp = engine.xp
+    offset = xp.ascontiguousarray(offset)
+    mask = None if mask is None else xp.ascontiguousarray(mask)
+    grad_offset = xp.empty(offset.shape, geom.dtype)
+    grad_mask = None if mask is None else xp.empty(mask.shape, geom.dtype)
+    pixels = _channels_last(engine, geom, input)
+    _col2im_coord(
+        engine, geom, _public_columns(engine, geom, columns), pixels, offset, mask, 1,
+        grad_offset, grad_mask,
+    )
+    return grad_offset, grad_mask
+
+
+# --------------------------------------------------------------------------
+# The backend interface (cudcn.backends): CuPy arrays, on their own device.
+
+
+def forward(geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
+    """Output (N, C_out, Ho, Wo) in the input's dtype."""
+    with input.device:
+        return _forward(_cupy_engine(), geom, input, offset, weight, bias, mask)
+
+
+def backward(geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
+    """Gradients (input, offset, weight, bias or None, mask or None)."""
+    with input.device:
+        return _backward(_cupy_engine(), geom, grad_output, input, offset, weight, mask)
+
+
+def im2col(geom: Geometry, input: Any, offset: Any, mask: Any) -> Any:
+    """Columns (N, Ho*Wo, kh*kw, C_in), mask applied."""
+    with input.device:
+        return _im2col_public(_cupy_engine(), geom, input, offset, mask)
+
+
+def col2im(geom: Geometry, columns: Any, offset: Any, mask: Any) -> Any:
+    """Input gradient (N, C_in, H, W) from column gradients (N, Ho*Wo, kh*kw, C_in)."""
+    with columns.device:
+        return _col2im_public(_cupy_engine(), geom, columns, offset, mask)
+
+
+def col2im_coord(geom: Geometry, columns: Any, input: Any, offset: Any, mask: Any):
+    """Offset gradient (N, 2GK, Ho, Wo) and mask gradient (N, GK, Ho, Wo) or None."""
+    with input.device:
+        return _col2im_coord_public(_cupy_engine(), geom, columns, input, offset, mask)

@@ -1,0 +1,143 @@
+"""The CUDA kernel sources and their instantiations; the per-device loader.
+
+The kernels live in ``kernels/*.cu`` (shipped in the wheel as
+``cudcn/kernels``). They are C++ templates over
+
+- the element type ``T`` of input, offset and mask (float16, bfloat16,
+  float32, float64, spelt ``dcn_half``, ``dcn_bfloat16``, ``float``,
+  ``double`` in the source),
+- the column type ``TCol`` (see :data:`TYPES`),
+- the accumulator type ``TAcc`` of the input gradient, and
+- the index type ``Index`` (``int``, or ``long long`` for big tensors).
+
+Each instantiation is named by a C++ expression such as
+``deform_im2col<float, float, int>``; the same string is handed to
+``cupy.RawModule(name_expressions=...)``, to NVRTC by ``cudcn compile`` and to
+the host-emulation harness of the test suite, and looked up by it.
+
+This module imports no CuPy until :func:`module` is called.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Kernel sources, in the order they are joined into one module.
+SOURCES = ("dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_coord.cu", "dcn_layout.cu")
+COMMON_HEADER = "dcn_common.cuh"
+
+#: The index types, narrow first.
+INDEX_TYPES = ("int", "long long")
+
+#: Threads per block of every launch, and the cap on blocks per launch (the
+#: kernels loop over the rest with a grid stride).
+BLOCK = 256
+MAX_BLOCKS = 8192
+
+
+@dataclass(frozen=True)
+class KernelTypes:
+    """C++ types of one dtype's kernels, and the NumPy dtypes of the buffers."""
+
+    value: str  # input, offset, mask, outputs
+    column: str  # column buffer (what the GEMM reads)
+    accum: str  # input-gradient accumulator (atomics)
+    column_dtype: str
+    accum_dtype: str
+
+
+#: dtype name -> kernel types. bfloat16 columns are float32 so that the GEMM
+#: runs in a type every cuBLAS build has; float16 columns stay float16
+#: (cuBLAS accumulates them in float32) to halve the column traffic.
+TYPES = {
+    "float16": KernelTypes("dcn_half", "dcn_half", "float", "float16", "float32"),
+    "bfloat16": KernelTypes("dcn_bfloat16", "float", "float", "float32", "float32"),
+    "float32": KernelTypes("float", "float", "float", "float32", "float32"),
+    "float64": KernelTypes("double", "double", "double", "float64", "float64"),
+}
+
+
+def name_expression(kernel: str, dtype: str, index: str) -> str:
+    """The instantiation of ``kernel`` for a dtype name and an index type."""
+    t = TYPES[dtype]
+    args = {
+        "deform_im2col": (t.value, t.column),
+        "deform_col2im": (t.value, t.column, t.accum),
+        "deform_col2im_coord": (t.value, t.column),
+        "to_channels_last": (t.value,),
+        "from_channels_last": (t.accum, t.value),
+    }[kernel]
+    return f"{kernel}<{', '.join(args + (index,))}>"
+
+
+KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last")
+
+
+def name_expressions(dtype: str) -> list[str]:
+    """Every instantiation one dtype needs (all kernels, both index types)."""
+    return [name_expression(k, dtype, index) for index in INDEX_TYPES for k in KERNELS]
+
+
+def kernel_dir() -> Path:
+    """Where the .cu files are: inside the installed package, else the checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / COMMON_HEADER).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"cudcn's CUDA sources ({COMMON_HEADER}, {', '.join(SOURCES)}) were found "
+        f"neither in {here / 'kernels'} nor in {here.parent / 'kernels'}"
+    )
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def source(directory: Path | None = None) -> str:
+    """All kernels as one translation unit, the common header inlined once.
+
+    Inlining (rather than an include path) makes the text CuPy hashes for its
+    on-disk cache cover every line that is compiled, so editing the header
+    can never leave a stale kernel in the cache.
+    """
+    directory = directory or kernel_dir()
+    parts = [(directory / COMMON_HEADER).read_text()]
+    for name in SOURCES:
+        text = (directory / name).read_text()
+
+        def inline(match: re.Match) -> str:
+            if match.group(1) != COMMON_HEADER:
+                raise ValueError(f"{name} includes {match.group(1)!r}; only {COMMON_HEADER} may be included")
+            return f"// (#include \"{COMMON_HEADER}\": inlined above)"
+
+        parts.append(f"// ---- {name}\n" + _LOCAL_INCLUDE.sub(inline, text))
+    return "\n".join(parts)
+
+
+#: NVRTC options shared by RawModule and ``cudcn compile``.
+NVRTC_OPTIONS = ("--std=c++17",)
+
+_loader = None
+
+
+def module(dtype: str) -> Any:
+    """The compiled ``cupy.RawModule`` of one dtype on the current device.
+
+    Memoised per device (``cupy.memoize(for_each_device=True)``); compiled
+    code also lands in CuPy's on-disk kernel cache.
+    """
+    global _loader
+    if _loader is None:
+        import cupy
+
+        @cupy.memoize(for_each_device=True)
+        def load(dtype_name: str) -> Any:
+            return cupy.RawModule(
+                code=source(), options=NVRTC_OPTIONS, name_expressions=name_expressions(dtype_name)
+            )
+
+        _loader = load
+    return _loader(dtype)
