@@ -258,7 +258,7 @@ def _public_columns(engine: Engine, geom: Geometry, columns: Any) -> Any:
     xp = engine.xp
     column_dtype = cuda_kernels.TYPES[geom.dtype.name].column_dtype
     columns = xp.ascontiguousarray(columns.astype(column_dtype, copy=False))
-    return columns.reshape(1, geom.batch * geom.out_pixels, -1)
+    return columns.reshape(1, geom.batch * geom.out_pixels, geom.kernel_points * geom.in_channels)
 
 
 def _im2col_public(engine: Engine, geom: Geometry, input: Any, offset: Any, mask: Any) -> Any:

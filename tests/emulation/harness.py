@@ -7,7 +7,9 @@ the temp directory by a hash of all sources) and loads it with ctypes.
 
 :class:`EmulatedEngine` is an engine for :mod:`cudcn.backends.cuda_backend`
 with NumPy arrays: ``launch`` runs the named kernel over a deliberately small,
-capped grid, so that every thread also takes the grid-stride step.
+capped grid, so that every thread also takes the grid-stride step, and hands
+it copies of the arrays between NaN guard bytes, checked after the launch (a
+small memcheck: reads past an array give NaN, writes past it raise).
 """
 
 from __future__ import annotations
@@ -98,31 +100,65 @@ def build() -> ctypes.CDLL:
     return lib
 
 
+#: Bytes of 0xFF around every array a kernel gets. 0xFF..FF is a NaN in every
+#: float type, so a read past either end turns a result into NaN (and fails the
+#: comparison); a write there is caught when the guards are checked.
+GUARD_BYTES = 256
+
+
+def _guarded_copy(array: np.ndarray) -> np.ndarray:
+    buffer = np.full(array.nbytes + 2 * GUARD_BYTES, 0xFF, np.uint8)
+    buffer[GUARD_BYTES:GUARD_BYTES + array.nbytes] = array.reshape(-1).view(np.uint8)
+    return buffer
+
+
+class PoisonedNumpy:
+    """NumPy, except that ``empty`` returns NaN-filled arrays.
+
+    The backend allocates its outputs with ``xp.empty`` and relies on the
+    kernels to write every element; an element a kernel forgets stays NaN and
+    fails the comparison (which must use equal_nan=False).
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape: Any, dtype: Any = float) -> np.ndarray:
+        return np.full(shape, np.nan, dtype)
+
+
 class EmulatedEngine:
     """cuda_backend engine on NumPy arrays; kernels run on the CPU.
 
     block and max_blocks are small on purpose: grids are capped as on the GPU,
-    and most launches need several grid-stride steps. ``launches`` records
-    (name expression, total) of every launch.
+    and most launches need several grid-stride steps. ``wide=True`` makes the
+    backend choose the 64-bit index instantiations (it believes a launch may
+    start 2^31 threads). ``launches`` records (name expression, total).
     """
 
-    xp = np
+    xp = PoisonedNumpy()
 
-    def __init__(self, library: ctypes.CDLL, block: int = 32, max_blocks: int = 3) -> None:
+    def __init__(self, library: ctypes.CDLL, block: int = 32, max_blocks: int = 3, wide: bool = False) -> None:
         self.library = library
         self.block = block
         self.max_blocks = max_blocks
-        self.threads = block * max_blocks
+        self.threads = 2**31 if wide else block * max_blocks
         self.launches: list[tuple[str, int]] = []
 
     def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
         name = cuda_kernels.name_expression(kernel, dtype, index)
-        holders = []
+        holders, guarded = [], []
         for arg in args:
             if isinstance(arg, np.ndarray):
                 if not arg.flags.c_contiguous:
                     raise ValueError(f"{name}: argument {len(holders)} is not C-contiguous")
-                holders.append(ctypes.c_void_p(arg.ctypes.data))
+                # An array passed twice (a stand-in for an absent one) shares its copy.
+                buffer = next((b for _, a, b in guarded if a is arg), None)
+                if buffer is None:
+                    buffer = _guarded_copy(arg)
+                    guarded.append((len(holders), arg, buffer))
+                holders.append(ctypes.c_void_p(buffer.ctypes.data + GUARD_BYTES))
             elif isinstance(arg, np.int32):
                 holders.append(ctypes.c_int32(int(arg)))
             elif isinstance(arg, np.int64):
@@ -133,4 +169,8 @@ class EmulatedEngine:
         blocks = min(-(-total // self.block), self.max_blocks)
         if self.library.cudcn_emulate(name.encode(), blocks, self.block, argv) != 0:
             raise KeyError(f"the emulation library has no instantiation {name!r}")
+        for position, arg, buffer in guarded:
+            if (buffer[:GUARD_BYTES] != 0xFF).any() or (buffer[GUARD_BYTES + arg.nbytes:] != 0xFF).any():
+                raise AssertionError(f"{name} wrote outside argument {position} (shape {arg.shape})")
+            np.copyto(arg.reshape(-1).view(np.uint8), buffer[GUARD_BYTES:GUARD_BYTES + arg.nbytes])
         self.launches.append((name, total))

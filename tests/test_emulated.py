@@ -1,0 +1,216 @@
+"""kernels/*.cu on the CPU against the NumPy backend (no GPU needed).
+
+The kernel source is compiled by g++ under tests/emulation/emulate.h and run
+through the CUDA backend's own code (cuda_backend's engine-generic steps) with
+NumPy arrays. Outputs are allocated NaN-filled, grids are capped small so that
+every grid-stride loop takes several steps, and offsets include far-outside,
+infinite and NaN values and exact integers (sampling points on pixel and
+image boundaries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cudcn
+from cudcn.backends import cuda_backend
+from cudcn.backends import numpy_backend
+from cudcn.geometry import validate
+from emulation import harness
+
+pytestmark = pytest.mark.emulated
+
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+SPECIAL_OFFSETS = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3e9, -3e9, 1e4, -1e4])
+
+
+@pytest.fixture(scope="session")
+def library():
+    if harness.compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    return harness.build()
+
+
+@pytest.fixture
+def engine(library):
+    return harness.EmulatedEngine(library)
+
+
+@contextlib.contextmanager
+def workspace_bytes(nbytes: int):
+    """Run with a different workspace budget (restored afterwards)."""
+    before = cudcn.get_workspace_bytes()
+    cudcn.set_workspace_bytes(nbytes)
+    try:
+        yield
+    finally:
+        cudcn.set_workspace_bytes(before)
+
+
+def _size(n: int, pad: int, dil: int, k: int, stride: int) -> int:
+    return (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+@st.composite
+def cases(draw, with_weight: bool = True, dtypes=("float32", "float64")):
+    """Arguments of one call: geometry, arrays (seeded) and the dtype."""
+    name = draw(st.sampled_from(dtypes))
+    dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    offset_groups = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2])) if with_weight else 1
+    base = offset_groups * groups // math.gcd(offset_groups, groups)
+    channels = base * draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 7))
+    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 7))
+    batch = draw(st.integers(0, 3))
+    out_h, out_w = _size(height, ph, dh, kh, sh), _size(width, pw, dw, kw, sw)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    offset = rng.uniform(-3, 3, (batch, 2 * offset_groups * kh * kw, out_h, out_w))
+    # Exact integers put points on pixel rows/columns and on the -1 / H edges.
+    integer = rng.random(offset.shape) < 0.2
+    offset[integer] = rng.integers(-height - 1, height + 1, integer.sum())
+    if draw(st.booleans()):
+        special = rng.random(offset.shape) < 0.2
+        offset[special] = rng.choice(SPECIAL_OFFSETS, special.sum())
+
+    args = {
+        "input": rng.standard_normal((batch, channels, height, width)),
+        "offset": offset,
+        "mask": rng.uniform(-1, 1, (batch, offset_groups * kh * kw, out_h, out_w)) if draw(st.booleans()) else None,
+    }
+    if with_weight:
+        out_channels = groups * draw(st.integers(1, 2))
+        args["weight"] = rng.standard_normal((out_channels, channels // groups, kh, kw))
+        args["bias"] = rng.standard_normal(out_channels) if draw(st.booleans()) else None
+    else:
+        args["kernel_size"] = (kh, kw)
+    args = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    args.update(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw))
+    return args, rng
+
+
+def assert_close(got, expected, dtype_name: str) -> None:
+    """Same dtype and shape; close relative to the largest expected value; no NaN allowed."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    got64, expected64 = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    assert np.isfinite(expected64).all()
+    tol = TOLERANCE[dtype_name]
+    scale = max(float(np.abs(expected64).max(initial=0.0)), 1.0)
+    np.testing.assert_allclose(got64, expected64, rtol=tol, atol=tol * scale, equal_nan=False)
+
+
+def _blocks(args: dict) -> tuple:
+    geom = validate(**{k: v for k, v in args.items()})
+    return geom, args["input"], args["offset"], args.get("mask")
+
+
+@given(cases(with_weight=False))
+def test_im2col(library, case):
+    args, _ = case
+    geom, x, offset, mask = _blocks(args)
+    engine = harness.EmulatedEngine(library)
+    got = cuda_backend._im2col_public(engine, geom, x, offset, mask)
+    assert_close(got, numpy_backend.im2col(geom, x, offset, mask), geom.dtype.name)
+
+
+@given(cases(with_weight=False))
+def test_col2im(library, case):
+    args, rng = case
+    geom, x, offset, mask = _blocks(args)
+    columns = rng.standard_normal(geom.columns_shape).astype(geom.dtype)
+    engine = harness.EmulatedEngine(library)
+    got = cuda_backend._col2im_public(engine, geom, columns, offset, mask)
+    assert_close(got, numpy_backend.col2im(geom, columns, offset, mask), geom.dtype.name)
+
+
+@given(cases(with_weight=False))
+def test_col2im_coord(library, case):
+    args, rng = case
+    geom, x, offset, mask = _blocks(args)
+    columns = rng.standard_normal(geom.columns_shape).astype(geom.dtype)
+    engine = harness.EmulatedEngine(library)
+    got = cuda_backend._col2im_coord_public(engine, geom, columns, x, offset, mask)
+    expected = numpy_backend.col2im_coord(geom, columns, x, offset, mask)
+    assert_close(got[0], expected[0], geom.dtype.name)
+    if mask is None:
+        assert got[1] is None and expected[1] is None
+    else:
+        assert_close(got[1], expected[1], geom.dtype.name)
+
+
+@given(cases(), st.integers(1, 4000), st.booleans())
+def test_forward_and_backward(library, case, workspace, wide):
+    """The whole CUDA backend (chunks, grouped GEMMs, layouts) on emulated kernels."""
+    args, rng = case
+    with workspace_bytes(workspace):  # a few images per chunk, or one
+        _forward_and_backward(library, args, rng, wide)
+
+
+def _forward_and_backward(library, args, rng, wide):
+    geom = validate(**args)
+    x, offset, weight, bias, mask = (args[k] for k in ("input", "offset", "weight", "bias", "mask"))
+    engine = harness.EmulatedEngine(library, wide=wide)
+    out = cuda_backend._forward(engine, geom, x, offset, weight, bias, mask)
+    assert_close(out, numpy_backend.forward(geom, x, offset, weight, bias, mask), geom.dtype.name)
+    grad_output = rng.standard_normal(out.shape).astype(geom.dtype)
+    got = cuda_backend._backward(engine, geom, grad_output, x, offset, weight, mask)
+    expected = numpy_backend.backward(geom, grad_output, x, offset, weight, mask)
+    for name, g, e in zip(cudcn.Gradients._fields, got, expected):
+        if e is None:
+            assert g is None, name
+        else:
+            assert_close(g, e, geom.dtype.name)
+    if geom.batch:
+        assert all(("long long" in name) == wide for name, _ in engine.launches)
+
+
+@given(cases(dtypes=("float16", "bfloat16")))
+def test_half_types(library, case):
+    """float16 and bfloat16: the storage conversions and float32 accumulation."""
+    args, rng = case
+    geom = validate(**args)
+    x, offset, weight, bias, mask = (args[k] for k in ("input", "offset", "weight", "bias", "mask"))
+    engine = harness.EmulatedEngine(library)
+    block = validate(input=x, offset=offset, mask=mask, kernel_size=(geom.kernel_h, geom.kernel_w),
+                     stride=args["stride"], padding=args["padding"], dilation=args["dilation"])
+    assert_close(cuda_backend._im2col_public(engine, block, x, offset, mask),
+                 numpy_backend.im2col(block, x, offset, mask), geom.dtype.name)
+    columns = rng.standard_normal(block.columns_shape).astype(geom.dtype)
+    assert_close(cuda_backend._col2im_public(engine, block, columns, offset, mask),
+                 numpy_backend.col2im(block, columns, offset, mask), geom.dtype.name)
+    got = cuda_backend._col2im_coord_public(engine, block, columns, x, offset, mask)
+    expected = numpy_backend.col2im_coord(block, columns, x, offset, mask)
+    assert_close(got[0], expected[0], geom.dtype.name)
+    out = cuda_backend._forward(engine, geom, x, offset, weight, bias, mask)
+    assert out.dtype == geom.dtype and np.isfinite(np.asarray(out, np.float64)).all()
+
+
+def test_grid_stride_and_boundaries(engine):
+    """A fixed case: every launch is bigger than the capped grid; points exactly on edges."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 6, 5, 4))
+    offset = np.zeros((2, 2 * 2 * 9, 5, 4))
+    offset[0, 0::2] = -1.0  # rows shifted by exactly one pixel: y = -1 on the top row
+    offset[1, 1::2] = np.array([np.nan, np.inf, 4.0, -4.0])  # columns: NaN, inf, exactly W, -W
+    weight = rng.standard_normal((3, 6, 3, 3))
+    geom = validate(input=x, offset=offset, weight=weight, padding=1)
+    out = cuda_backend._forward(engine, geom, x, offset, weight, None, None)
+    np.testing.assert_allclose(out, numpy_backend.forward(geom, x, offset, weight, None, None), rtol=1e-12, atol=1e-12)
+    assert all(total > engine.threads for _, total in engine.launches)
+
+
+def test_unknown_instantiation_is_an_error(engine):
+    with pytest.raises(KeyError, match="no instantiation"):
+        engine.launch("deform_im2col", "float32", "short", 1, [])
