@@ -11,9 +11,7 @@ image boundaries).
 from __future__ import annotations
 
 import contextlib
-import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
@@ -24,11 +22,9 @@ from cudcn.backends import cuda_backend
 from cudcn.backends import numpy_backend
 from cudcn.geometry import validate
 from emulation import harness
+from emulation.cases import assert_close, cases
 
 pytestmark = pytest.mark.emulated
-
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
-SPECIAL_OFFSETS = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3e9, -3e9, 1e4, -1e4])
 
 
 @pytest.fixture(scope="session")
@@ -52,63 +48,6 @@ def workspace_bytes(nbytes: int):
         yield
     finally:
         cudcn.set_workspace_bytes(before)
-
-
-def _size(n: int, pad: int, dil: int, k: int, stride: int) -> int:
-    return (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-@st.composite
-def cases(draw, with_weight: bool = True, dtypes=("float32", "float64")):
-    """Arguments of one call: geometry, arrays (seeded) and the dtype."""
-    name = draw(st.sampled_from(dtypes))
-    dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-    offset_groups = draw(st.sampled_from([1, 2, 3]))
-    groups = draw(st.sampled_from([1, 2])) if with_weight else 1
-    base = offset_groups * groups // math.gcd(offset_groups, groups)
-    channels = base * draw(st.integers(1, 2))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 7))
-    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 7))
-    batch = draw(st.integers(0, 3))
-    out_h, out_w = _size(height, ph, dh, kh, sh), _size(width, pw, dw, kw, sw)
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-
-    offset = rng.uniform(-3, 3, (batch, 2 * offset_groups * kh * kw, out_h, out_w))
-    # Exact integers put points on pixel rows/columns and on the -1 / H edges.
-    integer = rng.random(offset.shape) < 0.2
-    offset[integer] = rng.integers(-height - 1, height + 1, integer.sum())
-    if draw(st.booleans()):
-        special = rng.random(offset.shape) < 0.2
-        offset[special] = rng.choice(SPECIAL_OFFSETS, special.sum())
-
-    args = {
-        "input": rng.standard_normal((batch, channels, height, width)),
-        "offset": offset,
-        "mask": rng.uniform(-1, 1, (batch, offset_groups * kh * kw, out_h, out_w)) if draw(st.booleans()) else None,
-    }
-    if with_weight:
-        out_channels = groups * draw(st.integers(1, 2))
-        args["weight"] = rng.standard_normal((out_channels, channels // groups, kh, kw))
-        args["bias"] = rng.standard_normal(out_channels) if draw(st.booleans()) else None
-    else:
-        args["kernel_size"] = (kh, kw)
-    args = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
-    args.update(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw))
-    return args, rng
-
-
-def assert_close(got, expected, dtype_name: str) -> None:
-    """Same dtype and shape; close relative to the largest expected value; no NaN allowed."""
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    got64, expected64 = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    assert np.isfinite(expected64).all()
-    tol = TOLERANCE[dtype_name]
-    scale = max(float(np.abs(expected64).max(initial=0.0)), 1.0)
-    np.testing.assert_allclose(got64, expected64, rtol=tol, atol=tol * scale, equal_nan=False)
 
 
 def _blocks(args: dict) -> tuple:

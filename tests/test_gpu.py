@@ -1,0 +1,383 @@
+"""The CUDA backend on a real GPU (marker ``gpu``; skipped without a device).
+
+- against the NumPy backend: float64 to 1e-10 and float32 to 1e-5 relative,
+  every building block, forward and every gradient, drawn geometries;
+- float16 / bfloat16: at most twice the error of a plain implementation in
+  the same precision (columns and GEMM results rounded to the dtype), both
+  measured against float64;
+- against torchvision.ops.deform_conv2d (when torch and torchvision with
+  CUDA are importable): forward and every gradient;
+- every device allocation is filled with NaN bytes first, so an element a
+  kernel forgets to write fails;
+- no host synchronisation (cupyx.allow_synchronize(False)); a non-default
+  stream; arrays on a second GPU; tensors above 2^31 elements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cudcn
+from cudcn.backends import numpy_backend
+from cudcn.geometry import validate
+from emulation.cases import cases
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+NAMES = ("input", "offset", "weight", "bias", "mask")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_memory():
+    """Every allocation starts as 0xFF bytes: NaN in every float dtype."""
+    pool = cupy.cuda.MemoryPool()
+
+    def malloc(nbytes):
+        memory = pool.malloc(nbytes)
+        memory.memset_async(0xFF, nbytes)
+        return memory
+
+    cupy.cuda.set_allocator(malloc)
+    try:
+        yield
+    finally:
+        cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
+        pool.free_all_blocks()
+
+
+@contextlib.contextmanager
+def workspace_bytes(nbytes: int):
+    before = cudcn.get_workspace_bytes()
+    cudcn.set_workspace_bytes(nbytes)
+    try:
+        yield
+    finally:
+        cudcn.set_workspace_bytes(before)
+
+
+def relative_error(got, expected) -> float:
+    got = np.asarray(cupy.asnumpy(got) if isinstance(got, cupy.ndarray) else got, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert got.shape == expected.shape
+    if not np.isfinite(got).all():
+        return float("inf")  # an unwritten (poisoned) or overflowed element
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+    return float(np.abs(got - expected).max(initial=0.0)) / scale
+
+
+def to_device(args: dict) -> dict:
+    return {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+
+
+def _check_call(args: dict, rng: np.random.Generator, tol: float) -> None:
+    """Forward and backward of one call on the GPU against the NumPy backend."""
+    dev = to_device(args)
+    expected = cudcn.deform_conv2d(**args)
+    with cupyx_no_sync():
+        got = cudcn.deform_conv2d(**dev)
+    assert got.dtype == expected.dtype and isinstance(got, cupy.ndarray)
+    assert relative_error(got, expected) <= tol
+    grad_output = rng.standard_normal(expected.shape).astype(expected.dtype)
+    expected_grads = cudcn.deform_conv2d_backward(grad_output, **args)
+    with cupyx_no_sync():
+        grads = cudcn.deform_conv2d_backward(cupy.asarray(grad_output), **dev)
+    for name in NAMES:
+        e, g = getattr(expected_grads, name), getattr(grads, name)
+        if e is None:
+            assert g is None, name
+        else:
+            assert g.dtype == e.dtype, name
+            assert relative_error(g, e) <= tol, name
+
+
+def cupyx_no_sync():
+    import cupyx
+
+    return cupyx.allow_synchronize(False)
+
+
+# ---------------------------------------------------------------------------
+# Against the NumPy backend.
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@given(case=cases(dtypes=("float32", "float64")), workspace=st.integers(1, 4000))
+@settings(max_examples=30)
+def test_forward_backward_match_numpy(dtype, case, workspace):
+    args, rng = case
+    args = {k: v.astype(dtype) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    with workspace_bytes(workspace):
+        _check_call(args, rng, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@given(case=cases(with_weight=False, dtypes=("float32", "float64")))
+@settings(max_examples=30)
+def test_building_blocks_match_numpy(dtype, case):
+    args, rng = case
+    args = {k: v.astype(dtype) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    x, offset, mask = args["input"], args["offset"], args["mask"]
+    geometry = dict(kernel_size=args["kernel_size"], stride=args["stride"],
+                    padding=args["padding"], dilation=args["dilation"])
+    d = to_device({"x": x, "offset": offset, "mask": mask})
+    tol = TOLERANCE[dtype]
+    with cupyx_no_sync():
+        got = cudcn.deform_im2col(d["x"], d["offset"], mask=d["mask"], **geometry)
+    expected = cudcn.deform_im2col(x, offset, mask=mask, **geometry)
+    assert relative_error(got, expected) <= tol
+    columns = rng.standard_normal(expected.shape).astype(dtype)
+    with cupyx_no_sync():
+        got = cudcn.deform_col2im(cupy.asarray(columns), d["offset"], x.shape, mask=d["mask"], **geometry)
+    assert relative_error(got, cudcn.deform_col2im(columns, offset, x.shape, mask=mask, **geometry)) <= tol
+    with cupyx_no_sync():
+        g_off, g_mask = cudcn.deform_col2im_coord(cupy.asarray(columns), d["x"], d["offset"], mask=d["mask"], **geometry)
+    e_off, e_mask = cudcn.deform_col2im_coord(columns, x, offset, mask=mask, **geometry)
+    assert relative_error(g_off, e_off) <= tol
+    assert (g_mask is None) == (e_mask is None)
+    if e_mask is not None:
+        assert relative_error(g_mask, e_mask) <= tol
+
+
+def _fixed_case(rng, n=4, c=8, o=6, h=9, w=7, k=(3, 2), groups=2, offset_groups=2, dtype="float64",
+                stride=(1, 2), padding=(1, 0), dilation=(1, 2), mask=True, bias=True):
+    kh, kw = k
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    args = dict(
+        input=rng.standard_normal((n, c, h, w)),
+        offset=rng.uniform(-2, 2, (n, 2 * offset_groups * kh * kw, ho, wo)),
+        weight=rng.standard_normal((o, c // groups, kh, kw)),
+        bias=rng.standard_normal(o) if bias else None,
+        mask=rng.uniform(0, 1, (n, offset_groups * kh * kw, ho, wo)) if mask else None,
+    )
+    args = {key: None if v is None else v.astype(dtype) for key, v in args.items()}
+    args.update(stride=stride, padding=padding, dilation=dilation)
+    return args
+
+
+def test_empty_batch_and_a_batch_that_does_not_divide_the_chunk():
+    rng = np.random.default_rng(1)
+    _check_call(_fixed_case(rng, n=0), rng, 1e-10)
+    args = _fixed_case(rng, n=33)
+    per_image = 9 * 7 * 3 * 2 * 8 * 8  # more than one image per chunk, not a divisor of 33
+    with workspace_bytes(4 * per_image):
+        _check_call(args, rng, 1e-10)
+
+
+def test_non_contiguous_arguments():
+    rng = np.random.default_rng(2)
+    args = _fixed_case(rng)
+    dev = to_device(args)
+    strided = {k: (cupy.asfortranarray(v) if isinstance(v, cupy.ndarray) and v.ndim == 4 else v)
+               for k, v in dev.items()}
+    strided["input"] = cupy.asarray(np.concatenate([args["input"]] * 2, axis=3))[..., ::2]
+    args["input"] = np.concatenate([args["input"]] * 2, axis=3)[..., ::2]
+    assert not strided["input"].flags.c_contiguous
+    got = cudcn.deform_conv2d(**strided)
+    assert relative_error(got, cudcn.deform_conv2d(**args)) <= 1e-10
+
+
+def test_non_finite_and_far_offsets_count_zero():
+    rng = np.random.default_rng(3)
+    args = _fixed_case(rng)
+    offset = args["offset"]
+    offset.flat[::5] = np.nan
+    offset.flat[1::7] = np.inf
+    offset.flat[2::11] = -1e300
+    offset.flat[3::13] = 2.0**40
+    _check_call(args, rng, 1e-10)
+
+
+def test_runs_on_a_non_default_stream():
+    rng = np.random.default_rng(4)
+    args = _fixed_case(rng, dtype="float32")
+    dev = to_device(args)
+    expected = cudcn.deform_conv2d(**args)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        got = cudcn.deform_conv2d(**dev)
+        grads = cudcn.deform_conv2d_backward(cupy.ones_like(got), **dev)
+    stream.synchronize()
+    assert relative_error(got, expected) <= 1e-5
+    expected_grads = cudcn.deform_conv2d_backward(np.ones_like(expected), **args)
+    for name in NAMES:
+        assert relative_error(getattr(grads, name), getattr(expected_grads, name)) <= 1e-5, name
+
+
+def test_arrays_on_a_second_gpu():
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    rng = np.random.default_rng(5)
+    args = _fixed_case(rng)
+    with cupy.cuda.Device(1):
+        dev = to_device(args)
+    with cupy.cuda.Device(0):
+        got = cudcn.deform_conv2d(**dev)
+    with cupy.cuda.Device(1):
+        grad_output = cupy.ones_like(got)
+    with cupy.cuda.Device(0):
+        grads = cudcn.deform_conv2d_backward(grad_output, **dev)
+    assert got.device.id == 1 and grads.offset.device.id == 1
+    assert relative_error(got, cudcn.deform_conv2d(**args)) <= 1e-10
+
+
+# ---------------------------------------------------------------------------
+# float16 and bfloat16: at most twice the error of a plain implementation.
+
+
+def _round(a, dtype):
+    return np.asarray(a).astype(dtype).astype(np.float32)
+
+
+def _plain(args: dict, grad_output: np.ndarray, dtype) -> dict:
+    """Forward and gradients computed in float32 with every intermediate
+    (columns, GEMM results, column gradients) rounded to the dtype: the
+    straightforward implementation in that precision."""
+    geom = validate(**{k: args[k] for k in ("input", "offset", "weight", "bias", "mask",
+                                              "stride", "padding", "dilation")})
+    f32 = {k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    block = validate(input=f32["input"], offset=f32["offset"], mask=f32["mask"],
+                     kernel_size=(geom.kernel_h, geom.kernel_w), stride=args["stride"],
+                     padding=args["padding"], dilation=args["dilation"])
+    n, L = geom.batch, geom.out_pixels
+    g, og = geom.groups, geom.out_channels // geom.groups
+    columns = _round(numpy_backend.im2col(block, f32["input"], f32["offset"], f32["mask"]), dtype)
+    matrix = numpy_backend._weight_matrix(geom, f32["weight"], np.float32)
+    y = _round(np.matmul(numpy_backend._grouped(geom, columns), matrix), dtype)
+    out = y.reshape(g, n, L, og).transpose(1, 0, 3, 2).reshape(n, -1, geom.out_h, geom.out_w)
+    if f32["bias"] is not None:
+        out = out + f32["bias"].reshape(1, -1, 1, 1)
+    go = grad_output.astype(np.float32).reshape(n, g, og, L).transpose(1, 0, 3, 2).reshape(g, n * L, og)
+    grad_matrix = np.matmul(numpy_backend._grouped(geom, columns).transpose(0, 2, 1), go)
+    grad_columns = _round(numpy_backend._ungrouped(geom, np.matmul(go, matrix.transpose(0, 2, 1)), n), dtype)
+    grad_offset, grad_mask = numpy_backend.col2im_coord(block, grad_columns, f32["input"], f32["offset"], f32["mask"])
+    return {
+        "out": out,
+        "input": numpy_backend.col2im(block, grad_columns, f32["offset"], f32["mask"]),
+        "offset": grad_offset,
+        "weight": numpy_backend._weight_from_matrix(geom, grad_matrix),
+        "bias": None if f32["bias"] is None else go.sum(axis=1).reshape(-1),
+        "mask": grad_mask,
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("seed", range(4))
+def test_half_precision_error_at_most_twice_plain(dtype, seed):
+    rng = np.random.default_rng(seed)
+    args = _fixed_case(rng, n=3, c=16, o=12, h=11, w=10, dtype=dtype, bias=seed % 2 == 0, mask=seed < 2)
+    exact = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    reference = cudcn.deform_conv2d(**exact)
+    grad_output = rng.standard_normal(reference.shape).astype(dtype)
+    reference_grads = cudcn.deform_conv2d_backward(grad_output.astype(np.float64), **exact)
+    plain = _plain(args, grad_output, dtype)
+
+    dev = to_device(args)
+    got = cudcn.deform_conv2d(**dev)
+    grads = cudcn.deform_conv2d_backward(cupy.asarray(grad_output), **dev)
+    assert got.dtype == dtype
+
+    # One unit in the last place of the dtype, relative: a floor for the bound
+    # where the plain error happens to be zero.
+    ulp = float(ml_dtypes.finfo(dtype).eps)
+    checks = [("out", got, reference)] + [
+        (name, getattr(grads, name), getattr(reference_grads, name)) for name in NAMES
+    ]
+    for name, g, ref in checks:
+        if ref is None:
+            assert g is None
+            continue
+        ours = relative_error(g, ref)
+        theirs = relative_error(np.asarray(plain[name], np.float64).astype(dtype), ref)
+        assert ours <= 2 * theirs + ulp, f"{name}: {ours:.2e} vs plain {theirs:.2e}"
+
+
+# ---------------------------------------------------------------------------
+# Against torchvision.
+
+
+def _torchvision():
+    try:
+        import torch
+        import torchvision.ops
+    except ImportError:
+        pytest.skip("torch and torchvision are not importable")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    return torch, torchvision.ops
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("mask", [True, False])
+def test_matches_torchvision(dtype, mask):
+    torch, ops = _torchvision()
+    rng = np.random.default_rng(6)
+    args = _fixed_case(rng, n=5, c=8, o=4, dtype=dtype, mask=mask)
+    tensors = {k: torch.tensor(v, device="cuda", requires_grad=True)
+               for k, v in args.items() if isinstance(v, np.ndarray)}
+    out_t = ops.deform_conv2d(tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"],
+                              stride=args["stride"], padding=args["padding"], dilation=args["dilation"],
+                              mask=tensors.get("mask"))
+    grad_output = rng.standard_normal(tuple(out_t.shape)).astype(dtype)
+    out_t.backward(torch.tensor(grad_output, device="cuda"))
+
+    dev = to_device(args)
+    out = cudcn.deform_conv2d(**dev)
+    grads = cudcn.deform_conv2d_backward(cupy.asarray(grad_output), **dev)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    assert relative_error(out, out_t.detach().cpu().numpy()) <= tol
+    for name in NAMES:
+        if name in tensors:
+            assert relative_error(getattr(grads, name), tensors[name].grad.cpu().numpy()) <= tol, name
+
+
+# ---------------------------------------------------------------------------
+# 64-bit indexing.
+
+
+def test_tensors_above_2_to_the_31_elements():
+    """One image whose column buffer has 2.4e9 elements (> 2^31): im2col and
+    forward pick the 64-bit index kernels; checked at points near the end."""
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    c, h, w, o = 64, 2048, 2048, 4
+    rng = cupy.random.default_rng(8)
+    x = rng.standard_normal((1, c, h, w), dtype=cupy.float32).astype(cupy.float16)
+    offset = cupy.zeros((1, 18, h, w), cupy.float16)
+    offset[:, 0::2] = 1.0  # rows +1
+    offset[:, 1::2] = -2.0  # columns -2: an ordinary convolution, shifted
+    assert h * w * 9 * c > 2**31
+    with workspace_bytes(16 * 2**30):
+        columns = cudcn.deform_im2col(x, offset, 3, padding=1)
+        host_x = cupy.asnumpy(x).astype(np.float32)
+        positions = [(h - 1, w - 1), (h - 2, w - 3), (h - 1, 0), (h // 2, w - 1), (3, 5)]
+        for hh, ww in positions:
+            l = hh * w + ww
+            got = cupy.asnumpy(columns[0, l]).astype(np.float32)  # (9, C)
+            for k in range(9):
+                yy, xx = hh - 1 + k // 3 + 1, ww - 1 + k % 3 - 2
+                expected = host_x[0, :, yy, xx] if 0 <= yy < h and 0 <= xx < w else np.zeros(c)
+                np.testing.assert_array_equal(got[k], expected.astype(np.float16).astype(np.float32))
+        del columns
+        weight = rng.standard_normal((o, c, 3, 3), dtype=cupy.float32).astype(cupy.float16)
+        out = cudcn.deform_conv2d(x, offset, weight, padding=1)
+        host_w = cupy.asnumpy(weight).astype(np.float32)
+        padded = np.pad(host_x[0], ((0, 0), (1, 1), (1, 1)))
+        for hh, ww in positions:
+            expected = np.zeros(o, np.float32)
+            for k in range(9):
+                yy, xx = hh + k // 3 + 1, ww + k % 3 - 2  # in padded coordinates
+                if 0 <= yy < h + 2 and 0 <= xx < w + 2:
+                    expected += host_w[:, :, k // 3, k % 3] @ padded[:, yy, xx]
+            got = cupy.asnumpy(out[0, :, hh, ww]).astype(np.float32)
+            np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
