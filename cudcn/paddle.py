@@ -117,7 +117,15 @@ def _to_array(t: paddle.Tensor | None) -> Any:
     if t.place.is_gpu_place():
         import cupy
 
-        return cupy.from_dlpack(t)
+        try:
+            return cupy.from_dlpack(t)
+        except Exception as error:
+            if t.dtype != paddle.bfloat16:
+                raise
+            raise TypeError(
+                "bfloat16 on CUDA needs CuPy 14 or newer with ml_dtypes "
+                "(CuPy's bfloat16 type); this CuPy cannot import it through DLPack"
+            ) from error
     if t.dtype == paddle.bfloat16:  # NumPy's DLPack has no bfloat16.
         t = t.astype("float32")
     return np.from_dlpack(t)
@@ -143,7 +151,8 @@ def _backend_context(t: paddle.Tensor) -> Iterator[None]:
 
     device_id = t.place.gpu_device_id()
     stream = paddle.device.current_stream(f"gpu:{device_id}")
-    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+    # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
         cupy_stream = cupy.cuda.Stream.from_external(stream)
     else:
         cupy_stream = cupy.cuda.ExternalStream(stream.stream_base.cuda_stream, device_id)

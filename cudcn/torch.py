@@ -145,7 +145,15 @@ def _to_array(t: Tensor | None) -> Any:
     if t.is_cuda:
         import cupy
 
-        return cupy.from_dlpack(t)
+        try:
+            return cupy.from_dlpack(t)
+        except Exception as error:
+            if t.dtype != torch.bfloat16:
+                raise
+            raise TypeError(
+                "bfloat16 on CUDA needs CuPy 14 or newer with ml_dtypes "
+                "(CuPy's bfloat16 type); this CuPy cannot import it through DLPack"
+            ) from error
     if t.dtype == torch.bfloat16:  # NumPy's DLPack has no bfloat16.
         t = t.float()
     return np.from_dlpack(t)
@@ -156,8 +164,8 @@ def _to_tensor(array: Any, dtype: torch.dtype) -> Tensor:
     return torch.from_dlpack(array).to(dtype).contiguous()
 
 
-def _torch_allocator(device_id: int, stream: int) -> Any:
-    """A CuPy allocator that takes memory from torch's caching allocator."""
+def _torch_allocator(stream: int) -> Any:
+    """A CuPy allocator that takes memory from torch's caching allocator, on ``stream``."""
     import cupy
 
     def malloc(nbytes: int, device: int) -> int:
@@ -183,11 +191,12 @@ def _backend_context(t: Tensor) -> Iterator[None]:
 
     device_id = t.device.index
     stream = torch.cuda.current_stream(t.device)
-    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+    # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
         cupy_stream = cupy.cuda.Stream.from_external(stream)
     else:
         cupy_stream = cupy.cuda.ExternalStream(stream.cuda_stream, device_id)
-    allocator = _torch_allocator(device_id, stream.cuda_stream)
+    allocator = _torch_allocator(stream.cuda_stream)
     with cupy.cuda.Device(device_id), cupy_stream, cupy.cuda.using_allocator(allocator):
         yield
 
