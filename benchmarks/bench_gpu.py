@@ -1,0 +1,279 @@
+"""Time cudcn's CUDA backend against torchvision.ops.deform_conv2d on a GPU.
+
+For each shape and dtype: forward and backward, CUDA events, warm-up, the
+median of several repetitions over rotating input sets (so that no run finds
+its inputs in L2 from the previous one), and the peak device memory each
+library allocates above its inputs. Both libraries see the same data (shared
+through DLPack). Prints a Markdown table and, with --output, writes it and a
+JSON record.
+
+    PYTHONPATH=. python benchmarks/bench_gpu.py [--quick] [--output DIR]
+
+Needs CuPy and a GPU; torchvision is timed when torch with CUDA and
+torchvision are importable (it has no bfloat16 kernel, so those rows show cudcn
+only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import cudcn
+
+# name -> (N, C_in, C_out, H, W, k, offset_groups)
+SHAPES = {
+    "N16 C256->256 64x64 3x3": (16, 256, 256, 64, 64, 3, 1),
+    "N8 C64->64 128x128 3x3": (8, 64, 64, 128, 128, 3, 1),
+    "N32 C128->128 32x32 3x3 G4": (32, 128, 128, 32, 32, 3, 4),
+}
+DTYPES = ("float32", "float16", "bfloat16")
+ROTATE = 3
+
+
+class PeakTracker:
+    """A CuPy allocator that counts bytes in use and their peak."""
+
+    def __init__(self, cupy) -> None:
+        self.cupy = cupy
+        self.pool = cupy.get_default_memory_pool()
+        self.in_use = 0
+        self.peak = 0
+
+    def malloc(self, nbytes: int):
+        memory = self.pool.malloc(nbytes)
+        self.in_use += nbytes
+        self.peak = max(self.peak, self.in_use)
+        # The returned pointer owns a _Release; when the last reference to the
+        # pointer goes, the pool block goes back and the count drops.
+        owner = _Release(self, memory, nbytes)
+        unowned = self.cupy.cuda.UnownedMemory(memory.ptr, nbytes, owner)
+        return self.cupy.cuda.MemoryPointer(unowned, 0)
+
+    def reset(self) -> None:
+        self.peak = self.in_use
+
+
+class _Release:
+    def __init__(self, tracker: PeakTracker, memory, nbytes: int) -> None:
+        self.tracker, self.memory, self.nbytes = tracker, memory, nbytes
+
+    def __del__(self) -> None:
+        self.tracker.in_use -= self.nbytes
+
+
+def make_inputs(cupy, shape, dtype, seed):
+    n, c, o, h, w, k, g = shape
+    rng = cupy.random.default_rng(seed)
+
+    def normal(*size, scale=1.0):
+        return (rng.standard_normal(size, dtype=cupy.float32) * scale).astype(dtype)
+
+    return dict(
+        input=normal(n, c, h, w),
+        offset=normal(n, 2 * g * k * k, h, w, scale=2.0),
+        mask=rng.uniform(0, 1, (n, g * k * k, h, w), dtype=cupy.float32).astype(dtype),
+        weight=normal(o, c, k, k, scale=(c * k * k) ** -0.5),
+        bias=normal(o),
+    )
+
+
+def time_cupy(cupy, fn, sets, warmup, repeat):
+    """Median milliseconds of fn(set) over rotating sets, CUDA events."""
+    for i in range(warmup):
+        fn(sets[i % len(sets)])
+    times = []
+    for i in range(repeat):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn(sets[i % len(sets)])
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def time_torch(torch, fn, sets, warmup, repeat, prepare=None):
+    """Like time_cupy with torch events; prepare(set) runs untimed before each call."""
+    for i in range(warmup):
+        s = sets[i % len(sets)]
+        fn(s, prepare(s) if prepare else None)
+    times = []
+    for i in range(repeat):
+        s = sets[i % len(sets)]
+        state = prepare(s) if prepare else None
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(s, state)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def bench_cudcn(cupy, tracker, sets, warmup, repeat):
+    def forward(s):
+        return cudcn.deform_conv2d(s["input"], s["offset"], s["weight"], s["bias"], padding=1, mask=s["mask"])
+
+    grads = {id(s): cupy.ones_like(forward(s)) for s in sets}
+
+    def backward(s):
+        return cudcn.deform_conv2d_backward(
+            grads[id(s)], s["input"], s["offset"], s["weight"], s["bias"], padding=1, mask=s["mask"]
+        )
+
+    result = {}
+    for name, fn in (("forward", forward), ("backward", backward)):
+        result[f"{name}_ms"] = time_cupy(cupy, fn, sets, warmup, repeat)
+        cupy.cuda.get_current_stream().synchronize()
+        tracker.reset()
+        base = tracker.in_use
+        fn(sets[0])
+        cupy.cuda.get_current_stream().synchronize()
+        result[f"{name}_peak_mb"] = (tracker.peak - base) / 2**20
+    return result
+
+
+def bench_torchvision(torch, ops, sets, warmup, repeat):
+    tsets = [{k: torch.from_dlpack(v) for k, v in s.items()} for s in sets]
+
+    def forward(s, _):
+        with torch.no_grad():
+            return ops.deform_conv2d(s["input"], s["offset"], s["weight"], s["bias"], padding=1, mask=s["mask"])
+
+    def prepare(s):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in s.items()}
+        out = ops.deform_conv2d(
+            leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], padding=1, mask=leaves["mask"]
+        )
+        return out, torch.ones_like(out)
+
+    def backward(s, state):
+        out, grad = state
+        out.backward(grad)
+
+    result = {"forward_ms": time_torch(torch, forward, tsets, warmup, repeat)}
+    result["backward_ms"] = time_torch(torch, backward, tsets, warmup, repeat, prepare)
+    for name, fn, prep in (("forward", forward, None), ("backward", backward, prepare)):
+        state = prep(tsets[0]) if prep else None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(tsets[0], state)
+        torch.cuda.synchronize()
+        result[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del state
+    return result
+
+
+def forward_difference(torch, ops, s) -> float:
+    """Relative max difference of the two forwards (a sanity check)."""
+    ours = cudcn.deform_conv2d(s["input"], s["offset"], s["weight"], s["bias"], padding=1, mask=s["mask"])
+    t = {k: torch.from_dlpack(v) for k, v in s.items()}
+    with torch.no_grad():
+        theirs = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], padding=1, mask=t["mask"])
+    a = torch.from_dlpack(ours).double()
+    b = theirs.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _torchvision():
+    try:
+        import torch
+        import torchvision.ops as ops
+    except ImportError:
+        return None, None
+    return (torch, ops) if torch.cuda.is_available() else (None, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="first shape only, fewer repetitions")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--output", type=Path, help="directory for bench_gpu.md and bench_gpu.json")
+    args = parser.parse_args(argv)
+
+    import cupy
+
+    tracker = PeakTracker(cupy)
+    cupy.cuda.set_allocator(tracker.malloc)
+    torch, ops = _torchvision()
+    device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
+    repeat = 5 if args.quick else args.repeat
+    dtypes = [d for d in DTYPES if d != "bfloat16" or "ml_dtypes" in sys.modules or _has_ml_dtypes()]
+
+    rows = []
+    for shape_name, shape in shapes.items():
+        n, c, o, h, w, k, g = shape
+        gflop = 2 * n * h * w * o * c * k * k / 1e9
+        for dtype in dtypes:
+            np_dtype = _dtype(dtype)
+            sets = [make_inputs(cupy, shape, np_dtype, seed) for seed in range(ROTATE)]
+            ours = bench_cudcn(cupy, tracker, sets, args.warmup, repeat)
+            theirs, diff = None, None
+            if torch is not None and dtype != "bfloat16":
+                theirs = bench_torchvision(torch, ops, sets, args.warmup, repeat)
+                diff = forward_difference(torch, ops, sets[0])
+            rows.append(dict(shape=shape_name, dtype=dtype, gflop=gflop, cudcn=ours, torchvision=theirs,
+                             forward_rel_diff=diff))
+            del sets
+            cupy.get_default_memory_pool().free_all_blocks()
+
+    table = render(rows, device)
+    print(table)
+    if args.output:
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / "bench_gpu.md").write_text(table + "\n")
+        (args.output / "bench_gpu.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+    return 0
+
+
+def _has_ml_dtypes() -> bool:
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def render(rows: list[dict], device: str) -> str:
+    def fmt(value, spec=".2f"):
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        f"GPU: {device}; median of CUDA-event timings; peak = device memory allocated above the inputs",
+        "",
+        "| shape | dtype | cudcn fwd ms | tv fwd ms | cudcn bwd ms | tv bwd ms | cudcn fwd TFLOP/s "
+        "| cudcn peak fwd/bwd MB | tv peak fwd/bwd MB | fwd rel. diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours, theirs = r["cudcn"], r["torchvision"] or {}
+        tflops = r["gflop"] / ours["forward_ms"]  # GFLOP / ms = TFLOP/s
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {ours['forward_ms']:.3f} | {fmt(theirs.get('forward_ms'), '.3f')} "
+            f"| {ours['backward_ms']:.3f} | {fmt(theirs.get('backward_ms'), '.3f')} | {tflops:.1f} "
+            f"| {ours['forward_peak_mb']:.0f} / {ours['backward_peak_mb']:.0f} "
+            f"| {fmt(theirs.get('forward_peak_mb'), '.0f')} / {fmt(theirs.get('backward_peak_mb'), '.0f')} "
+            f"| {fmt(r['forward_rel_diff'], '.1e')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
