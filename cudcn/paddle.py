@@ -94,6 +94,9 @@ def _check(
     for name, t in given.items():
         if not isinstance(t, paddle.Tensor):
             raise TypeError(f"{name} must be a paddle.Tensor, got {type(t).__name__}")
+    for name, t in given.items():
+        if str(t.place) != str(x.place):
+            raise ValueError(f"{name} is on {t.place} but x is on {x.place}; pass tensors on one place")
     # Stand-ins show bfloat16 as float32, so a bfloat16/float32 mix must be
     # caught here; every other mix the core reports.
     if any(t.dtype == paddle.bfloat16 for t in given.values()):

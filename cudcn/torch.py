@@ -86,7 +86,7 @@ def _stand_in(name: str, t: Tensor) -> np.ndarray:
 
 
 def _check_tensors(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
-    """The tensors that are given; each a Tensor, and no bfloat16 mixed with another dtype.
+    """The tensors that are given: Tensors on one device, no bfloat16 mixed with another dtype.
 
     CPU bfloat16 reaches the core as float32, which would hide such a mix from it.
     """
@@ -94,7 +94,10 @@ def _check_tensors(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
     for name, t in given.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dtype = given["input"].dtype
+    device, dtype = given["input"].device, given["input"].dtype
+    for name, t in given.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but input is on {device}; pass tensors on one device")
     if any(t.dtype == torch.bfloat16 for t in given.values()):
         for name, t in given.items():
             if t.dtype != dtype:
@@ -342,7 +345,7 @@ def _as_list(value: Any) -> Any:
 
 def _autocast(device_type: str, tensors: list[Tensor | None]) -> list[Tensor | None]:
     """Cast floating tensors to the autocast dtype when autocast is on for the device."""
-    if not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [

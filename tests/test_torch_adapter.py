@@ -290,6 +290,7 @@ def test_deterministic_algorithms_refuse_the_cuda_backward():
         (dict(weight=lambda a: a.bfloat16()), TypeError, r"weight.dtype must equal input.dtype = float64, got bfloat16"),
         (dict(input=lambda a: a.long()), TypeError, r"input.dtype must be one of float16, bfloat16, float32, float64, got int64"),
         (dict(bias=lambda a: a.numpy()), TypeError, r"bias must be a torch.Tensor, got ndarray"),
+        (dict(weight=lambda a: a.to("meta")), ValueError, r"weight is on meta but input is on cpu; pass tensors on one device"),
         (dict(stride=lambda a: 1.5), ValueError, r"stride must be an int or a pair of ints, got 1.5"),
         (dict(padding=lambda a: -1), ValueError, r"padding must be >= 0, got -1"),
         (dict(dilation=lambda a: (1, 2, 3)), ValueError, r"dilation must be an int or a pair of ints, got \(1, 2, 3\)"),
@@ -302,6 +303,13 @@ def test_wrong_arguments_get_the_core_message(change, error, match):
     args[name] = edit(args[name])
     with pytest.raises(error, match=match):
         ct.deform_conv2d(**args)
+
+
+def test_meta_tensors_give_the_output_shape():
+    input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[3])
+    meta = [t.to("meta") for t in (input, offset, weight, bias, mask)]
+    out = ct.deform_conv2d(*meta[:4], mask=meta[4], **conv)
+    assert out.device.type == "meta" and out.shape == core_forward(input, offset, weight, bias, mask, conv).shape
 
 
 def test_wrong_arguments_under_compile_get_the_core_message():
