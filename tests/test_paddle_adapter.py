@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
 
 paddle = pytest.importorskip("paddle")
 
 import cudcn  # noqa: E402
 import cudcn.paddle as cpd  # noqa: E402
+from strategies import calls  # noqa: E402
 
 pytestmark = pytest.mark.paddle
 
@@ -87,6 +89,24 @@ def test_forward_and_gradients_equal_paddle(geometry, with_mask, with_bias, dtyp
         else:
             assert g.dtype == np.dtype(dtype)
             np.testing.assert_allclose(g, e, **tol, err_msg=f"gradient of {name}")
+
+
+@given(calls(min_batch=1, out_divisible_by_offset_groups=True))
+def test_drawn_calls_equal_paddle(call):
+    conv = dict(
+        stride=call.stride, padding=call.padding, dilation=call.dilation,
+        deformable_groups=call.offset_groups, groups=call.groups,
+    )
+    arrays = (call.input, call.offset, call.weight, call.bias, call.mask)
+    ours, theirs = to_leaves(arrays, "float64"), to_leaves(arrays, "float64")
+    grad_out = paddle.to_tensor(np.random.default_rng(call.seed).standard_normal(
+        cpd.deform_conv2d(*ours[:4], mask=ours[4], **conv).shape))
+    out, grads = run(cpd.deform_conv2d, ours, conv, grad_out)
+    expected, expected_grads = run(paddle.vision.ops.deform_conv2d, theirs, conv, grad_out)
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)
+    for name, g, e in zip(NAMES, grads, expected_grads):
+        if e is not None:
+            np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10, err_msg=f"gradient of {name}")
 
 
 def test_out_channels_need_not_divide_by_deformable_groups():

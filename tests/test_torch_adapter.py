@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
 
 torch = pytest.importorskip("torch")
 
 import cudcn  # noqa: E402
 import cudcn.torch as ct  # noqa: E402
+from strategies import calls  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -83,6 +85,22 @@ def test_backward_equals_core():
     )
     for leaf, name in zip(leaves, ("input", "offset", "weight", "bias", "mask")):
         torch.testing.assert_close(leaf.grad, torch.from_numpy(getattr(expected, name)), rtol=0, atol=0)
+
+
+@given(calls(wild_offsets=True))
+def test_drawn_calls_equal_core_forward_and_backward(call):
+    """Any geometry, empty batches and far or non-finite offsets included."""
+    conv = dict(stride=call.stride, padding=call.padding, dilation=call.dilation)
+    arrays = [call.input, call.offset, call.weight, call.bias, call.mask]
+    leaves = [None if a is None else torch.from_numpy(a.copy()).requires_grad_() for a in arrays]
+    out = ct.deform_conv2d(*leaves[:4], mask=leaves[4], **conv)
+    np.testing.assert_array_equal(out.detach().numpy(), cudcn.deform_conv2d(*arrays[:4], mask=arrays[4], **conv))
+    grad_output = np.random.default_rng(call.seed).standard_normal(out.shape)
+    out.backward(torch.from_numpy(grad_output))
+    expected = cudcn.deform_conv2d_backward(grad_output, *arrays[:4], mask=arrays[4], **conv)
+    for leaf, name in zip(leaves, ("input", "offset", "weight", "bias", "mask")):
+        if leaf is not None:
+            np.testing.assert_array_equal(leaf.grad.numpy(), getattr(expected, name), err_msg=name)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:2])
