@@ -35,6 +35,11 @@ from cudcn.backends import array_kind
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+# Comparing dtype objects is much cheaper than reading dtype.name, which
+# stays as the fallback for bfloat16 (ml_dtypes is optional).
+_FLOAT_DTYPE_OBJECTS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Everything a backend needs to know about one call, already checked."""
@@ -168,7 +173,7 @@ def validate(
                 f"{kinds[first]} array; pass arrays of one kind"
             )
     for key, value in arrays.items():
-        if value.dtype.name not in FLOAT_DTYPES:
+        if value.dtype not in _FLOAT_DTYPE_OBJECTS and value.dtype.name not in FLOAT_DTYPES:
             raise TypeError(
                 f"{nm(key)}.dtype must be one of {', '.join(FLOAT_DTYPES)}, "
                 f"got {value.dtype.name}"
@@ -179,6 +184,15 @@ def validate(
                 f"{nm(key)}.dtype must equal {nm(first)}.dtype = "
                 f"{arrays[first].dtype.name}, got {value.dtype.name}"
             )
+
+    if kinds[first] == "cupy":
+        devices = {key: value.device.id for key, value in arrays.items()}
+        for key, device in devices.items():
+            if device != devices[first]:
+                raise ValueError(
+                    f"{nm(key)} is on GPU {device} but {nm(first)} is on GPU "
+                    f"{devices[first]}; pass arrays on one device"
+                )
 
     # Input size.
     if input is not None:
