@@ -16,6 +16,7 @@ COMMANDS = {
     "check": ("cudcn.selfcheck", "run every available backend against the NumPy backend and the oracle"),
     "info": ("cudcn.info", "versions, GPUs, available backends and the kernel cache"),
     "bench": ("cudcn.bench", "time cudcn against the peers that are present"),
+    "demo": ("cudcn.demo", "train plain, DCNv1, DCNv2 and CoordConv CNNs on deformed digits and compare"),
     "compile": ("cudcn.cuda_compile", "compile every CUDA kernel instantiation through NVRTC (no GPU needed)"),
 }
 

@@ -1,0 +1,164 @@
+"""The demo's pictures: the data, the learning curves, and where the
+deformable layers learned to look (the classic DCN picture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cudcn.demo.data import Digits
+from cudcn.demo.models import STEP
+
+COLOURS = {"plain": "tab:gray", "dcnv1": "tab:blue", "dcnv2": "tab:red", "coordconv": "tab:green"}
+LABELS = {"plain": "plain conv", "dcnv1": "DCNv1", "dcnv2": "DCNv2", "coordconv": "CoordConv"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_data(data: dict[str, Digits], path: Path, count: int = 10) -> None:
+    """Rows: training images, mildly and strongly deformed test images."""
+    plt = _pyplot()
+    rows = (("train", "training set"), ("test_mild", "test, mild"), ("test_strong", "test, strong"))
+    fig, axes = plt.subplots(len(rows), count, figsize=(count * 0.9, len(rows) * 1.05))
+    for r, (key, title) in enumerate(rows):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.imshow(data[key].images[c, 0], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(title, fontsize=8)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_learning_curves(summaries: dict[str, list[Any]], path: Path) -> None:
+    """Training loss and strong-test accuracy per epoch; mean over seeds, band min..max.
+
+    summaries maps a model name to its RunResults (one per seed).
+    """
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, runs in summaries.items():
+        loss = np.array([r.train_loss for r in runs])
+        acc = np.array([r.test_strong_accuracy for r in runs])
+        epochs = np.arange(1, loss.shape[1] + 1)
+        for ax, values in ((ax_loss, loss), (ax_acc, acc)):
+            ax.plot(epochs, values.mean(0), "o-", ms=3, color=COLOURS[name], label=LABELS[name])
+            ax.fill_between(epochs, values.min(0), values.max(0), color=COLOURS[name], alpha=0.15)
+    ax_loss.set(xlabel="epoch", ylabel="training cross-entropy", yscale="log", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="test accuracy, strongly deformed digits")
+    seeds = len(next(iter(summaries.values())))
+    ax_acc.legend(title=f"mean of {seeds} seed{'s' if seeds > 1 else ''} (band: min..max)", fontsize=8)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sampling_points(model: Any, images: Any) -> dict[str, np.ndarray]:
+    """Where the model's deformable layer samples, in input-image pixels.
+
+    Returns arrays for every image n, output pixel (h, w) of the layer and
+    kernel point k = i*3 + j:
+    "y", "x": (n, H, W, 9) sampling points; "mask": (n, H, W, 9) modulation
+    (ones for DCNv1); "activation": (n, H, W) the norm of the layer's output.
+
+    The offsets are recomputed from the layer's input exactly as the layer's
+    forward does (``conv_offset``; for DCNv2 its three chunks are row/column
+    offsets and mask logits), so the picture shows what the layer used.
+    """
+    import torch
+
+    layer = model.last
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda module, inputs: captured.update(input=inputs[0]))
+    outputs = {}
+    hook_out = layer.register_forward_hook(lambda module, inputs, output: outputs.update(out=output))
+    model.eval()
+    with torch.no_grad():
+        model(images)
+        raw = layer.conv_offset(captured["input"])
+    hook.remove()
+    hook_out.remove()
+
+    k = layer.kernel_size[0] * layer.kernel_size[1]
+    if raw.shape[1] == 3 * k:  # DCNv2: (o1, o2, mask logits)
+        o1, o2, logits = torch.chunk(raw, 3, dim=1)
+        offset, mask = torch.cat((o1, o2), dim=1), torch.sigmoid(logits)
+    else:
+        offset, mask = raw, torch.ones_like(raw[:, :k])
+    n, _, height, width = offset.shape
+    offset = offset.reshape(n, k, 2, height, width).permute(0, 3, 4, 1, 2).cpu().numpy()
+    i, j = np.divmod(np.arange(k), layer.kernel_size[1])
+    rows = np.arange(height)[:, None, None] * layer.stride[0] - layer.padding[0] + i * layer.dilation[0]
+    cols = np.arange(width)[None, :, None] * layer.stride[1] - layer.padding[1] + j * layer.dilation[1]
+    y = rows + offset[..., 0]
+    x = cols + offset[..., 1]
+
+    def to_pixels(p):  # layer coordinates -> input-image pixels
+        return STEP * p + (STEP - 1) / 2
+
+    return {
+        "y": to_pixels(y), "x": to_pixels(x),
+        "regular_y": to_pixels(np.broadcast_to(rows, y.shape[1:]).astype(float)),
+        "regular_x": to_pixels(np.broadcast_to(cols, x.shape[1:]).astype(float)),
+        "mask": mask.permute(0, 2, 3, 1).cpu().numpy(),
+        "activation": outputs["out"].norm(dim=1).cpu().numpy(),
+    }
+
+
+def plot_sampling_locations(models: dict[str, Any], images: Any, labels: np.ndarray, path: Path,
+                            units_per_image: int = 2) -> None:
+    """For each deformable model (a row) and test digit (a column): the
+    layer's most active output units (stars), the regular 3x3 grid of each
+    (hollow circles) and the learned sampling points (dots; for DCNv2 their
+    opacity is the mask)."""
+    plt = _pyplot()
+    count = len(labels)
+    fig, axes = plt.subplots(len(models), count, figsize=(count * 1.7, len(models) * 1.9), squeeze=False)
+    unit_colours = ("tab:red", "tab:cyan", "tab:orange")
+    for r, (name, model) in enumerate(models.items()):
+        points = sampling_points(model, images)
+        for c in range(count):
+            ax = axes[r, c]
+            size = images.shape[-1]
+            ax.imshow(images[c, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1, extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+            activation = points["activation"][c]
+            strongest = np.argsort(activation.ravel())[::-1][:units_per_image]
+            for u, flat in enumerate(strongest):
+                h, w = np.unravel_index(flat, activation.shape)
+                colour = unit_colours[u % len(unit_colours)]
+                ax.scatter(points["regular_x"][h, w], points["regular_y"][h, w], s=14,
+                           facecolors="none", edgecolors=colour, linewidths=0.6, alpha=0.6)
+                rgba = np.zeros((9, 4))
+                rgba[:, :3] = plt.matplotlib.colors.to_rgb(colour)
+                rgba[:, 3] = np.clip(points["mask"][c, h, w], 0.15, 1.0)
+                ax.scatter(points["x"][c, h, w], points["y"][c, h, w], s=12, c=rgba)
+                centre_y, centre_x = STEP * h + (STEP - 1) / 2, STEP * w + (STEP - 1) / 2
+                ax.scatter([centre_x], [centre_y], marker="*", s=60, color=colour, edgecolors="white", linewidths=0.5)
+            ax.set_xlim(-6, size + 5)
+            ax.set_ylim(size + 5, -6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"label {labels[c]}", fontsize=8)
+        axes[r, 0].set_ylabel(LABELS[name], fontsize=9)
+    fig.suptitle("where the last layer samples: * output unit, o regular 3x3 grid, "
+                 "\u2022 learned points (DCNv2: opacity = mask)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
