@@ -8,7 +8,13 @@
 Importing cudcn imports NumPy only: no CuPy, torch or paddle.
 """
 
-from cudcn.config import get_workspace_bytes, set_workspace_bytes
+from cudcn.config import (
+    are_deterministic_algorithms_enabled,
+    deterministic_algorithms,
+    get_workspace_bytes,
+    set_workspace_bytes,
+    use_deterministic_algorithms,
+)
 from cudcn.ops import (
     Gradients,
     deform_col2im,
@@ -23,6 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Gradients",
+    "are_deterministic_algorithms_enabled",
+    "deterministic_algorithms",
     "deform_col2im",
     "deform_col2im_coord",
     "deform_conv",
@@ -31,4 +39,5 @@ __all__ = [
     "deform_im2col",
     "get_workspace_bytes",
     "set_workspace_bytes",
+    "use_deterministic_algorithms",
 ]
