@@ -117,8 +117,13 @@ def source(directory: Path | None = None) -> str:
     return "\n".join(parts)
 
 
-#: NVRTC options shared by RawModule and ``cudcn compile``.
-NVRTC_OPTIONS = ("--std=c++17",)
+#: The options cudcn hands to ``cupy.RawModule``.
+MODULE_OPTIONS = ("--std=c++17",)
+
+#: What NVRTC actually compiles with at run time: CuPy appends ``-ftz=true``
+#: to every RawModule compile (float32 subnormals flush to zero). ``cudcn
+#: compile`` passes exactly these, so that it checks the code that runs.
+NVRTC_OPTIONS = MODULE_OPTIONS + ("-ftz=true",)
 
 _loader = None
 
@@ -136,7 +141,7 @@ def module(dtype: str) -> Any:
         @cupy.memoize(for_each_device=True)
         def load(dtype_name: str) -> Any:
             return cupy.RawModule(
-                code=source(), options=NVRTC_OPTIONS, name_expressions=name_expressions(dtype_name)
+                code=source(), options=MODULE_OPTIONS, name_expressions=name_expressions(dtype_name)
             )
 
         _loader = load

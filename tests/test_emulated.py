@@ -153,3 +153,25 @@ def test_grid_stride_and_boundaries(engine):
 def test_unknown_instantiation_is_an_error(engine):
     with pytest.raises(KeyError, match="no instantiation"):
         engine.launch("deform_im2col", "float32", "short", 1, [])
+
+
+@given(st.integers(1, 3), st.integers(0, 9), st.integers(1, 5), st.integers(1, 6),
+       st.sampled_from(["float16", "float32", "float64"]))
+def test_transposed_product_adds_in_the_wide_type(library, batch, rows, p, q, dtype):
+    """out += a^T b through the cuBLAS arguments the backend computes."""
+    engine = harness.EmulatedEngine(library)
+    rng = np.random.default_rng(rows * 100 + p * 10 + q)
+    # Big enough that a float16 partial sum would overflow (65504) or round.
+    a = (rng.standard_normal((batch, rows, p)) * 300).astype(dtype)
+    b = (rng.standard_normal((batch, rows, q)) * 300).astype(dtype)
+    wide = np.float64 if dtype == "float64" else np.float32
+    start = rng.standard_normal((batch, p, q)).astype(wide)
+    out = start.copy()
+    cuda_backend._add_transposed_product(engine, a, b, out)
+    expected = start + np.matmul(a.astype(np.float64).transpose(0, 2, 1), b.astype(np.float64))
+    assert out.dtype == wide
+    scale = float(np.abs(a).max(initial=0) * np.abs(b).max(initial=0)) * max(rows, 1) + 1.0
+    tol = 1e-14 if dtype == "float64" else 1e-6
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tol * scale)
+    assert len(engine.gemms) == (rows > 0)
+    assert all(call.c is out and call.a is b and call.b is a for call in engine.gemms)  # no copies

@@ -9,13 +9,18 @@
   CUDA are importable): forward and every gradient;
 - every device allocation is filled with NaN bytes first, so an element a
   kernel forgets to write fails;
-- no host synchronisation (cupyx.allow_synchronize(False)); a non-default
-  stream; arrays on a second GPU; tensors above 2^31 elements.
+- no host synchronisation: behind a kernel that keeps the stream busy for
+  half a second, every call returns to the host long before the stream is
+  done; a non-default stream; arrays on a second GPU; tensors above 2^31
+  elements;
+- deterministic algorithms: the input gradient is bitwise repeatable and
+  matches the atomic path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -81,14 +86,12 @@ def _check_call(args: dict, rng: np.random.Generator, tol: float) -> None:
     """Forward and backward of one call on the GPU against the NumPy backend."""
     dev = to_device(args)
     expected = cudcn.deform_conv2d(**args)
-    with cupyx_no_sync():
-        got = cudcn.deform_conv2d(**dev)
+    got = cudcn.deform_conv2d(**dev)
     assert got.dtype == expected.dtype and isinstance(got, cupy.ndarray)
     assert relative_error(got, expected) <= tol
     grad_output = rng.standard_normal(expected.shape).astype(expected.dtype)
     expected_grads = cudcn.deform_conv2d_backward(grad_output, **args)
-    with cupyx_no_sync():
-        grads = cudcn.deform_conv2d_backward(cupy.asarray(grad_output), **dev)
+    grads = cudcn.deform_conv2d_backward(cupy.asarray(grad_output), **dev)
     for name in NAMES:
         e, g = getattr(expected_grads, name), getattr(grads, name)
         if e is None:
@@ -96,12 +99,6 @@ def _check_call(args: dict, rng: np.random.Generator, tol: float) -> None:
         else:
             assert g.dtype == e.dtype, name
             assert relative_error(g, e) <= tol, name
-
-
-def cupyx_no_sync():
-    import cupyx
-
-    return cupyx.allow_synchronize(False)
 
 
 # ---------------------------------------------------------------------------
@@ -129,16 +126,13 @@ def test_building_blocks_match_numpy(dtype, case):
                     padding=args["padding"], dilation=args["dilation"])
     d = to_device({"x": x, "offset": offset, "mask": mask})
     tol = TOLERANCE[dtype]
-    with cupyx_no_sync():
-        got = cudcn.deform_im2col(d["x"], d["offset"], mask=d["mask"], **geometry)
+    got = cudcn.deform_im2col(d["x"], d["offset"], mask=d["mask"], **geometry)
     expected = cudcn.deform_im2col(x, offset, mask=mask, **geometry)
     assert relative_error(got, expected) <= tol
     columns = rng.standard_normal(expected.shape).astype(dtype)
-    with cupyx_no_sync():
-        got = cudcn.deform_col2im(cupy.asarray(columns), d["offset"], x.shape, mask=d["mask"], **geometry)
+    got = cudcn.deform_col2im(cupy.asarray(columns), d["offset"], x.shape, mask=d["mask"], **geometry)
     assert relative_error(got, cudcn.deform_col2im(columns, offset, x.shape, mask=mask, **geometry)) <= tol
-    with cupyx_no_sync():
-        g_off, g_mask = cudcn.deform_col2im_coord(cupy.asarray(columns), d["x"], d["offset"], mask=d["mask"], **geometry)
+    g_off, g_mask = cudcn.deform_col2im_coord(cupy.asarray(columns), d["x"], d["offset"], mask=d["mask"], **geometry)
     e_off, e_mask = cudcn.deform_col2im_coord(columns, x, offset, mask=mask, **geometry)
     assert relative_error(g_off, e_off) <= tol
     assert (g_mask is None) == (e_mask is None)
@@ -210,6 +204,63 @@ def test_runs_on_a_non_default_stream():
     expected_grads = cudcn.deform_conv2d_backward(np.ones_like(expected), **args)
     for name in NAMES:
         assert relative_error(getattr(grads, name), getattr(expected_grads, name)) <= 1e-5, name
+
+
+SPIN = r"""
+extern "C" __global__ void spin(unsigned long long nanoseconds) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < nanoseconds);
+}
+"""
+
+
+def host_returns_early(call, seconds: float = 0.5):
+    """Run ``call`` on a fresh non-blocking stream behind a kernel that keeps
+    that stream busy for ``seconds``; assert that the host got back from the
+    call before the stream finished (so nothing in it waited for the device),
+    then wait for the stream and return the call's result."""
+    spin = cupy.RawKernel(SPIN, "spin")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        spin((1,), (1,), (np.uint64(seconds * 1e9),))
+        start = time.perf_counter()
+        result = call()
+        elapsed = time.perf_counter() - start
+        busy = not stream.done
+    stream.synchronize()
+    assert busy, "the stream finished before the call returned: the host waited for the device"
+    assert elapsed < seconds / 2, f"the call took {elapsed:.3f} s behind a {seconds} s kernel"
+    return result
+
+
+def test_no_host_synchronisation():
+    rng = np.random.default_rng(9)
+    args = _fixed_case(rng, dtype="float32")
+    dev = to_device(args)
+    geometry = dict(stride=args["stride"], padding=args["padding"], dilation=args["dilation"])
+    x, offset, mask = dev["input"], dev["offset"], dev["mask"]
+
+    def every_call():
+        out = cudcn.deform_conv2d(**dev)
+        grads = cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev)
+        columns = cudcn.deform_im2col(x, offset, (3, 2), mask=mask, **geometry)
+        image = cudcn.deform_col2im(columns, offset, x.shape, (3, 2), mask=mask, **geometry)
+        coord = cudcn.deform_col2im_coord(columns, x, offset, (3, 2), mask=mask, **geometry)
+        return out, grads, columns, image, coord
+
+    expected = every_call()  # compiles and loads every kernel first
+    cupy.cuda.Device().synchronize()
+    got = host_returns_early(every_call)
+    assert relative_error(got[0], cupy.asnumpy(expected[0])) <= 1e-6
+    for name in NAMES:
+        assert relative_error(getattr(got[1], name), cupy.asnumpy(getattr(expected[1], name))) <= 1e-6, name
+    for g, e in zip(got[2:4], expected[2:4]):
+        assert relative_error(g, cupy.asnumpy(e)) <= 1e-6
+    for g, e in zip(got[4], expected[4]):
+        assert relative_error(g, cupy.asnumpy(e)) <= 1e-6
 
 
 def test_arrays_on_a_second_gpu():

@@ -19,8 +19,17 @@ the specification this backend matches), per chunk of images:
 The batch is chunked so that the column buffer stays under the workspace
 budget (:mod:`cudcn.config`). float16 columns and GEMMs stay float16 (cuBLAS
 accumulates in float32); bfloat16 columns are float32; every kernel computes
-in float32 (float64 for float64). Everything runs on the arrays' device and
-CuPy's current stream there; nothing waits for the device.
+in float32 (float64 for float64). The weight gradient is summed over all
+chunks in float32 (float64) by one cuBLAS GEMM per chunk that adds into it
+(:func:`_add_transposed_product`), so a float16 partial sum is never rounded
+or overflows. Everything runs on the arrays' device and CuPy's current stream
+there; nothing waits for the device.
+
+Subnormals: CuPy compiles every RawModule with ``-ftz=true``, so float32
+arithmetic in the kernels flushes subnormal values (below about 1.2e-38) to
+zero (float16 and bfloat16 values are widened to float32 first; float64 is
+not affected). ``cudcn compile`` uses the same options
+(:data:`cudcn.cuda_kernels.NVRTC_OPTIONS`).
 
 Every step is written against an *engine*: an array module ``xp`` plus a
 ``launch`` of a named kernel instantiation. On a GPU the engine is CuPy; the
@@ -32,6 +41,7 @@ below are checked without a GPU too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,8 +51,38 @@ from cudcn.backends.numpy_backend import _chunks, _weight_from_matrix, _weight_m
 from cudcn.geometry import Geometry
 
 
+@dataclass(frozen=True)
+class Gemm:
+    """One strided batched GEMM in cuBLAS's column-major terms.
+
+    For each of ``batch`` matrices: C = op(A) @ op(B) + beta * C, with
+    op(A) (m, k), op(B) (k, n) and C (m, n); a matrix X with leading dimension
+    ld has element (i, j) at X[i + j*ld]; matrix b of a batch starts at
+    b * stride. ``trans_a`` means A is stored (k, m) and op(A) is its
+    transpose (likewise B). A and B share one dtype; C is float32 (float64 for
+    float64) and the products are summed in C's dtype.
+    """
+
+    trans_a: bool
+    trans_b: bool
+    m: int
+    n: int
+    k: int
+    a: Any
+    lda: int
+    stride_a: int
+    b: Any
+    ldb: int
+    stride_b: int
+    beta: float
+    c: Any
+    ldc: int
+    stride_c: int
+    batch: int
+
+
 class Engine(Protocol):
-    """Where the steps run: an array module and a kernel launcher."""
+    """Where the steps run: an array module, a kernel launcher and a GEMM."""
 
     xp: Any  # cupy (or numpy under host emulation)
     threads: int  # the most threads one launch starts (block size * block cap)
@@ -54,6 +94,9 @@ class Engine(Protocol):
         ``numpy.int32`` and ``numpy.int64`` scalars.
         """
 
+    def gemm(self, call: Gemm) -> None:
+        """Run one strided batched GEMM (see :class:`Gemm`)."""
+
 
 class CupyEngine:
     """Launch through the per-device cupy.RawModule on the current stream."""
@@ -64,12 +107,42 @@ class CupyEngine:
         import cupy
 
         self.xp = cupy
+        # (device id, name expression) -> kernel: looked up once, not per launch.
+        self._functions: dict[tuple[int, str], Any] = {}
 
     def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
         name = cuda_kernels.name_expression(kernel, dtype, index)
-        function = cuda_kernels.module(dtype).get_function(name)
+        key = (self.xp.cuda.runtime.getDevice(), name)
+        function = self._functions.get(key)
+        if function is None:
+            function = self._functions[key] = cuda_kernels.module(dtype).get_function(name)
         blocks = min(-(-total // cuda_kernels.BLOCK), cuda_kernels.MAX_BLOCKS)
         function((blocks,), (cuda_kernels.BLOCK,), tuple(args))
+
+    def gemm(self, call: Gemm) -> None:
+        # cupy.matmul cannot do this: it rounds a float16 product to float16
+        # and copies non-contiguous operands. cuBLAS's GemmEx family takes
+        # float16 A and B with a float32 C directly, and beta = 1 adds into C.
+        from cupy_backends.cuda.api import runtime
+        from cupy_backends.cuda.libs import cublas
+
+        data_type = {"float16": runtime.CUDA_R_16F, "float32": runtime.CUDA_R_32F, "float64": runtime.CUDA_R_64F}
+        double = call.c.dtype == np.float64
+        scale = np.float64 if double else np.float32
+        alpha, beta = np.array(1, scale), np.array(call.beta, scale)  # host scalars, read during the call
+        operation = {False: cublas.CUBLAS_OP_N, True: cublas.CUBLAS_OP_T}
+        cublas.gemmStridedBatchedEx(
+            self.xp.cuda.device.get_cublas_handle(),  # bound to the current stream by the call
+            operation[call.trans_a], operation[call.trans_b], call.m, call.n, call.k,
+            alpha.ctypes.data,
+            call.a.data.ptr, data_type[call.a.dtype.name], call.lda, call.stride_a,
+            call.b.data.ptr, data_type[call.b.dtype.name], call.ldb, call.stride_b,
+            beta.ctypes.data,
+            call.c.data.ptr, data_type[call.c.dtype.name], call.ldc, call.stride_c,
+            call.batch,
+            cublas.CUBLAS_COMPUTE_64F if double else cublas.CUBLAS_COMPUTE_32F,
+            cublas.CUBLAS_GEMM_DEFAULT,
+        )
 
 
 _engine: CupyEngine | None = None
@@ -188,6 +261,28 @@ def _col2im_coord(
     )
 
 
+def _add_transposed_product(engine: Engine, a: Any, b: Any, out: Any) -> None:
+    """out (batch, P, Q) += a (batch, R, P)^T @ b (batch, R, Q), summed in out's dtype.
+
+    a and b are C-contiguous and share a dtype; out is C-contiguous float32
+    (float64). Row-major out is column-major out^T = b^T a: column-major, b
+    is stored as b^T (Q, R) and a as a^T (P, R), so op(A) = b as stored and
+    op(B) = a^T transposed. Nothing is copied.
+    """
+    batch, rows, p = a.shape
+    q = b.shape[2]
+    if out.size == 0 or rows == 0:
+        return
+    if max(rows, p, q, batch) >= 2**31:
+        raise ValueError(f"GEMM sizes must stay below 2^31, got {(batch, rows, p, q)}")
+    engine.gemm(Gemm(
+        trans_a=False, trans_b=True, m=q, n=p, k=rows,
+        a=b, lda=q, stride_a=rows * q,
+        b=a, ldb=p, stride_b=rows * p,
+        beta=1.0, c=out, ldc=q, stride_c=p * q, batch=batch,
+    ))
+
+
 # --------------------------------------------------------------------------
 # The backend, against any engine.
 
@@ -227,8 +322,10 @@ def _backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offs
     grad_input = xp.empty((geom.batch, geom.in_channels, geom.height, geom.width), geom.dtype)
     grad_offset = xp.empty(offset.shape, geom.dtype)
     grad_mask = None if mask is None else xp.empty(mask.shape, geom.dtype)
-    matrix = _weight_matrix(geom, weight, column_dtype)
-    grad_matrix = xp.zeros(matrix.shape, types.accum_dtype)
+    matrix = _weight_matrix(geom, weight, column_dtype)  # (groups, K*C/groups, O/groups)
+    # Transposed, (groups, O/groups, K*C/groups): the GEMM then reads the
+    # columns as they lie (a transposed operand would make cupy copy them).
+    grad_matrix_t = xp.zeros((groups, per_group_out, matrix.shape[1]), types.accum_dtype)
     for part in _chunks(geom, column_dtype):
         off, m = _chunk(xp, offset, part), _chunk(xp, mask, part)
         n = off.shape[0]
@@ -238,7 +335,7 @@ def _backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offs
         go = xp.empty((groups, n, L, per_group_out), column_dtype)
         go[...] = grad_output[part].reshape(n, groups, per_group_out, L).transpose(1, 0, 3, 2)
         go = go.reshape(groups, n * L, per_group_out)
-        grad_matrix += xp.matmul(columns.transpose(0, 2, 1), go)
+        _add_transposed_product(engine, go, columns, grad_matrix_t)
         # The columns are spent: the column gradients take their place.
         grad_columns = xp.matmul(go, matrix.transpose(0, 2, 1), out=columns)
         _col2im(engine, geom, grad_columns, off, m, groups, grad_input[part])
@@ -249,6 +346,7 @@ def _backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offs
     grad_bias = None
     if geom.has_bias:
         grad_bias = grad_output.astype(types.accum_dtype).sum(axis=(0, 2, 3)).astype(geom.dtype)
+    grad_matrix = grad_matrix_t.transpose(0, 2, 1)
     grad_weight = _weight_from_matrix(geom, grad_matrix).astype(geom.dtype, copy=False)
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
 
