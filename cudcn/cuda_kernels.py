@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 #: Kernel sources, in the order they are joined into one module.
-SOURCES = ("dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_coord.cu", "dcn_layout.cu")
+SOURCES = ("dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu")
 COMMON_HEADER = "dcn_common.cuh"
 
 #: The index types, narrow first.
@@ -44,7 +44,7 @@ class KernelTypes:
 
     value: str  # input, offset, mask, outputs
     column: str  # column buffer (what the GEMM reads)
-    accum: str  # input-gradient accumulator (atomics)
+    accum: str  # input-gradient accumulator (atomics), the compute type
     column_dtype: str
     accum_dtype: str
 
@@ -66,6 +66,8 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
     args = {
         "deform_im2col": (t.value, t.column),
         "deform_col2im": (t.value, t.column, t.accum),
+        "deform_col2im_keys": (t.value,),
+        "deform_col2im_gather": (t.value, t.column, t.accum),
         "deform_col2im_coord": (t.value, t.column),
         "to_channels_last": (t.value,),
         "from_channels_last": (t.accum, t.value),
@@ -73,7 +75,10 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
     return f"{kernel}<{', '.join(args + (index,))}>"
 
 
-KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last")
+KERNELS = (
+    "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
+    "deform_col2im_coord", "to_channels_last", "from_channels_last",
+)
 
 
 def name_expressions(dtype: str) -> list[str]:

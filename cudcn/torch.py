@@ -28,10 +28,13 @@ Precision and determinism:
   autocast dtype of the input's device (as autocast does for convolutions), so
   an fp16/bf16 activation meets an fp32 weight without a dtype error; the
   result has the autocast dtype.
-- The CUDA backward accumulates with atomics, so it is not deterministic:
-  with ``torch.use_deterministic_algorithms(True)`` the backward of a CUDA call
-  raises RuntimeError (it warns instead in ``warn_only=True`` mode). The
-  forward, and the whole CPU path, are deterministic and always run.
+- The CUDA input gradient adds with atomics by default, so it varies in the
+  last bits from run to run. With ``torch.use_deterministic_algorithms(True)``
+  (``warn_only`` or not) the backward runs under
+  ``cudcn.deterministic_algorithms(True)``: the CUDA backend then takes its
+  sorted, atomic-free input gradient, and every gradient is bitwise
+  repeatable. The forward, the other gradients and the whole CPU path are
+  deterministic anyway.
 - Double backward is not supported.
 """
 
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -204,20 +206,12 @@ def _backend_context(t: Tensor) -> Iterator[None]:
         yield
 
 
-def _alert_nondeterministic(device: torch.device) -> None:
-    """Honour torch.use_deterministic_algorithms for the backward on ``device``."""
-    if not (device.type == "cuda" and torch.are_deterministic_algorithms_enabled()):
-        return
-    message = (
-        "cudcn.torch.deform_conv2d's CUDA backward accumulates with atomics and "
-        "is not deterministic, but torch.use_deterministic_algorithms(True) is "
-        "set. Run the layer on the CPU for a deterministic backward, or turn "
-        "the setting off (or use warn_only=True) for this layer."
-    )
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message, UserWarning, stacklevel=3)
-    else:
-        raise RuntimeError(message)
+def _determinism() -> contextlib.AbstractContextManager:
+    """cudcn's deterministic setting for a backward: on while
+    torch.use_deterministic_algorithms(True) is set, else left as it is."""
+    if torch.are_deterministic_algorithms_enabled():
+        return cudcn.deterministic_algorithms(True)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------
@@ -276,8 +270,7 @@ def _deform_conv2d_backward_op(
         "input": input, "offset": offset, "weight": weight, "bias": bias,
         "mask": mask, "grad_output": grad_output,
     })
-    _alert_nondeterministic(input.device)
-    with _backend_context(input):
+    with _backend_context(input), _determinism():
         arrays = [_to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
         grads = cudcn.deform_conv2d_backward(
             *arrays[:5], stride=stride, padding=padding, dilation=dilation, mask=arrays[5]
@@ -383,8 +376,9 @@ def deform_conv2d(
 
     Raises:
         TypeError, ValueError: the core's message when an argument is wrong.
-        RuntimeError: in the backward of a CUDA call while
-            ``torch.use_deterministic_algorithms(True)`` is set.
+
+    With ``torch.use_deterministic_algorithms(True)`` the backward is bitwise
+    repeatable on CUDA too (a sorted, atomic-free input gradient).
 
     CUDA tensors run on torch's current stream; CPU tensors run on the NumPy
     backend. All tensors must be on one device.

@@ -170,8 +170,73 @@ def test_transposed_product_adds_in_the_wide_type(library, batch, rows, p, q, dt
     cuda_backend._add_transposed_product(engine, a, b, out)
     expected = start + np.matmul(a.astype(np.float64).transpose(0, 2, 1), b.astype(np.float64))
     assert out.dtype == wide
-    scale = float(np.abs(a).max(initial=0) * np.abs(b).max(initial=0)) * max(rows, 1) + 1.0
+    scale = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * max(rows, 1) + 1.0
     tol = 1e-14 if dtype == "float64" else 1e-6
     np.testing.assert_allclose(out, expected, rtol=0, atol=tol * scale)
     assert len(engine.gemms) == (rows > 0)
     assert all(call.c is out and call.a is b and call.b is a for call in engine.gemms)  # no copies
+
+
+# ---------------------------------------------------------------------------
+# Deterministic algorithms: the sorted, atomic-free input gradient.
+
+
+def _kernels(engine) -> set:
+    return {name.split("<")[0] for name, _ in engine.launches}
+
+
+@given(cases(with_weight=False, dtypes=("float32", "float64", "float16", "bfloat16")))
+def test_col2im_deterministic(library, case):
+    """Equals the NumPy backend; bitwise the same whatever the grid."""
+    args, rng = case
+    geom, x, offset, mask = _blocks(args)
+    columns = rng.standard_normal(geom.columns_shape).astype(geom.dtype)
+    runs = []
+    for block, max_blocks in ((32, 3), (7, 1), (64, 8)):
+        engine = harness.EmulatedEngine(library, block=block, max_blocks=max_blocks)
+        with cudcn.deterministic_algorithms():
+            runs.append(cuda_backend._col2im_public(engine, geom, columns, offset, mask))
+        if geom.batch:
+            assert "deform_col2im" not in _kernels(engine) and "deform_col2im_gather" in _kernels(engine)
+    assert_close(runs[0], numpy_backend.col2im(geom, columns, offset, mask), geom.dtype.name)
+    for other in runs[1:]:
+        assert runs[0].tobytes() == other.tobytes()
+
+
+@given(cases(), st.integers(1, 4000))
+def test_backward_deterministic(library, case, workspace):
+    """The whole backward with deterministic algorithms on: no atomic kernel,
+    NumPy's results, and two runs bitwise equal."""
+    args, rng = case
+    geom = validate(**args)
+    x, offset, weight, mask = (args[k] for k in ("input", "offset", "weight", "mask"))
+    grad_output = rng.standard_normal((geom.batch, geom.out_channels, geom.out_h, geom.out_w)).astype(geom.dtype)
+    runs = []
+    with workspace_bytes(workspace), cudcn.deterministic_algorithms():
+        for block in (32, 5):
+            engine = harness.EmulatedEngine(library, block=block)
+            runs.append(cuda_backend._backward(engine, geom, grad_output, x, offset, weight, mask))
+            assert "deform_col2im" not in _kernels(engine)
+    expected = numpy_backend.backward(geom, grad_output, x, offset, weight, mask)
+    for name, g, e, again in zip(cudcn.Gradients._fields, runs[0], expected, runs[1]):
+        if e is None:
+            assert g is None and again is None, name
+        else:
+            assert_close(g, e, geom.dtype.name)
+            assert g.tobytes() == again.tobytes(), name
+
+
+def test_deterministic_setting_picks_the_kernel(library):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 4, 5, 6))
+    offset = rng.uniform(-2, 2, (2, 2 * 9, 5, 6))
+    geom = validate(input=x, offset=offset, kernel_size=3, padding=1)
+    columns = rng.standard_normal(geom.columns_shape)
+    engines = {}
+    for mode in (False, True):
+        engines[mode] = harness.EmulatedEngine(library)
+        with cudcn.deterministic_algorithms(mode):
+            cuda_backend._col2im_public(engines[mode], geom, columns, offset, None)
+    assert "deform_col2im" in _kernels(engines[False]) and "deform_col2im_gather" not in _kernels(engines[False])
+    assert {"deform_col2im_keys", "deform_col2im_gather"} <= _kernels(engines[True])
+    assert "deform_col2im" not in _kernels(engines[True])

@@ -279,21 +279,30 @@ def test_deterministic_algorithms_cpu_runs_and_repeats():
         assert torch.equal(a, b)
 
 
-def test_deterministic_algorithms_refuse_the_cuda_backward():
-    cuda = torch.device("cuda", 0)
+def test_deterministic_algorithms_reach_the_backend(monkeypatch):
+    """torch.use_deterministic_algorithms(True) runs the backward under
+    cudcn.deterministic_algorithms(True) (the CUDA backend's sorted input
+    gradient); otherwise cudcn's own setting stands. Checked by a spy on the
+    core call, so it runs on the CPU."""
+    seen = []
+    backward = cudcn.deform_conv2d_backward
+
+    def spy(*args, **kwargs):
+        seen.append(cudcn.are_deterministic_algorithms_enabled())
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy)
+    input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
     previous = torch.are_deterministic_algorithms_enabled()
     try:
-        torch.use_deterministic_algorithms(False)
-        ct._alert_nondeterministic(cuda)  # off: nothing to say
-        torch.use_deterministic_algorithms(True)
-        ct._alert_nondeterministic(torch.device("cpu"))  # the CPU path is deterministic
-        with pytest.raises(RuntimeError, match="not deterministic.*use_deterministic_algorithms"):
-            ct._alert_nondeterministic(cuda)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match="not deterministic"):
-            ct._alert_nondeterministic(cuda)
+        for mode, warn_only in ((False, False), (True, False), (True, True)):
+            torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+            leaves = [t.detach().requires_grad_() for t in (input, offset, weight, bias, mask)]
+            ct.deform_conv2d(*leaves[:4], mask=leaves[4], **conv).sum().backward()
     finally:
         torch.use_deterministic_algorithms(previous)
+    assert seen == [False, True, True]
+    assert not cudcn.are_deterministic_algorithms_enabled()  # scoped to the call
 
 
 @pytest.mark.parametrize(

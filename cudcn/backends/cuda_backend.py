@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cudcn import cuda_kernels
+from cudcn import config, cuda_kernels
 from cudcn.backends.numpy_backend import _chunks, _weight_from_matrix, _weight_matrix
 from cudcn.geometry import Geometry
 
@@ -222,26 +222,70 @@ def _im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any,
 
 
 def _col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any, groups: int, out: Any) -> None:
-    """Scatter column gradients (groups, n*L, K*C/groups) into out (n, C, H, W)."""
+    """Scatter column gradients (groups, n*L, K*C/groups) into out (n, C, H, W).
+
+    Float atomics by default; with :func:`cudcn.config.are_deterministic_algorithms_enabled`
+    the sorted, atomic-free gather (:func:`_col2im_sorted`).
+    """
     xp = engine.xp
     n = offset.shape[0]
     types = cuda_kernels.TYPES[geom.dtype.name]
     pixels = geom.height * geom.width
-    accum = xp.zeros((n, pixels, geom.in_channels), types.accum_dtype)
-    if accum.size == 0:
+    if n * pixels * geom.in_channels == 0:
         return
-    if columns.size:
-        index, itype = _index(engine, columns.size, accum.size, offset.size)
-        engine.launch(
-            "deform_col2im", geom.dtype.name, index, columns.size,
-            [columns, offset, *_mask_args(mask, offset), *_shape_args(geom, n, groups),
-             itype(columns.size), accum],
-        )
+    if config.are_deterministic_algorithms_enabled():
+        accum = _col2im_sorted(engine, geom, columns, offset, mask, groups)
+    else:
+        accum = xp.zeros((n, pixels, geom.in_channels), types.accum_dtype)
+        if columns.size:
+            index, itype = _index(engine, columns.size, accum.size, offset.size)
+            engine.launch(
+                "deform_col2im", geom.dtype.name, index, columns.size,
+                [columns, offset, *_mask_args(mask, offset), *_shape_args(geom, n, groups),
+                 itype(columns.size), accum],
+            )
     index, itype = _index(engine, accum.size)
     engine.launch(
         "from_channels_last", geom.dtype.name, index, accum.size,
         [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
     )
+
+
+def _col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any, groups: int) -> Any:
+    """Input gradient (n, H*W, C) in the accumulator dtype, bitwise repeatable.
+
+    Keys and weights of every bilinear corner (4 per image, offset group,
+    kernel point and output pixel), a stable argsort of the keys, segment
+    starts by searchsorted, and a gather that sums each segment in sorted
+    order (kernels/dcn_col2im_sorted.cu).
+    """
+    xp = engine.xp
+    n = offset.shape[0]
+    types = cuda_kernels.TYPES[geom.dtype.name]
+    pixels = geom.height * geom.width
+    points = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
+    entries = 4 * points
+    segments = n * geom.offset_groups * pixels  # also the sentinel key
+    keys = xp.empty(entries, np.int64)
+    weights = xp.empty(entries, types.accum_dtype)
+    if points:
+        index, itype = _index(engine, entries, offset.size)
+        engine.launch(
+            "deform_col2im_keys", geom.dtype.name, index, points,
+            [offset, *_mask_args(mask, offset), *_shape_args(geom, n, groups), itype(points), keys, weights],
+        )
+    # A stable sort keeps the entries of one key in entry order: one result,
+    # however the sort runs.
+    order = xp.argsort(keys, kind="stable")
+    starts = xp.searchsorted(keys[order], xp.arange(segments + 1, dtype=np.int64), side="left")
+    accum = xp.empty((n, pixels, geom.in_channels), types.accum_dtype)
+    index, itype = _index(engine, columns.size, accum.size, entries, segments + 1)
+    engine.launch(
+        "deform_col2im_gather", geom.dtype.name, index, accum.size,
+        [columns, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), weights,
+         *_shape_args(geom, n, groups), itype(accum.size), accum],
+    )
+    return accum
 
 
 def _col2im_coord(

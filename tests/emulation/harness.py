@@ -117,7 +117,8 @@ class PoisonedNumpy:
 
     The backend allocates its outputs with ``xp.empty`` and relies on the
     kernels to write every element; an element a kernel forgets stays NaN and
-    fails the comparison (which must use equal_nan=False).
+    fails the comparison (which must use equal_nan=False). Integer arrays
+    start as -1 (a key that sorts before every real one).
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -125,6 +126,8 @@ class PoisonedNumpy:
 
     @staticmethod
     def empty(shape: Any, dtype: Any = float) -> np.ndarray:
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            return np.full(shape, -1, dtype)
         return np.full(shape, np.nan, dtype)
 
 
