@@ -15,6 +15,13 @@ the specification this backend matches), per chunk of images:
    ``deform_col2im`` (atomics into a zero-filled float32/float64
    channels-last accumulator, then ``from_channels_last`` back to NCHW in the
    dtype) and ``deform_col2im_coord`` (offset and mask gradients, no atomics).
+   With :func:`cudcn.config.deterministic_algorithms` on, the input gradient
+   instead sorts the bilinear corners by target pixel and sums each pixel's
+   in that fixed order (``deform_col2im_keys``, a stable argsort,
+   ``deform_col2im_gather``): bitwise repeatable, at the cost of the sort and
+   about 30 bytes per corner (4 per image, offset group, kernel point and
+   output pixel) of extra workspace per chunk. Every other step has no
+   atomics, so the whole backward is then repeatable.
 
 The batch is chunked so that the column buffer stays under the workspace
 budget (:mod:`cudcn.config`). float16 columns and GEMMs stay float16 (cuBLAS
