@@ -34,13 +34,9 @@ __global__ void deform_col2im_coord(const TCol* __restrict__ columns,
   const int group_channels = s.channels / s.groups;
   const int offset_group_channels = s.channels / s.offset_groups;
   DCN_GRID_STRIDE_LOOP(index, total) {
-    Index rest = index;
-    const int l = static_cast<int>(rest % L);
-    rest /= L;
-    const int k = static_cast<int>(rest % K);
-    rest /= K;
-    const int g = static_cast<int>(rest % s.offset_groups);
-    const Index n = rest / s.offset_groups;
+    Index n;
+    int g, k, l;
+    point_element(s, index, n, g, k, l);
     // index == ((n*G + g)*K + k)*L + l: the mask gradient's own position.
     const Index dy_at = ((n * s.offset_groups + g) * 2 * K + 2 * k) * L + l;
 

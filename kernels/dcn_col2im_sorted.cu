@@ -34,18 +34,12 @@ __global__ void deform_col2im_keys(const T* __restrict__ offset, const T* __rest
                                    typename ComputeType<T>::type* __restrict__ weights) {
   typedef typename ComputeType<T>::type Acc;
   const ConvShape s = DCN_SHAPE;
-  const int K = s.kernel_h * s.kernel_w;
-  const int L = s.out_h * s.out_w;
   const long long pixels = static_cast<long long>(s.height) * s.width;
   const long long sentinel = static_cast<long long>(s.batch) * s.offset_groups * pixels;
   DCN_GRID_STRIDE_LOOP(index, total) {
-    Index rest = index;
-    const int l = static_cast<int>(rest % L);
-    rest /= L;
-    const int k = static_cast<int>(rest % K);
-    rest /= K;
-    const int g = static_cast<int>(rest % s.offset_groups);
-    const Index n = rest / s.offset_groups;
+    Index n;
+    int g, k, l;
+    point_element(s, index, n, g, k, l);
     const long long segment = (static_cast<long long>(n) * s.offset_groups + g) * pixels;
 
     Acc y, x, ly, lx;

@@ -7,6 +7,8 @@
 //   dcn_floor(v)               floor in float or double
 //   ConvShape, DCN_SHAPE_*     the geometry of one launch, passed as plain int arguments
 //   DCN_GRID_STRIDE_LOOP       grid-stride loop over [0, total) in the index type
+//   column_element(...)        (n, l, k, c, g) of a column-buffer element
+//   point_element(...)         (n, g, k, l) of a sampling point
 //   sampling_point(...)        where kernel point k of output pixel l samples
 //   mask_value(...)            its modulation (1 without a mask)
 //   locate(...)                whether the point counts, and its top-left corner
@@ -106,6 +108,40 @@ struct ConvShape {
 #define DCN_GRID_STRIDE_LOOP(i, total)                                          \
   for (Index i = Index(blockIdx.x) * Index(blockDim.x) + Index(threadIdx.x);   \
        i < (total); i += Index(blockDim.x) * Index(gridDim.x))
+
+/// The element `index` of the column layout (groups, batch, Ho*Wo, K, C/groups):
+/// image n, output pixel l, kernel point k, input channel c, offset group g.
+template <typename Index>
+__device__ __forceinline__ void column_element(const ConvShape& s, Index index, Index& n,
+                                               int& l, int& k, int& c, int& g) {
+  const int group_channels = s.channels / s.groups;
+  const int K = s.kernel_h * s.kernel_w;
+  const int L = s.out_h * s.out_w;
+  const int cg = static_cast<int>(index % group_channels);
+  index /= group_channels;
+  k = static_cast<int>(index % K);
+  index /= K;
+  l = static_cast<int>(index % L);
+  index /= L;
+  n = index % s.batch;
+  c = static_cast<int>(index / s.batch) * group_channels + cg;
+  g = c / (s.channels / s.offset_groups);
+}
+
+/// The sampling point `index` of the layout (batch, G, K, Ho*Wo) (that of the
+/// mask): image n, offset group g, kernel point k, output pixel l.
+template <typename Index>
+__device__ __forceinline__ void point_element(const ConvShape& s, Index index, Index& n,
+                                              int& g, int& k, int& l) {
+  const int K = s.kernel_h * s.kernel_w;
+  const int L = s.out_h * s.out_w;
+  l = static_cast<int>(index % L);
+  index /= L;
+  k = static_cast<int>(index % K);
+  index /= K;
+  g = static_cast<int>(index % s.offset_groups);
+  n = index / s.offset_groups;
+}
 
 /// Sampling point (y, x) of kernel point k of output pixel l of image n in
 /// offset group g: the regular grid position plus the learned offset.

@@ -20,21 +20,10 @@ __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__
                               Index total, TCol* __restrict__ columns) {
   typedef typename ComputeType<T>::type Acc;
   const ConvShape s = DCN_SHAPE;
-  const int K = s.kernel_h * s.kernel_w;
-  const int L = s.out_h * s.out_w;
-  const int group_channels = s.channels / s.groups;
-  const int offset_group_channels = s.channels / s.offset_groups;
   DCN_GRID_STRIDE_LOOP(index, total) {
-    Index rest = index;
-    const int cg = static_cast<int>(rest % group_channels);
-    rest /= group_channels;
-    const int k = static_cast<int>(rest % K);
-    rest /= K;
-    const int l = static_cast<int>(rest % L);
-    rest /= L;
-    const Index n = rest % s.batch;
-    const int c = static_cast<int>(rest / s.batch) * group_channels + cg;
-    const int g = c / offset_group_channels;
+    Index n;
+    int l, k, c, g;
+    column_element(s, index, n, l, k, c, g);
 
     Acc y, x, ly, lx;
     int y0, x0;
