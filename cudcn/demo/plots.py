@@ -59,7 +59,9 @@ def plot_learning_curves(summaries: dict[str, list[Any]], path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="training cross-entropy", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="test accuracy, strongly deformed digits")
     seeds = len(next(iter(summaries.values())))
-    ax_acc.legend(title=f"mean of {seeds} seed{'s' if seeds > 1 else ''} (band: min..max)", fontsize=8)
+    # The loss panel's lower left stays empty (losses start high), so the legend goes there.
+    ax_loss.legend(title=f"mean of {seeds} seed{'s' if seeds > 1 else ''} (band: min..max)",
+                   fontsize=8, title_fontsize=8, loc="lower left")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -124,11 +126,11 @@ def plot_sampling_locations(models: dict[str, Any], images: Any, labels: np.ndar
                             units_per_image: int = 2) -> None:
     """For each deformable model (a row) and test digit (a column): the
     layer's most active output units (stars), the regular 3x3 grid of each
-    (hollow circles) and the learned sampling points (dots; for DCNv2 their
-    opacity is the mask)."""
+    (hollow circles), lines to the learned sampling points (dots; for DCNv2
+    their opacity is the mask). Coordinates are input-image pixels."""
     plt = _pyplot()
     count = len(labels)
-    fig, axes = plt.subplots(len(models), count, figsize=(count * 1.7, len(models) * 1.9), squeeze=False)
+    fig, axes = plt.subplots(len(models), count, figsize=(count * 2.2, len(models) * 2.35), squeeze=False)
     unit_colours = ("tab:red", "tab:cyan", "tab:orange")
     for r, (name, model) in enumerate(models.items()):
         points = sampling_points(model, images)
@@ -143,6 +145,11 @@ def plot_sampling_locations(models: dict[str, Any], images: Any, labels: np.ndar
                 colour = unit_colours[u % len(unit_colours)]
                 ax.scatter(points["regular_x"][h, w], points["regular_y"][h, w], s=14,
                            facecolors="none", edgecolors=colour, linewidths=0.6, alpha=0.6)
+                # A faint line from each regular point to where it moved.
+                for k in range(points["x"].shape[-1]):
+                    ax.plot([points["regular_x"][h, w, k], points["x"][c, h, w, k]],
+                            [points["regular_y"][h, w, k], points["y"][c, h, w, k]],
+                            color=colour, linewidth=0.5, alpha=0.5)
                 rgba = np.zeros((9, 4))
                 rgba[:, :3] = plt.matplotlib.colors.to_rgb(colour)
                 rgba[:, 3] = np.clip(points["mask"][c, h, w], 0.15, 1.0)
@@ -156,8 +163,9 @@ def plot_sampling_locations(models: dict[str, Any], images: Any, labels: np.ndar
             if r == 0:
                 ax.set_title(f"label {labels[c]}", fontsize=8)
         axes[r, 0].set_ylabel(LABELS[name], fontsize=9)
-    fig.suptitle("where the last layer samples: * output unit, o regular 3x3 grid, "
-                 "\u2022 learned points (DCNv2: opacity = mask)", fontsize=9)
+    fig.suptitle("where the last layer samples, for its two most active units (\u2605): "
+                 "regular 3x3 grid (\u25cb) \u2192 learned points (\u25cf; DCNv2: opacity = mask)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
