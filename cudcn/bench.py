@@ -227,7 +227,7 @@ def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[],
         except NotAvailable:
             raise
         except Exception as error:
-            raise NotAvailable(f"no CuPy or no CUDA device ({type(error).__name__})") from error
+            raise NotAvailable(f"no CuPy or no CUDA device ({type(error).__name__}: {error})") from error
         return _cudcn_arrays(case, args, cupy)
 
     found.append(("cudcn (cuda backend)", "cuda", cupy_backend))
@@ -244,7 +244,7 @@ def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[],
             try:
                 module = importlib.import_module(module_name)
             except ImportError as error:
-                raise NotAvailable(f"{module_name} not installed") from error
+                raise NotAvailable(f"cannot import {module_name} ({error})") from error
             return _torch_prepared(getattr(module, attribute), case, args, device)
         return prepare
 
