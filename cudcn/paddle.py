@@ -154,13 +154,15 @@ def _backend_context(t: paddle.Tensor) -> Iterator[None]:
 
     device_id = t.place.gpu_device_id()
     stream = paddle.device.current_stream(f"gpu:{device_id}")
-    # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
-    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
-        cupy_stream = cupy.cuda.Stream.from_external(stream)
-    else:
-        cupy_stream = cupy.cuda.ExternalStream(stream.stream_base.cuda_stream, device_id)
-    with cupy.cuda.Device(device_id), cupy_stream:
-        yield
+    with cupy.cuda.Device(device_id):
+        # Made inside the device context so that it belongs to t's device.
+        # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            cupy_stream = cupy.cuda.Stream.from_external(stream)
+        else:
+            cupy_stream = cupy.cuda.ExternalStream(stream.stream_base.cuda_stream, device_id)
+        with cupy_stream:
+            yield
 
 
 # --------------------------------------------------------------------------

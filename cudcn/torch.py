@@ -15,6 +15,9 @@ How a call runs:
   contiguous), on the tensor's device and torch's current stream, and the CUDA
   backend runs there. CuPy allocates from torch's caching allocator during the
   call, so outputs and workspace are torch memory. Nothing waits on the host.
+  Those outputs are owned through DLPack rather than by torch's allocator, so
+  ``Tensor.record_stream`` does nothing on them: to use a result on another
+  stream, synchronise the streams (or copy it into a tensor torch allocated).
 - CPU tensors go to NumPy through DLPack without copies and the NumPy backend
   runs, so the adapter works, and is tested, without a GPU. NumPy has no
   bfloat16: a CPU bfloat16 call is computed from float32 copies made by torch
@@ -24,16 +27,20 @@ Precision and determinism:
 
 - float16 and bfloat16 run in their own dtype on CUDA (the CUDA backend
   accumulates in float32).
-- Under ``torch.autocast`` the function casts every floating argument to the
-  autocast dtype of the input's device (as autocast does for convolutions), so
-  an fp16/bf16 activation meets an fp32 weight without a dtype error; the
-  result has the autocast dtype.
+- Under ``torch.autocast`` the function casts every float16/bfloat16/float32
+  argument to the autocast dtype of the input's device (as autocast does for
+  convolutions; float64 is left alone), so an fp16/bf16 activation meets an
+  fp32 weight without a dtype error; the result has the autocast dtype.
+  (torchvision instead runs its op in float32 under autocast.)
 - The CUDA input gradient adds with atomics by default, so it varies in the
   last bits from run to run. With ``torch.use_deterministic_algorithms(True)``
-  (``warn_only`` or not) the backward runs under
-  ``cudcn.deterministic_algorithms(True)``: the CUDA backend then takes its
-  sorted, atomic-free input gradient, and every gradient is bitwise
-  repeatable. The forward, the other gradients and the whole CPU path are
+  (``warn_only`` or not), or with cudcn's own setting in force when the
+  forward is called (``with cudcn.deterministic_algorithms(): y = layer(x)``),
+  the backward runs under ``cudcn.deterministic_algorithms(True)``: the CUDA
+  backend then takes its sorted, atomic-free input gradient, and every
+  gradient is bitwise repeatable. cudcn's setting is read at the forward
+  because autograd runs a CUDA backward in its own thread, where a
+  ``with`` block around ``.backward()`` alone is not visible. The forward, the other gradients and the whole CPU path are
   deterministic anyway.
 - Double backward is not supported.
 """
@@ -196,20 +203,23 @@ def _backend_context(t: Tensor) -> Iterator[None]:
 
     device_id = t.device.index
     stream = torch.cuda.current_stream(t.device)
-    # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
-    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
-        cupy_stream = cupy.cuda.Stream.from_external(stream)
-    else:
-        cupy_stream = cupy.cuda.ExternalStream(stream.cuda_stream, device_id)
     allocator = _torch_allocator(stream.cuda_stream)
-    with cupy.cuda.Device(device_id), cupy_stream, cupy.cuda.using_allocator(allocator):
-        yield
+    with cupy.cuda.Device(device_id):
+        # Made inside the device context so that it belongs to t's device.
+        # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            cupy_stream = cupy.cuda.Stream.from_external(stream)
+        else:
+            cupy_stream = cupy.cuda.ExternalStream(stream.cuda_stream, device_id)
+        with cupy_stream, cupy.cuda.using_allocator(allocator):
+            yield
 
 
-def _determinism() -> contextlib.AbstractContextManager:
-    """cudcn's deterministic setting for a backward: on while
-    torch.use_deterministic_algorithms(True) is set, else left as it is."""
-    if torch.are_deterministic_algorithms_enabled():
+def _determinism(requested: bool) -> contextlib.AbstractContextManager:
+    """The deterministic path for a backward: on when the forward was called
+    under cudcn's setting (``requested``) or while
+    torch.use_deterministic_algorithms(True) is set."""
+    if requested or torch.are_deterministic_algorithms_enabled():
         return cudcn.deterministic_algorithms(True)
     return contextlib.nullcontext()
 
@@ -260,17 +270,20 @@ def _deform_conv2d_backward_op(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (input, offset, weight, bias, mask) from the core's backward.
 
     The bias and mask gradients are empty tensors of shape (0,) when the call
-    had no bias or no mask (a custom op cannot return None).
+    had no bias or no mask (a custom op cannot return None). ``deterministic``
+    asks for the bitwise-repeatable path (as does
+    torch.use_deterministic_algorithms(True)).
     """
     _check_tensors({
         "input": input, "offset": offset, "weight": weight, "bias": bias,
         "mask": mask, "grad_output": grad_output,
     })
-    with _backend_context(input), _determinism():
+    with _backend_context(input), _determinism(deterministic):
         arrays = [_to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
         grads = cudcn.deform_conv2d_backward(
             *arrays[:5], stride=stride, padding=padding, dilation=dilation, mask=arrays[5]
@@ -281,7 +294,7 @@ def _deform_conv2d_backward_op(
 
 
 @_deform_conv2d_backward_op.register_fake
-def _deform_conv2d_backward_fake(grad_output, input, offset, weight, bias, mask, stride, padding, dilation):
+def _deform_conv2d_backward_fake(grad_output, input, offset, weight, bias, mask, stride, padding, dilation, deterministic):
     if _is_static(grad_output, input, offset, weight, bias, mask):
         _check(input, offset, weight, bias, mask, stride, padding, dilation, grad_output)
     return (
@@ -302,12 +315,15 @@ def _setup_context(ctx, inputs, output) -> None:
     input, offset, weight, bias, mask, stride, padding, dilation = inputs
     ctx.save_for_backward(input, offset, weight, bias, mask)
     ctx.conv_args = (stride, padding, dilation)
+    # Read here, in the caller's thread: autograd runs a CUDA backward in its
+    # own device thread, where cudcn's per-thread setting is not visible.
+    ctx.deterministic = cudcn.are_deterministic_algorithms_enabled()
 
 
 def _backward(ctx, grad_output: Tensor):
     input, offset, weight, bias, mask = ctx.saved_tensors
     g_input, g_offset, g_weight, g_bias, g_mask = _deform_conv2d_backward_op(
-        grad_output, input, offset, weight, bias, mask, *ctx.conv_args
+        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, ctx.deterministic
     )
     return (
         g_input,
@@ -341,8 +357,10 @@ def _autocast(device_type: str, tensors: list[Tensor | None]) -> list[Tensor | N
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
+    # Like torch's own autocast, float64 is left alone.
     return [
-        t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
     ]
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 from hypothesis import given
 
@@ -134,8 +136,9 @@ def test_opcheck(with_mask, with_bias):
 def test_opcheck_backward_op():
     input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
     out = ct.deform_conv2d(input, offset, weight, bias, mask=mask, **conv)
-    args = (torch.randn_like(out), input, offset, weight, bias, mask, [1, 1], [0, 0], [1, 1])
-    torch.library.opcheck(torch.ops.cudcn.deform_conv2d_backward.default, args)
+    for deterministic in (False, True):
+        args = (torch.randn_like(out), input, offset, weight, bias, mask, [1, 1], [0, 0], [1, 1], deterministic)
+        torch.library.opcheck(torch.ops.cudcn.deform_conv2d_backward.default, args)
 
 
 class GraphRecorder:
@@ -263,6 +266,13 @@ def test_autocast_casts_to_the_autocast_dtype():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_autocast_leaves_float64_alone():
+    input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0], torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ct.deform_conv2d(input, offset, weight, bias, mask=mask, **conv)
+    assert out.dtype == torch.float64
+
+
 def test_deterministic_algorithms_cpu_runs_and_repeats():
     input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
     previous = torch.are_deterministic_algorithms_enabled()
@@ -303,6 +313,30 @@ def test_deterministic_algorithms_reach_the_backend(monkeypatch):
         torch.use_deterministic_algorithms(previous)
     assert seen == [False, True, True]
     assert not cudcn.are_deterministic_algorithms_enabled()  # scoped to the call
+
+
+def test_cudcn_deterministic_setting_reaches_a_backward_in_another_thread(monkeypatch):
+    """cudcn's own setting is per thread, and autograd runs a CUDA backward in
+    its own device thread: the setting in force at the forward call must
+    still reach the backend. Simulated on the CPU by running backward() in a
+    fresh thread."""
+    seen = []
+    backward = cudcn.deform_conv2d_backward
+
+    def spy(*args, **kwargs):
+        seen.append(cudcn.are_deterministic_algorithms_enabled())
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy)
+    input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
+    for setting in (False, True):
+        leaves = [t.detach().requires_grad_() for t in (input, offset, weight, bias, mask)]
+        with cudcn.deterministic_algorithms(setting):
+            loss = ct.deform_conv2d(*leaves[:4], mask=leaves[4], **conv).sum()
+        thread = threading.Thread(target=loss.backward)
+        thread.start()
+        thread.join()
+    assert seen == [False, True]
 
 
 @pytest.mark.parametrize(
