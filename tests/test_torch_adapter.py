@@ -289,11 +289,10 @@ def test_deterministic_algorithms_cpu_runs_and_repeats():
         assert torch.equal(a, b)
 
 
-def test_deterministic_algorithms_reach_the_backend(monkeypatch):
-    """torch.use_deterministic_algorithms(True) runs the backward under
-    cudcn.deterministic_algorithms(True) (the CUDA backend's sorted input
-    gradient); otherwise cudcn's own setting stands. Checked by a spy on the
-    core call, so it runs on the CPU."""
+@pytest.fixture
+def determinism_seen_by_backend(monkeypatch):
+    """A list that records, per core backward call, whether cudcn's
+    deterministic setting was on (a spy, so it runs on the CPU)."""
     seen = []
     backward = cudcn.deform_conv2d_backward
 
@@ -302,6 +301,15 @@ def test_deterministic_algorithms_reach_the_backend(monkeypatch):
         return backward(*args, **kwargs)
 
     monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy)
+    return seen
+
+
+def test_deterministic_algorithms_reach_the_backend(determinism_seen_by_backend):
+    """torch.use_deterministic_algorithms(True) runs the backward under
+    cudcn.deterministic_algorithms(True) (the CUDA backend's sorted input
+    gradient); otherwise cudcn's own setting stands. Checked by a spy on the
+    core call, so it runs on the CPU."""
+    seen = determinism_seen_by_backend
     input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
     previous = torch.are_deterministic_algorithms_enabled()
     try:
@@ -315,19 +323,12 @@ def test_deterministic_algorithms_reach_the_backend(monkeypatch):
     assert not cudcn.are_deterministic_algorithms_enabled()  # scoped to the call
 
 
-def test_cudcn_deterministic_setting_reaches_a_backward_in_another_thread(monkeypatch):
+def test_cudcn_deterministic_setting_reaches_a_backward_in_another_thread(determinism_seen_by_backend):
     """cudcn's own setting is per thread, and autograd runs a CUDA backward in
     its own device thread: the setting in force at the forward call must
     still reach the backend. Simulated on the CPU by running backward() in a
     fresh thread."""
-    seen = []
-    backward = cudcn.deform_conv2d_backward
-
-    def spy(*args, **kwargs):
-        seen.append(cudcn.are_deterministic_algorithms_enabled())
-        return backward(*args, **kwargs)
-
-    monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy)
+    seen = determinism_seen_by_backend
     input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
     for setting in (False, True):
         leaves = [t.detach().requires_grad_() for t in (input, offset, weight, bias, mask)]
