@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cudcn
-from cudcn.backends import numpy_backend
+from cudcn.backends import layout, numpy_backend
 from cudcn.geometry import validate
 from emulation.cases import cases, ml_dtypes
 
@@ -344,20 +344,20 @@ def _plain(args: dict, grad_output: np.ndarray, dtype) -> dict:
     n, L = geom.batch, geom.out_pixels
     g, og = geom.groups, geom.out_channels // geom.groups
     columns = _round(numpy_backend.im2col(block, f32["input"], f32["offset"], f32["mask"]), dtype)
-    matrix = numpy_backend._weight_matrix(geom, f32["weight"], np.float32)
-    y = _round(np.matmul(numpy_backend._grouped(geom, columns), matrix), dtype)
+    matrix = layout.weight_matrix(geom, f32["weight"], np.float32)
+    y = _round(np.matmul(layout.grouped_columns(geom, columns), matrix), dtype)
     out = y.reshape(g, n, L, og).transpose(1, 0, 3, 2).reshape(n, -1, geom.out_h, geom.out_w)
     if f32["bias"] is not None:
         out = out + f32["bias"].reshape(1, -1, 1, 1)
     go = grad_output.astype(np.float32).reshape(n, g, og, L).transpose(1, 0, 3, 2).reshape(g, n * L, og)
-    grad_matrix = np.matmul(numpy_backend._grouped(geom, columns).transpose(0, 2, 1), go)
-    grad_columns = _round(numpy_backend._ungrouped(geom, np.matmul(go, matrix.transpose(0, 2, 1)), n), dtype)
+    grad_matrix = np.matmul(layout.grouped_columns(geom, columns).transpose(0, 2, 1), go)
+    grad_columns = _round(layout.ungrouped_columns(geom, np.matmul(go, matrix.transpose(0, 2, 1)), n), dtype)
     grad_offset, grad_mask = numpy_backend.col2im_coord(block, grad_columns, f32["input"], f32["offset"], f32["mask"])
     return {
         "out": out,
         "input": numpy_backend.col2im(block, grad_columns, f32["offset"], f32["mask"]),
         "offset": grad_offset,
-        "weight": numpy_backend._weight_from_matrix(geom, grad_matrix),
+        "weight": layout.weight_from_matrix(geom, grad_matrix),
         "bias": None if f32["bias"] is None else go.sum(axis=1).reshape(-1),
         "mask": grad_mask,
     }

@@ -9,7 +9,7 @@ the specification this backend matches), per chunk of images:
 2. ``deform_im2col`` samples the columns in the grouped layout
    (groups, n*L, K*C/groups) -- for one group exactly the public layout
    (n, L, K, C) -- and one batched cuBLAS GEMM per chunk multiplies them with
-   the weight matrix of every group at once (``numpy_backend._weight_matrix``);
+   the weight matrix of every group at once (``layout.weight_matrix``);
 3. backward: the column gradients (one more batched GEMM, written over the
    columns once the weight gradient has used them) go through
    ``deform_col2im`` (atomics into a zero-filled float32/float64
@@ -54,7 +54,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cudcn import config, cuda_kernels
-from cudcn.backends.numpy_backend import _chunks, _weight_from_matrix, _weight_matrix
+from cudcn.backends.layout import chunks, weight_from_matrix, weight_matrix
 from cudcn.geometry import Geometry
 
 
@@ -349,10 +349,10 @@ def _forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: An
     groups, L = geom.groups, geom.out_pixels
     per_group_out = geom.out_channels // groups
     out = xp.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), geom.dtype)
-    matrix = _weight_matrix(geom, weight, column_dtype)  # (groups, K*C/groups, O/groups)
+    matrix = weight_matrix(geom, weight, column_dtype)  # (groups, K*C/groups, O/groups)
     if bias is not None:
         bias = bias.astype(types.accum_dtype).reshape(1, groups, per_group_out, 1)
-    for part in _chunks(geom, column_dtype):
+    for part in chunks(geom, column_dtype):
         off, m = _chunk(xp, offset, part), _chunk(xp, mask, part)
         n = off.shape[0]
         pixels = _channels_last(engine, geom, input[part])
@@ -373,11 +373,11 @@ def _backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offs
     grad_input = xp.empty((geom.batch, geom.in_channels, geom.height, geom.width), geom.dtype)
     grad_offset = xp.empty(offset.shape, geom.dtype)
     grad_mask = None if mask is None else xp.empty(mask.shape, geom.dtype)
-    matrix = _weight_matrix(geom, weight, column_dtype)  # (groups, K*C/groups, O/groups)
+    matrix = weight_matrix(geom, weight, column_dtype)  # (groups, K*C/groups, O/groups)
     # Transposed, (groups, O/groups, K*C/groups): the GEMM then reads the
     # columns as they lie (a transposed operand would make cupy copy them).
     grad_matrix_t = xp.zeros((groups, per_group_out, matrix.shape[1]), types.accum_dtype)
-    for part in _chunks(geom, column_dtype):
+    for part in chunks(geom, column_dtype):
         off, m = _chunk(xp, offset, part), _chunk(xp, mask, part)
         n = off.shape[0]
         pixels = _channels_last(engine, geom, input[part])
@@ -398,7 +398,7 @@ def _backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offs
     if geom.has_bias:
         grad_bias = grad_output.astype(types.accum_dtype).sum(axis=(0, 2, 3)).astype(geom.dtype)
     grad_matrix = grad_matrix_t.transpose(0, 2, 1)
-    grad_weight = _weight_from_matrix(geom, grad_matrix).astype(geom.dtype, copy=False)
+    grad_weight = weight_from_matrix(geom, grad_matrix).astype(geom.dtype, copy=False)
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
 
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cudcn.config import images_per_chunk
+from cudcn.backends import layout
 from cudcn.geometry import Geometry
 
 
@@ -180,44 +180,14 @@ def _col2im_coord(geom, columns, input, corners, mask, dtype):
     return grad_offset, grad_mask
 
 
-def _weight_matrix(geom: Geometry, weight: np.ndarray, dtype) -> np.ndarray:
-    """Weight (O, C/groups, kh, kw) as (groups, K*C/groups, O/groups).
-
-    Row k*(C/groups) + c matches the column layout (.., K, C) of one group.
-    """
-    O, Cg = weight.shape[:2]
-    w = weight.astype(dtype, copy=False).reshape(geom.groups, O // geom.groups, Cg, -1)
-    return w.transpose(0, 3, 2, 1).reshape(geom.groups, -1, O // geom.groups)
 
 
-def _weight_from_matrix(geom: Geometry, matrix: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_weight_matrix`."""
-    groups, _, Og = matrix.shape
-    Cg = geom.in_channels // geom.groups
-    w = matrix.reshape(groups, geom.kernel_points, Cg, Og).transpose(0, 3, 2, 1)
-    return w.reshape(groups * Og, Cg, geom.kernel_h, geom.kernel_w)
 
 
-def _grouped(geom: Geometry, columns: np.ndarray) -> np.ndarray:
-    """Columns (n, L, K, C) as (groups, n*L, K*C/groups) for the GEMM."""
-    n, L, K, C = columns.shape
-    g = geom.groups
-    return columns.reshape(n * L, K, g, C // g).transpose(2, 0, 1, 3).reshape(g, n * L, K * C // g)
 
 
-def _ungrouped(geom: Geometry, grouped: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of :func:`_grouped`."""
-    g = geom.groups
-    K, C = geom.kernel_points, geom.in_channels
-    cols = grouped.reshape(g, n * geom.out_pixels, K, C // g).transpose(1, 2, 0, 3)
-    return cols.reshape(n, geom.out_pixels, K, C)
 
 
-def _chunks(geom: Geometry, dtype: np.dtype):
-    """Slices of the batch whose column buffer fits the workspace budget."""
-    per_image = geom.out_pixels * geom.kernel_points * geom.in_channels * dtype.itemsize
-    step = images_per_chunk(per_image, geom.batch)
-    return [slice(s, s + step) for s in range(0, geom.batch, step)]
 
 
 def _chunk_mask(mask, part):
@@ -228,13 +198,13 @@ def forward(geom, input, offset, weight, bias, mask):
     """Output (N, C_out, Ho, Wo) in the input's dtype."""
     dtype = _compute_dtype(geom.dtype)
     out = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
-    w = _weight_matrix(geom, weight, dtype)
-    for part in _chunks(geom, dtype):
+    w = layout.weight_matrix(geom, weight, dtype)
+    for part in layout.chunks(geom, dtype):
         x, off = input[part], offset[part]
         n = x.shape[0]
         m = _mask_nlkg(geom, _chunk_mask(mask, part), n, dtype)
         columns = _im2col(geom, x, _corners(geom, off, dtype), m, dtype)
-        y = np.matmul(_grouped(geom, columns), w)  # (groups, n*L, O/groups)
+        y = np.matmul(layout.grouped_columns(geom, columns), w)  # (groups, n*L, O/groups)
         y = y.transpose(1, 0, 2).reshape(n, geom.out_h, geom.out_w, geom.out_channels)
         out[part] = y.transpose(0, 3, 1, 2)
     if bias is not None:
@@ -248,10 +218,10 @@ def backward(geom, grad_output, input, offset, weight, mask):
     grad_input = np.empty((geom.batch, geom.in_channels, geom.height, geom.width), dtype)
     grad_offset = np.empty(offset.shape, dtype)
     grad_mask = np.empty(mask.shape, dtype) if mask is not None else None
-    w = _weight_matrix(geom, weight, dtype)
+    w = layout.weight_matrix(geom, weight, dtype)
     grad_w = np.zeros_like(w)
     g = geom.groups
-    for part in _chunks(geom, dtype):
+    for part in layout.chunks(geom, dtype):
         x, off = input[part], offset[part]
         n = x.shape[0]
         m = _mask_nlkg(geom, _chunk_mask(mask, part), n, dtype)
@@ -260,8 +230,8 @@ def backward(geom, grad_output, input, offset, weight, mask):
         go = go.reshape(n, g, -1, geom.out_pixels).transpose(1, 0, 3, 2)
         go = go.reshape(g, n * geom.out_pixels, -1)  # (groups, n*L, O/groups)
         columns = _im2col(geom, x, corners, m, dtype)
-        grad_w += np.matmul(_grouped(geom, columns).transpose(0, 2, 1), go)
-        grad_columns = _ungrouped(geom, np.matmul(go, w.transpose(0, 2, 1)), n)
+        grad_w += np.matmul(layout.grouped_columns(geom, columns).transpose(0, 2, 1), go)
+        grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1)), n)
         grad_input[part] = _col2im(geom, grad_columns, corners, m, dtype)
         g_off, g_mask = _col2im_coord(geom, grad_columns, x, corners, m, dtype)
         grad_offset[part] = g_off
@@ -270,7 +240,7 @@ def backward(geom, grad_output, input, offset, weight, mask):
     grad_bias = None
     if geom.has_bias:
         grad_bias = grad_output.astype(dtype, copy=False).sum(axis=(0, 2, 3))
-    grads = (grad_input, grad_offset, _weight_from_matrix(geom, grad_w), grad_bias, grad_mask)
+    grads = (grad_input, grad_offset, layout.weight_from_matrix(geom, grad_w), grad_bias, grad_mask)
     return tuple(None if a is None else a.astype(geom.dtype, copy=False) for a in grads)
 
 
