@@ -14,6 +14,7 @@ from cudcn.config import (
     get_workspace_bytes,
     set_workspace_bytes,
     use_deterministic_algorithms,
+    workspace_bytes,
 )
 from cudcn.ops import (
     Gradients,
@@ -40,4 +41,5 @@ __all__ = [
     "get_workspace_bytes",
     "set_workspace_bytes",
     "use_deterministic_algorithms",
+    "workspace_bytes",
 ]

@@ -39,6 +39,17 @@ def set_workspace_bytes(nbytes: int) -> None:
     _workspace_bytes = nbytes
 
 
+@contextlib.contextmanager
+def workspace_bytes(nbytes: int) -> Iterator[None]:
+    """Within the block, the column-buffer budget is ``nbytes`` (restored after)."""
+    before = get_workspace_bytes()
+    set_workspace_bytes(nbytes)
+    try:
+        yield
+    finally:
+        set_workspace_bytes(before)
+
+
 def images_per_chunk(bytes_per_image: int, batch: int) -> int:
     """How many images fit the budget at once (1 <= result <= max(batch, 1))."""
     fit = _workspace_bytes // max(bytes_per_image, 1)

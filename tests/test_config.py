@@ -20,6 +20,9 @@ def test_workspace_budget_validation_and_round_trip():
                 cudcn.set_workspace_bytes(bad)
     finally:
         cudcn.set_workspace_bytes(before)
+    with cudcn.workspace_bytes(99):
+        assert cudcn.get_workspace_bytes() == 99
+    assert cudcn.get_workspace_bytes() == before
 
 
 def test_deterministic_setting_is_scoped_and_per_thread():

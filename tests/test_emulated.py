@@ -10,7 +10,6 @@ image boundaries).
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -37,17 +36,6 @@ def library():
 @pytest.fixture
 def engine(library):
     return harness.EmulatedEngine(library)
-
-
-@contextlib.contextmanager
-def workspace_bytes(nbytes: int):
-    """Run with a different workspace budget (restored afterwards)."""
-    before = cudcn.get_workspace_bytes()
-    cudcn.set_workspace_bytes(nbytes)
-    try:
-        yield
-    finally:
-        cudcn.set_workspace_bytes(before)
 
 
 def _blocks(args: dict) -> tuple:
@@ -93,7 +81,7 @@ def test_col2im_coord(library, case):
 def test_forward_and_backward(library, case, workspace, wide):
     """The whole CUDA backend (chunks, grouped GEMMs, layouts) on emulated kernels."""
     args, rng = case
-    with workspace_bytes(workspace):  # a few images per chunk, or one
+    with cudcn.workspace_bytes(workspace):  # a few images per chunk, or one
         _forward_and_backward(library, args, rng, wide)
 
 
@@ -212,7 +200,7 @@ def test_backward_deterministic(library, case, workspace):
     x, offset, weight, mask = (args[k] for k in ("input", "offset", "weight", "mask"))
     grad_output = rng.standard_normal((geom.batch, geom.out_channels, geom.out_h, geom.out_w)).astype(geom.dtype)
     runs = []
-    with workspace_bytes(workspace), cudcn.deterministic_algorithms():
+    with cudcn.workspace_bytes(workspace), cudcn.deterministic_algorithms():
         for block in (32, 5):
             engine = harness.EmulatedEngine(library, block=block)
             runs.append(cuda_backend._backward(engine, geom, grad_output, x, offset, weight, mask))

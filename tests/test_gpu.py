@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -56,16 +55,6 @@ def poisoned_memory():
     finally:
         cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
         pool.free_all_blocks()
-
-
-@contextlib.contextmanager
-def workspace_bytes(nbytes: int):
-    before = cudcn.get_workspace_bytes()
-    cudcn.set_workspace_bytes(nbytes)
-    try:
-        yield
-    finally:
-        cudcn.set_workspace_bytes(before)
 
 
 def relative_error(got, expected) -> float:
@@ -111,7 +100,7 @@ def _check_call(args: dict, rng: np.random.Generator, tol: float) -> None:
 def test_forward_backward_match_numpy(dtype, case, workspace):
     args, rng = case
     args = {k: v.astype(dtype) if isinstance(v, np.ndarray) else v for k, v in args.items()}
-    with workspace_bytes(workspace):
+    with cudcn.workspace_bytes(workspace):
         _check_call(args, rng, TOLERANCE[dtype])
 
 
@@ -162,7 +151,7 @@ def test_empty_batch_and_a_batch_that_does_not_divide_the_chunk():
     _check_call(_fixed_case(rng, n=0), rng, 1e-10)
     args = _fixed_case(rng, n=33)
     per_image = 9 * 7 * 3 * 2 * 8 * 8  # more than one image per chunk, not a divisor of 33
-    with workspace_bytes(4 * per_image):
+    with cudcn.workspace_bytes(4 * per_image):
         _check_call(args, rng, 1e-10)
 
 
@@ -453,7 +442,7 @@ def test_tensors_above_2_to_the_31_elements():
     offset[:, 0::2] = 1.0  # rows +1
     offset[:, 1::2] = -2.0  # columns -2: an ordinary convolution, shifted
     assert h * w * 9 * c > 2**31
-    with workspace_bytes(16 * 2**30):
+    with cudcn.workspace_bytes(16 * 2**30):
         columns = cudcn.deform_im2col(x, offset, 3, padding=1)
         host_x = cupy.asnumpy(x).astype(np.float32)
         positions = [(h - 1, w - 1), (h - 2, w - 3), (h - 1, 0), (h // 2, w - 1), (3, 5)]

@@ -101,12 +101,8 @@ def test_grouped_call_is_concatenation_of_per_group_calls(call):
 @given(calls(min_batch=1, max_batch=3))
 def test_result_does_not_depend_on_chunking(call):
     whole = cudcn.deform_conv2d(**call.kwargs)
-    budget = cudcn.get_workspace_bytes()
-    try:
-        cudcn.set_workspace_bytes(1)  # one image per chunk
+    with cudcn.workspace_bytes(1):  # one image per chunk
         chunked = cudcn.deform_conv2d(**call.kwargs)
-    finally:
-        cudcn.set_workspace_bytes(budget)
     np.testing.assert_allclose(whole, chunked, rtol=1e-13, atol=1e-13)
 
 
@@ -117,12 +113,8 @@ def test_batch_not_dividing_the_chunk_size():
     weight = rng.standard_normal((3, 2, 3, 3))
     mask = rng.random((33, 9, 5, 5))
     whole = cudcn.deform_conv2d(x, offset, weight, padding=1, mask=mask)
-    budget = cudcn.get_workspace_bytes()
-    try:
-        cudcn.set_workspace_bytes(4 * 25 * 9 * 2 * 8)  # four images per chunk
+    with cudcn.workspace_bytes(4 * 25 * 9 * 2 * 8):  # four images per chunk
         chunked = cudcn.deform_conv2d(x, offset, weight, padding=1, mask=mask)
-    finally:
-        cudcn.set_workspace_bytes(budget)
     np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(whole[7:9], oracle.deform_conv2d(x[7:9], offset[7:9], weight, padding=1, mask=mask[7:9]), rtol=1e-12)
 

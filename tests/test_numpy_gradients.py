@@ -136,12 +136,8 @@ def test_backward_chunking_and_empty_batch():
     mask = rng.random((33, 9, 6, 6))
     grad_output = rng.standard_normal((33, 4, 6, 6))
     whole = cudcn.deform_conv2d_backward(grad_output, x, offset, weight, bias, padding=1, mask=mask)
-    budget = cudcn.get_workspace_bytes()
-    try:
-        cudcn.set_workspace_bytes(5 * 36 * 9 * 3 * 8)  # five images per chunk
+    with cudcn.workspace_bytes(5 * 36 * 9 * 3 * 8):  # five images per chunk
         chunked = cudcn.deform_conv2d_backward(grad_output, x, offset, weight, bias, padding=1, mask=mask)
-    finally:
-        cudcn.set_workspace_bytes(budget)
     for name in FIELDS:
         np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=1e-12, atol=1e-12)
 
