@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import cudcn
-from cudcn import bench, cli
+from cudcn import cli
+from cudcn.cli import bench
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cudcn import cli, selfcheck
+from cudcn import cli
+from cudcn.cli import check as selfcheck
 
 
 def test_check_passes_and_prints_a_table(capsys):

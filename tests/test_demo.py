@@ -13,10 +13,10 @@ pytest.importorskip("scipy")
 torch = pytest.importorskip("torch")
 
 from cudcn import cli  # noqa: E402
-from cudcn.demo import data as demo_data  # noqa: E402
-from cudcn.demo.models import MODEL_NAMES, STEP, make_model  # noqa: E402
-from cudcn.demo.plots import sampling_points  # noqa: E402
-from cudcn.demo.training import train_step  # noqa: E402
+from cudcn.cli.demo import data as demo_data  # noqa: E402
+from cudcn.cli.demo.models import MODEL_NAMES, STEP, make_model  # noqa: E402
+from cudcn.cli.demo.plots import sampling_points  # noqa: E402
+from cudcn.cli.demo.training import train_step  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

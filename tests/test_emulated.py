@@ -1,7 +1,7 @@
 """kernels/*.cu on the CPU against the NumPy backend (no GPU needed).
 
 The kernel source is compiled by g++ under tests/emulation/emulate.h and run
-through the CUDA backend's own code (cuda_backend's engine-generic steps) with
+through the CUDA backend's own code (the engine-generic launchers and algorithm of cudcn.backends.cuda) with
 NumPy arrays. Outputs are allocated NaN-filled, grids are capped small so that
 every grid-stride loop takes several steps, and offsets include far-outside,
 infinite and NaN values and exact integers (sampling points on pixel and
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cudcn
-from cudcn.backends import cuda_backend
+from cudcn.backends.cuda import im2col_gemm, launchers
 from cudcn.backends import numpy_backend
 from cudcn.geometry import validate
 from emulation import harness
@@ -48,7 +48,7 @@ def test_im2col(library, case):
     args, _ = case
     geom, x, offset, mask = _blocks(args)
     engine = harness.EmulatedEngine(library)
-    got = cuda_backend._im2col_public(engine, geom, x, offset, mask)
+    got = im2col_gemm.im2col_public(engine, geom, x, offset, mask)
     assert_close(got, numpy_backend.im2col(geom, x, offset, mask), geom.dtype.name)
 
 
@@ -58,7 +58,7 @@ def test_col2im(library, case):
     geom, x, offset, mask = _blocks(args)
     columns = rng.standard_normal(geom.columns_shape).astype(geom.dtype)
     engine = harness.EmulatedEngine(library)
-    got = cuda_backend._col2im_public(engine, geom, columns, offset, mask)
+    got = im2col_gemm.col2im_public(engine, geom, columns, offset, mask)
     assert_close(got, numpy_backend.col2im(geom, columns, offset, mask), geom.dtype.name)
 
 
@@ -68,7 +68,7 @@ def test_col2im_coord(library, case):
     geom, x, offset, mask = _blocks(args)
     columns = rng.standard_normal(geom.columns_shape).astype(geom.dtype)
     engine = harness.EmulatedEngine(library)
-    got = cuda_backend._col2im_coord_public(engine, geom, columns, x, offset, mask)
+    got = im2col_gemm.col2im_coord_public(engine, geom, columns, x, offset, mask)
     expected = numpy_backend.col2im_coord(geom, columns, x, offset, mask)
     assert_close(got[0], expected[0], geom.dtype.name)
     if mask is None:
@@ -89,10 +89,10 @@ def _forward_and_backward(library, args, rng, wide):
     geom = validate(**args)
     x, offset, weight, bias, mask = (args[k] for k in ("input", "offset", "weight", "bias", "mask"))
     engine = harness.EmulatedEngine(library, wide=wide)
-    out = cuda_backend._forward(engine, geom, x, offset, weight, bias, mask)
+    out = im2col_gemm.forward(engine, geom, x, offset, weight, bias, mask)
     assert_close(out, numpy_backend.forward(geom, x, offset, weight, bias, mask), geom.dtype.name)
     grad_output = rng.standard_normal(out.shape).astype(geom.dtype)
-    got = cuda_backend._backward(engine, geom, grad_output, x, offset, weight, mask)
+    got = im2col_gemm.backward(engine, geom, grad_output, x, offset, weight, mask)
     expected = numpy_backend.backward(geom, grad_output, x, offset, weight, mask)
     for name, g, e in zip(cudcn.Gradients._fields, got, expected):
         if e is None:
@@ -112,15 +112,15 @@ def test_half_types(library, case):
     engine = harness.EmulatedEngine(library)
     block = validate(input=x, offset=offset, mask=mask, kernel_size=(geom.kernel_h, geom.kernel_w),
                      stride=args["stride"], padding=args["padding"], dilation=args["dilation"])
-    assert_close(cuda_backend._im2col_public(engine, block, x, offset, mask),
+    assert_close(im2col_gemm.im2col_public(engine, block, x, offset, mask),
                  numpy_backend.im2col(block, x, offset, mask), geom.dtype.name)
     columns = rng.standard_normal(block.columns_shape).astype(geom.dtype)
-    assert_close(cuda_backend._col2im_public(engine, block, columns, offset, mask),
+    assert_close(im2col_gemm.col2im_public(engine, block, columns, offset, mask),
                  numpy_backend.col2im(block, columns, offset, mask), geom.dtype.name)
-    got = cuda_backend._col2im_coord_public(engine, block, columns, x, offset, mask)
+    got = im2col_gemm.col2im_coord_public(engine, block, columns, x, offset, mask)
     expected = numpy_backend.col2im_coord(block, columns, x, offset, mask)
     assert_close(got[0], expected[0], geom.dtype.name)
-    out = cuda_backend._forward(engine, geom, x, offset, weight, bias, mask)
+    out = im2col_gemm.forward(engine, geom, x, offset, weight, bias, mask)
     assert out.dtype == geom.dtype and np.isfinite(np.asarray(out, np.float64)).all()
 
 
@@ -133,7 +133,7 @@ def test_grid_stride_and_boundaries(engine):
     offset[1, 1::2] = np.array([np.nan, np.inf, 4.0, -4.0])  # columns: NaN, inf, exactly W, -W
     weight = rng.standard_normal((3, 6, 3, 3))
     geom = validate(input=x, offset=offset, weight=weight, padding=1)
-    out = cuda_backend._forward(engine, geom, x, offset, weight, None, None)
+    out = im2col_gemm.forward(engine, geom, x, offset, weight, None, None)
     np.testing.assert_allclose(out, numpy_backend.forward(geom, x, offset, weight, None, None), rtol=1e-12, atol=1e-12)
     assert all(total > engine.threads for _, total in engine.launches)
 
@@ -155,7 +155,7 @@ def test_transposed_product_adds_in_the_wide_type(library, batch, rows, p, q, dt
     wide = np.float64 if dtype == "float64" else np.float32
     start = rng.standard_normal((batch, p, q)).astype(wide)
     out = start.copy()
-    cuda_backend._add_transposed_product(engine, a, b, out)
+    launchers.add_transposed_product(engine, a, b, out)
     expected = start + np.matmul(a.astype(np.float64).transpose(0, 2, 1), b.astype(np.float64))
     assert out.dtype == wide
     scale = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * max(rows, 1) + 1.0
@@ -183,7 +183,7 @@ def test_col2im_deterministic(library, case):
     for block, max_blocks in ((32, 3), (7, 1), (64, 8)):
         engine = harness.EmulatedEngine(library, block=block, max_blocks=max_blocks)
         with cudcn.deterministic_algorithms():
-            runs.append(cuda_backend._col2im_public(engine, geom, columns, offset, mask))
+            runs.append(im2col_gemm.col2im_public(engine, geom, columns, offset, mask))
         if geom.batch:
             assert "deform_col2im" not in _kernels(engine) and "deform_col2im_gather" in _kernels(engine)
     assert_close(runs[0], numpy_backend.col2im(geom, columns, offset, mask), geom.dtype.name)
@@ -203,7 +203,7 @@ def test_backward_deterministic(library, case, workspace):
     with cudcn.workspace_bytes(workspace), cudcn.deterministic_algorithms():
         for block in (32, 5):
             engine = harness.EmulatedEngine(library, block=block)
-            runs.append(cuda_backend._backward(engine, geom, grad_output, x, offset, weight, mask))
+            runs.append(im2col_gemm.backward(engine, geom, grad_output, x, offset, weight, mask))
             assert "deform_col2im" not in _kernels(engine)
     expected = numpy_backend.backward(geom, grad_output, x, offset, weight, mask)
     for name, g, e, again in zip(cudcn.Gradients._fields, runs[0], expected, runs[1]):
@@ -224,7 +224,7 @@ def test_deterministic_setting_picks_the_kernel(library):
     for mode in (False, True):
         engines[mode] = harness.EmulatedEngine(library)
         with cudcn.deterministic_algorithms(mode):
-            cuda_backend._col2im_public(engines[mode], geom, columns, offset, None)
+            im2col_gemm.col2im_public(engines[mode], geom, columns, offset, None)
     assert "deform_col2im" in _kernels(engines[False]) and "deform_col2im_gather" not in _kernels(engines[False])
     assert {"deform_col2im_keys", "deform_col2im_gather"} <= _kernels(engines[True])
     assert "deform_col2im" not in _kernels(engines[True])

@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from cudcn import cli, cuda_kernels
+from cudcn import cli
+from cudcn.backends.cuda import kernels as cuda_kernels
 
 
 def _nvrtc_available() -> bool:
@@ -28,7 +29,7 @@ needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC cannot be
 
 @needs_nvrtc
 def test_compile_prints_one_line_per_instantiation(capsys, monkeypatch):
-    monkeypatch.setattr("cudcn.cuda_compile._device_count", lambda: 0)
+    monkeypatch.setattr("cudcn.backends.cuda.compile.device_count", lambda: 0)
     assert cli.main(["compile", "--arch", "sm_80"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for dtype in cuda_kernels.TYPES:
@@ -42,7 +43,7 @@ def test_compile_prints_one_line_per_instantiation(capsys, monkeypatch):
 
 @needs_nvrtc
 def test_compile_fails_on_a_broken_kernel(capsys, monkeypatch):
-    monkeypatch.setattr("cudcn.cuda_compile._device_count", lambda: 0)
+    monkeypatch.setattr("cudcn.backends.cuda.compile.device_count", lambda: 0)
     broken = cuda_kernels.source() + "\n__global__ void broken() { undeclared_name = 1; }\n"
     monkeypatch.setattr(cuda_kernels, "source", lambda directory=None: broken)
     assert cli.main(["compile", "--arch", "sm_70", "--dtype", "float32"]) == 1
@@ -52,7 +53,7 @@ def test_compile_fails_on_a_broken_kernel(capsys, monkeypatch):
 
 @needs_nvrtc
 def test_compile_rejects_an_unknown_architecture(capsys, monkeypatch):
-    monkeypatch.setattr("cudcn.cuda_compile._device_count", lambda: 0)
+    monkeypatch.setattr("cudcn.backends.cuda.compile.device_count", lambda: 0)
     assert cli.main(["compile", "--arch", "sm_11", "--dtype", "float64"]) == 1
     assert "cannot target" in capsys.readouterr().out
 

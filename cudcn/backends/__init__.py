@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-_MODULES = {"numpy": "cudcn.backends.numpy_backend", "cupy": "cudcn.backends.cuda_backend"}
+_MODULES = {"numpy": "cudcn.backends.numpy_backend", "cupy": "cudcn.backends.cuda"}
 
 
 def array_kind(value: Any, name: str) -> str:

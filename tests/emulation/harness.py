@@ -5,7 +5,7 @@ uses, by the same name expressions as ``cupy.RawModule``) that includes the
 kernels under ``emulate.h``, compiles it once into a shared library (cached in
 the temp directory by a hash of all sources) and loads it with ctypes.
 
-:class:`EmulatedEngine` is an engine for :mod:`cudcn.backends.cuda_backend`
+:class:`EmulatedEngine` is an engine for :mod:`cudcn.backends.cuda` (its launchers and algorithms)
 with NumPy arrays: ``launch`` runs the named kernel over a deliberately small,
 capped grid, so that every thread also takes the grid-stride step, and hands
 it copies of the arrays between NaN guard bytes, checked after the launch (a
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cudcn import cuda_kernels
+from cudcn.backends.cuda import kernels as cuda_kernels
 
 HERE = Path(__file__).resolve().parent
 
@@ -132,7 +132,7 @@ class PoisonedNumpy:
 
 
 class EmulatedEngine:
-    """cuda_backend engine on NumPy arrays; kernels run on the CPU.
+    """A CUDA-backend engine on NumPy arrays; kernels run on the CPU.
 
     block and max_blocks are small on purpose: grids are capped as on the GPU,
     and most launches need several grid-stride steps. ``wide=True`` makes the

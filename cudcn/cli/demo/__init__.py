@@ -1,9 +1,9 @@
 """``cudcn demo``: does a deformable last layer help a small CNN read deformed digits?
 
-A small CNN (:mod:`cudcn.demo.models`) whose last convolution is plain,
+A small CNN (:mod:`cudcn.cli.demo.models`) whose last convolution is plain,
 DCNv1, DCNv2 or CoordConv is trained with the same budget on scikit-learn's
 bundled handwritten digits, upscaled and randomly rotated, scaled, shifted
-and elastically warped (:mod:`cudcn.demo.data`); it is tested on digits it
+and elastically warped (:mod:`cudcn.cli.demo.data`); it is tested on digits it
 never saw, deformed as mildly as the training set and more strongly. Ten
 classes, cross-entropy, several seeds; the deformable layers run through
 ``cudcn.torch`` on the CPU or on CUDA, whichever torch has.
@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from cudcn.demo.models import MODEL_NAMES
+from cudcn.cli.demo.models import MODEL_NAMES
 
 #: Test digits drawn in sampling_locations.png.
 PICTURE_DIGITS = 6
@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from cudcn.demo import plots
-    from cudcn.demo.data import MILD, STRONG, make_datasets
-    from cudcn.demo.training import pick_device, to_tensors, train
+    from cudcn.cli.demo import plots
+    from cudcn.cli.demo.data import MILD, STRONG, make_datasets
+    from cudcn.cli.demo.training import pick_device, to_tensors, train
 
     started = time.perf_counter()
     device = pick_device(args.device)

@@ -13,11 +13,11 @@ import sys
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
-    "check": ("cudcn.selfcheck", "run every available backend against the NumPy backend and the oracle"),
-    "info": ("cudcn.info", "versions, GPUs, available backends and the kernel cache"),
-    "bench": ("cudcn.bench", "time cudcn against the peers that are present"),
-    "demo": ("cudcn.demo", "train plain, DCNv1, DCNv2 and CoordConv CNNs on deformed digits and compare"),
-    "compile": ("cudcn.cuda_compile", "compile every CUDA kernel instantiation through NVRTC (no GPU needed)"),
+    "check": ("cudcn.cli.check", "run every available backend against the NumPy backend and the oracle"),
+    "info": ("cudcn.cli.info", "versions, GPUs, available backends and the kernel cache"),
+    "bench": ("cudcn.cli.bench", "time cudcn against the peers that are present"),
+    "demo": ("cudcn.cli.demo", "train plain, DCNv1, DCNv2 and CoordConv CNNs on deformed digits and compare"),
+    "compile": ("cudcn.cli.compile", "compile every CUDA kernel instantiation through NVRTC (no GPU needed)"),
 }
 
 

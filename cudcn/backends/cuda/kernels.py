@@ -88,13 +88,13 @@ def name_expressions(dtype: str) -> list[str]:
 
 def kernel_dir() -> Path:
     """Where the .cu files are: inside the installed package, else the checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "kernels", here.parent / "kernels"):
+    package = Path(__file__).resolve().parents[2]  # cudcn/
+    for candidate in (package / "kernels", package.parent / "kernels"):
         if (candidate / COMMON_HEADER).is_file():
             return candidate
     raise FileNotFoundError(
         f"cudcn's CUDA sources ({COMMON_HEADER}, {', '.join(SOURCES)}) were found "
-        f"neither in {here / 'kernels'} nor in {here.parent / 'kernels'}"
+        f"neither in {package / 'kernels'} nor in {package.parent / 'kernels'}"
     )
 
 

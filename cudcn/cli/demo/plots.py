@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from cudcn.demo.data import Digits
-from cudcn.demo.models import STEP
+from cudcn.cli.demo.data import Digits
+from cudcn.cli.demo.models import STEP
 
 COLOURS = {"plain": "tab:gray", "dcnv1": "tab:blue", "dcnv2": "tab:red", "coordconv": "tab:green"}
 LABELS = {"plain": "plain conv", "dcnv1": "DCNv1", "dcnv2": "DCNv2", "coordconv": "CoordConv"}

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cudcn.demo.data import Digits
-from cudcn.demo.models import count_parameters, make_model
+from cudcn.cli.demo.data import Digits
+from cudcn.cli.demo.models import count_parameters, make_model
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""CUDA backend: cudcn's kernels (``kernels/*.cu``) through CuPy, GEMMs through cuBLAS.
+
+The package, from the bottom up:
+
+- :mod:`~cudcn.backends.cuda.kernels`: the kernel sources, their template
+  instantiations and the per-device ``cupy.RawModule`` loader;
+- :mod:`~cudcn.backends.cuda.compile`: NVRTC compilation of every
+  instantiation without a GPU (behind ``cudcn compile``);
+- :mod:`~cudcn.backends.cuda.engine`: where steps run (CuPy on a GPU; NumPy
+  and host-compiled kernels in the test suite);
+- :mod:`~cudcn.backends.cuda.launchers`: one launcher per kernel family;
+- :mod:`~cudcn.backends.cuda.im2col_gemm`: the algorithm, im2col + cuBLAS GEMM.
+
+This module is the backend interface of :mod:`cudcn.backends`: CuPy arrays,
+run on their own device and CuPy's current stream there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cudcn.backends.cuda import im2col_gemm
+from cudcn.backends.cuda.engine import cupy_engine
+from cudcn.geometry import Geometry
+
+
+def forward(geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
+    """Output (N, C_out, Ho, Wo) in the input's dtype."""
+    with input.device:
+        return im2col_gemm.forward(cupy_engine(), geom, input, offset, weight, bias, mask)
+
+
+def backward(geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
+    """Gradients (input, offset, weight, bias or None, mask or None)."""
+    with input.device:
+        return im2col_gemm.backward(cupy_engine(), geom, grad_output, input, offset, weight, mask)
+
+
+def im2col(geom: Geometry, input: Any, offset: Any, mask: Any) -> Any:
+    """Columns (N, Ho*Wo, kh*kw, C_in), mask applied."""
+    with input.device:
+        return im2col_gemm.im2col_public(cupy_engine(), geom, input, offset, mask)
+
+
+def col2im(geom: Geometry, columns: Any, offset: Any, mask: Any) -> Any:
+    """Input gradient (N, C_in, H, W) from column gradients (N, Ho*Wo, kh*kw, C_in)."""
+    with columns.device:
+        return im2col_gemm.col2im_public(cupy_engine(), geom, columns, offset, mask)
+
+
+def col2im_coord(geom: Geometry, columns: Any, input: Any, offset: Any, mask: Any):
+    """Offset gradient (N, 2GK, Ho, Wo) and mask gradient (N, GK, Ho, Wo) or None."""
+    with input.device:
+        return im2col_gemm.col2im_coord_public(cupy_engine(), geom, columns, input, offset, mask)
+

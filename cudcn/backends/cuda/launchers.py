@@ -1,0 +1,190 @@
+"""Launchers: each allocates its outputs and launches one kernel family.
+
+One function per kernel family of ``kernels/`` (layout passes, im2col,
+col2im and its deterministic sorted variant, col2im_coord) plus the one
+cuBLAS product the backward needs. They take an engine
+(:mod:`cudcn.backends.cuda.engine`) and a validated geometry, pass shapes as
+kernel arguments in the order of ``DCN_SHAPE_PARAMS`` (kernels/dcn_common.cuh),
+and choose 32- or 64-bit indexing per launch from the sizes involved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cudcn import config
+from cudcn.backends.cuda import kernels
+from cudcn.backends.cuda.engine import Engine, Gemm
+from cudcn.geometry import Geometry
+
+
+def index_type(engine: Engine, *sizes: int) -> tuple[str, type]:
+    """``int`` while every tensor a launch touches, plus one grid stride, fits 31 bits."""
+    if max(sizes) + engine.threads < 2**31:
+        return "int", np.int32
+    return "long long", np.int64
+
+
+def shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
+    """The kernels' DCN_SHAPE_PARAMS, in order (kernels/dcn_common.cuh)."""
+    return [
+        np.int32(v)
+        for v in (
+            batch, geom.in_channels, geom.height, geom.width,
+            geom.kernel_h, geom.kernel_w, geom.stride_h, geom.stride_w,
+            geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
+            geom.out_h, geom.out_w, geom.offset_groups, groups,
+        )
+    ]
+
+
+def mask_args(mask: Any, offset: Any) -> list[Any]:
+    # Without a mask the kernels never read the pointer; the offset stands in
+    # so that every launch passes a valid device pointer.
+    return [offset if mask is None else mask, np.int32(mask is not None)]
+
+
+def channels_last(engine: Engine, geom: Geometry, input: Any) -> Any:
+    """input (n, C, H, W) -> (n, H*W, C), same dtype."""
+    xp = engine.xp
+    input = xp.ascontiguousarray(input)
+    n, pixels = input.shape[0], geom.height * geom.width
+    out = xp.empty((n, pixels, geom.in_channels), input.dtype)
+    if out.size:
+        index, itype = index_type(engine, out.size)
+        engine.launch(
+            "to_channels_last", geom.dtype.name, index, out.size,
+            [input, itype(out.size), np.int32(geom.in_channels), np.int32(pixels), out],
+        )
+    return out
+
+
+def im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any, groups: int) -> Any:
+    """Columns (groups, n*L, K*C/groups) in the column dtype.
+
+    pixels: (n, H*W, C) channels-last input; offset (n, 2GK, Ho, Wo) and mask
+    (n, GK, Ho, Wo) or None, contiguous.
+    """
+    n = pixels.shape[0]
+    per_group = geom.kernel_points * geom.in_channels // groups
+    columns = engine.xp.empty(
+        (groups, n * geom.out_pixels, per_group), kernels.TYPES[geom.dtype.name].column_dtype
+    )
+    if columns.size:
+        index, itype = index_type(engine, columns.size, pixels.size, offset.size)
+        engine.launch(
+            "deform_im2col", geom.dtype.name, index, columns.size,
+            [pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
+             itype(columns.size), columns],
+        )
+    return columns
+
+
+def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any, groups: int, out: Any) -> None:
+    """Scatter column gradients (groups, n*L, K*C/groups) into out (n, C, H, W).
+
+    Float atomics by default; with :func:`cudcn.config.are_deterministic_algorithms_enabled`
+    the sorted, atomic-free gather (:func:`col2im_sorted`).
+    """
+    xp = engine.xp
+    n = offset.shape[0]
+    types = kernels.TYPES[geom.dtype.name]
+    pixels = geom.height * geom.width
+    if n * pixels * geom.in_channels == 0:
+        return
+    if config.are_deterministic_algorithms_enabled():
+        accum = col2im_sorted(engine, geom, columns, offset, mask, groups)
+    else:
+        accum = xp.zeros((n, pixels, geom.in_channels), types.accum_dtype)
+        if columns.size:
+            index, itype = index_type(engine, columns.size, accum.size, offset.size)
+            engine.launch(
+                "deform_col2im", geom.dtype.name, index, columns.size,
+                [columns, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
+                 itype(columns.size), accum],
+            )
+    index, itype = index_type(engine, accum.size)
+    engine.launch(
+        "from_channels_last", geom.dtype.name, index, accum.size,
+        [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
+    )
+
+
+def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any, groups: int) -> Any:
+    """Input gradient (n, H*W, C) in the accumulator dtype, bitwise repeatable.
+
+    Keys and weights of every bilinear corner (4 per image, offset group,
+    kernel point and output pixel), a stable argsort of the keys, segment
+    starts by searchsorted, and a gather that sums each segment in sorted
+    order (kernels/dcn_col2im_sorted.cu).
+    """
+    xp = engine.xp
+    n = offset.shape[0]
+    types = kernels.TYPES[geom.dtype.name]
+    pixels = geom.height * geom.width
+    points = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
+    entries = 4 * points
+    segments = n * geom.offset_groups * pixels  # also the sentinel key
+    keys = xp.empty(entries, np.int64)
+    weights = xp.empty(entries, types.accum_dtype)
+    if points:
+        index, itype = index_type(engine, entries, offset.size)
+        engine.launch(
+            "deform_col2im_keys", geom.dtype.name, index, points,
+            [offset, *mask_args(mask, offset), *shape_args(geom, n, groups), itype(points), keys, weights],
+        )
+    # A stable sort keeps the entries of one key in entry order: one result,
+    # however the sort runs.
+    order = xp.argsort(keys, kind="stable")
+    starts = xp.searchsorted(keys[order], xp.arange(segments + 1, dtype=np.int64), side="left")
+    accum = xp.empty((n, pixels, geom.in_channels), types.accum_dtype)
+    index, itype = index_type(engine, columns.size, accum.size, entries, segments + 1)
+    engine.launch(
+        "deform_col2im_gather", geom.dtype.name, index, accum.size,
+        [columns, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), weights,
+         *shape_args(geom, n, groups), itype(accum.size), accum],
+    )
+    return accum
+
+
+def col2im_coord(
+    engine: Engine, geom: Geometry, columns: Any, pixels: Any, offset: Any, mask: Any,
+    groups: int, grad_offset: Any, grad_mask: Any,
+) -> None:
+    """Offset (n, 2GK, Ho, Wo) and mask (n, GK, Ho, Wo) gradients into the given arrays."""
+    n = offset.shape[0]
+    total = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
+    if total == 0:
+        return
+    index, itype = index_type(engine, columns.size, pixels.size, offset.size)
+    engine.launch(
+        "deform_col2im_coord", geom.dtype.name, index, total,
+        [columns, pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
+         itype(total), grad_offset, grad_offset if grad_mask is None else grad_mask],
+    )
+
+
+def add_transposed_product(engine: Engine, a: Any, b: Any, out: Any) -> None:
+    """out (batch, P, Q) += a (batch, R, P)^T @ b (batch, R, Q), summed in out's dtype.
+
+    a and b are C-contiguous and share a dtype; out is C-contiguous float32
+    (float64). Row-major out is column-major out^T = b^T a: column-major, b
+    is stored as b^T (Q, R) and a as a^T (P, R), so op(A) = b as stored and
+    op(B) = a^T transposed. Nothing is copied.
+    """
+    batch, rows, p = a.shape
+    q = b.shape[2]
+    if out.size == 0 or rows == 0:
+        return
+    if max(rows, p, q, batch) >= 2**31:
+        raise ValueError(f"GEMM sizes must stay below 2^31, got {(batch, rows, p, q)}")
+    engine.gemm(Gemm(
+        trans_a=False, trans_b=True, m=q, n=p, k=rows,
+        a=b, lda=q, stride_a=rows * q,
+        b=a, ldb=p, stride_b=rows * p,
+        beta=1.0, c=out, ldc=q, stride_c=p * q, batch=batch,
+    ))
+
+
