@@ -17,8 +17,10 @@ How a call runs:
   runs. NumPy has no bfloat16: a CPU bfloat16 call is computed from float32
   copies and its results are rounded back to bfloat16.
 
-Differences from paddle's op: out_channels need not be divisible by
-deformable_groups; float16 (and on GPU bfloat16) inputs run in their own
+Differences from paddle's op: at a sampling point exactly on row or column
+-1 the offset gradient is torchvision's one-sided slope towards row (column)
+0, where paddle's op (like mmcv) returns 0; out_channels need not be
+divisible by deformable_groups; float16 (and on GPU bfloat16) inputs run in their own
 dtype; paddle's automatic mixed precision does not cast for this function, so
 all floating arguments must share one dtype. Errors name the arguments as
 paddle does (``x`` for the input).

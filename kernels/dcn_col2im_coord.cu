@@ -7,7 +7,8 @@
 //   d/dy = mask * sum_q d_dy_q * s_q,  d/dx likewise,  d/dmask = sum_q weight_q * s_q.
 // One thread per (image, offset group, kernel point, output pixel), output
 // pixel fastest so that the gradient writes are coalesced; each thread loops
-// over the group's channels and needs no atomics (deterministic).
+// over the group's channels and needs no atomics (deterministic). A point on
+// row or column -1 contributes its one-sided slope (locate's for_slope).
 #include "dcn_common.cuh"
 
 /// Offset and mask gradients of a chunk of images.
@@ -44,7 +45,7 @@ __global__ void deform_col2im_coord(const TCol* __restrict__ columns,
     int y0, x0;
     sampling_point(s, offset, n, g, k, l, y, x);
     Acc grad_y = Acc(0), grad_x = Acc(0), grad_m = Acc(0);
-    if (locate(y, x, s.height, s.width, y0, x0, ly, lx)) {
+    if (locate(y, x, s.height, s.width, y0, x0, ly, lx, /*for_slope=*/true)) {
       Corner<Acc> p[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) p[q] = corner(q, y0, x0, ly, lx, s.height, s.width);

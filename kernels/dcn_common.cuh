@@ -11,7 +11,7 @@
 //   point_element(...)         (n, g, k, l) of a sampling point
 //   sampling_point(...)        where kernel point k of output pixel l samples
 //   mask_value(...)            its modulation (1 without a mask)
-//   locate(...)                whether the point counts, and its top-left corner
+//   locate(...)                whether the point counts (for its value or its slope), and its top-left corner
 //   corner(...)                one of the four bilinear corners: pixel, weight, derivatives
 //
 // No CUDA header is included, on purpose: NVRTC then compiles these kernels
@@ -172,13 +172,19 @@ __device__ __forceinline__ typename ComputeType<T>::type mask_value(
 
 /// Whether the point (y, x) counts at all (-1 < y < H and -1 < x < W); if so,
 /// its top-left corner (y0, x0) and fractional parts (ly, lx).
+///
+/// With `for_slope`, whether it counts for the derivatives: -1 <= y < H and
+/// -1 <= x < W. On row (column) -1 the value is 0 but the one-sided slope
+/// towards row (column) 0 is not, as in torchvision: there every corner
+/// weight is 0 and only the derivatives of the row (column) 0 corners remain.
 template <typename Acc>
 __device__ __forceinline__ bool locate(Acc y, Acc x, int height, int width, int& y0,
-                                       int& x0, Acc& ly, Acc& lx) {
+                                       int& x0, Acc& ly, Acc& lx, bool for_slope = false) {
   // Tested on the float before any conversion: NaN fails every comparison, and
   // a huge or infinite value never reaches the float-to-int conversion (which
   // would be undefined).
-  if (!(y > Acc(-1) && y < Acc(height) && x > Acc(-1) && x < Acc(width))) return false;
+  const bool above = for_slope ? (y >= Acc(-1) && x >= Acc(-1)) : (y > Acc(-1) && x > Acc(-1));
+  if (!(above && y < Acc(height) && x < Acc(width))) return false;
   const Acc fy = dcn_floor(y), fx = dcn_floor(x);
   y0 = static_cast<int>(fy);
   x0 = static_cast<int>(fx);

@@ -110,3 +110,30 @@ def calls(
         if value is not None:
             setattr(call, name, value.astype(dtype))
     return call
+
+
+def edge_positions(size: int) -> list[int]:
+    """-1, 0, an interior row, size - 1 and size (some coincide for tiny sizes)."""
+    return sorted({-1, 0, size // 2, size - 1, size})
+
+
+def offsets_on_kinks(call, rng: np.random.Generator, fraction: float = 1.0) -> np.ndarray:
+    """Offsets that put (a fraction of) the sampling points exactly on the edge
+    positions of :func:`edge_positions`, rows and columns drawn independently."""
+    n, channels, out_h, out_w = call.offset.shape
+    kh, kw = call.kernel_size
+    height, width = call.input.shape[2:]
+    offset = call.offset.copy()
+    rows = np.arange(out_h)[:, None] * call.stride[0] - call.padding[0]
+    cols = np.arange(out_w)[None, :] * call.stride[1] - call.padding[1]
+    for ch in range(channels):
+        k = (ch // 2) % (kh * kw)
+        i, j = divmod(k, kw)
+        if ch % 2 == 0:
+            base, targets = rows + i * call.dilation[0], edge_positions(height)
+        else:
+            base, targets = cols + j * call.dilation[1], edge_positions(width)
+        target = rng.choice(targets, (n, out_h, out_w))
+        chosen = rng.random((n, out_h, out_w)) < fraction
+        offset[:, ch] = np.where(chosen, target - base, offset[:, ch])
+    return offset.astype(call.offset.dtype)

@@ -46,7 +46,7 @@ def test_compile_fails_on_a_broken_kernel(capsys, monkeypatch):
     monkeypatch.setattr("cudcn.backends.cuda.compile.device_count", lambda: 0)
     broken = cuda_kernels.source() + "\n__global__ void broken() { undeclared_name = 1; }\n"
     monkeypatch.setattr(cuda_kernels, "source", lambda directory=None: broken)
-    assert cli.main(["compile", "--arch", "sm_70", "--dtype", "float32"]) == 1
+    assert cli.main(["compile", "--arch", "sm_80", "--dtype", "float32"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "undeclared_name" in out
 

@@ -11,7 +11,11 @@ This file is cudcn's readable specification. A deformable convolution is
 
 ``bilinear`` mixes the four pixels around (y, x); a pixel outside the image
 counts 0, and a point with y <= -1, y >= H, x <= -1 or x >= W (or a
-non-finite offset) counts 0 as a whole. The computation is three steps:
+non-finite offset) counts 0 as a whole. At an integer y (or x), where the
+sample has a kink, the derivative is the one-sided one towards y + 1
+(rows y and y + 1) -- also at y = -1, where the value is 0 but the slope
+towards row 0 is not (torchvision's rule; paddle and mmcv return 0 there).
+The computation is three steps:
 
 1. im2col: sample every (output pixel, kernel point, channel) into a column
    buffer ``columns[n, h*Wo + w, k, c]`` (N, Ho*Wo, kh*kw, C_in), times the mask;
@@ -45,7 +49,9 @@ class _Corners(NamedTuple):
     Every array is (4, n, L, K, G), corner order (y0, x0), (y0, x0+1),
     (y0+1, x0), (y0+1, x0+1). A corner outside the image, or of a point that
     counts 0, has index H*W (a padding pixel that reads as zero and absorbs
-    scattered gradients) and weight and derivatives 0.
+    scattered gradients) and weight and derivatives 0. A point exactly on row
+    or column -1 has weight 0 at every corner but keeps its derivatives (the
+    one-sided slope towards the image, torchvision's rule).
     """
 
     index: np.ndarray  # flat pixel index y*W + x
@@ -74,9 +80,12 @@ def _corners(geom: Geometry, offset: np.ndarray, dtype: np.dtype) -> _Corners:
     x = base_x.reshape(1, L, K, 1).astype(dtype) + dx
 
     # NaN fails every comparison, so non-finite offsets land outside too.
-    inside = (y > -1) & (y < H) & (x > -1) & (x < W)
-    y = np.where(inside, y, 0)
-    x = np.where(inside, x, 0)
+    # A point on row -1 (or column -1) has value 0 but, as in torchvision, the
+    # one-sided slope towards row 0: it reaches the image for the derivatives.
+    reach = (y >= -1) & (y < H) & (x >= -1) & (x < W)
+    inside = reach & (y > -1) & (x > -1)
+    y = np.where(reach, y, 0)
+    x = np.where(reach, x, 0)
     y0, x0 = np.floor(y), np.floor(x)
     ly, lx = y - y0, x - x0
     hy, hx = 1 - ly, 1 - lx
@@ -91,9 +100,9 @@ def _corners(geom: Geometry, offset: np.ndarray, dtype: np.dtype) -> _Corners:
     )
     index, weight, d_dy, d_dx = [], [], [], []
     for cy, cx, w, wy, wx in corners:
-        ok = inside & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
+        ok = reach & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
         index.append(np.where(ok, cy * W + cx, H * W))
-        weight.append(w * ok)
+        weight.append(w * (ok & inside))
         d_dy.append(wy * ok)
         d_dx.append(wx * ok)
     return _Corners(*(np.stack(a) for a in (index, weight, d_dy, d_dx)))

@@ -14,7 +14,7 @@ import time
 from cudcn.backends.cuda import compile as nvrtc_compile
 from cudcn.backends.cuda import kernels
 
-DEFAULT_ARCHS = ("sm_70", "sm_80", "sm_90")
+DEFAULT_ARCHS = ("sm_75", "sm_80", "sm_90")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
