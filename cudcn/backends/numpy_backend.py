@@ -191,7 +191,7 @@ def _col2im(geom: Geometry, sampling: _Sampling, grad_columns: np.ndarray) -> np
 
 #: Bytes of corner rows gathered at once for the corner products: enough to
 #: amortise the loop, few enough to be read back from cache.
-_GATHER_BYTES = 4 * 2**20
+_GATHER_BYTES = 2**20
 
 
 def _corner_products(sampling: _Sampling, grad_columns: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -209,7 +209,8 @@ def _corner_products(sampling: _Sampling, grad_columns: np.ndarray, pixels: np.n
     for start in range(0, rows, block):
         part = slice(start, start + block)
         corners = gathered[:len(grad_columns[part])]
-        pixels.take(sampling.corners[part], axis=0, out=corners)  # (block, 4, C/G)
+        # Every index is valid; mode="clip" spares the copy NumPy makes of `out` otherwise.
+        pixels.take(sampling.corners[part], axis=0, out=corners, mode="clip")  # (block, 4, C/G)
         np.einsum("rkc,rc->kr", corners, grad_columns[part], out=s[:, part])
     return s
 
@@ -247,21 +248,51 @@ def _chunk_mask(mask, part):
     return None if mask is None else mask[part]
 
 
+def _column_rows(geom: Geometry, columns: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Columns (n, L, K, C) as (n*L*K*G, C/G) in the compute dtype."""
+    return np.ascontiguousarray(columns, dtype=dtype).reshape(-1, geom.in_channels // geom.offset_groups)
+
+
+def _forward_chunk(geom, input, offset, mask, w, dtype) -> np.ndarray:
+    """Output (n, C_out, Ho, Wo) of one chunk, without the bias; w from layout.weight_matrix."""
+    n = input.shape[0]
+    sampling = _sampling(geom, offset, mask, dtype)
+    columns = _im2col(sampling, _pixel_rows(geom, input, dtype))
+    columns = columns.reshape(n, geom.out_pixels, geom.kernel_points, geom.in_channels)
+    y = np.matmul(layout.grouped_columns(geom, columns), w)  # (groups, n*L, O/groups)
+    y = y.transpose(1, 0, 2).reshape(n, geom.out_h, geom.out_w, geom.out_channels)
+    return y.transpose(0, 3, 1, 2)
+
+
+def _backward_chunk(geom, grad_output, input, offset, mask, w, dtype):
+    """Gradients (input, offset, mask or None, weight matrix) of one chunk.
+
+    S is built once and serves im2col (for the weight gradient), col2im and
+    col2im_coord. Its temporaries end with the call, before the next chunk's.
+    """
+    n, g = input.shape[0], geom.groups
+    sampling = _sampling(geom, offset, mask, dtype)
+    pixels = _pixel_rows(geom, input, dtype)
+    go = grad_output.astype(dtype, copy=False).reshape(n, g, -1, geom.out_pixels).transpose(1, 0, 3, 2)
+    go = go.reshape(g, n * geom.out_pixels, -1)  # (groups, n*L, O/groups)
+    columns = _im2col(sampling, pixels)
+    columns = columns.reshape(n, geom.out_pixels, geom.kernel_points, geom.in_channels)
+    grad_w = np.matmul(layout.grouped_columns(geom, columns).transpose(0, 2, 1), go)
+    del columns  # the column gradients take its place
+    grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1)), n)
+    grad_columns = _column_rows(geom, grad_columns, dtype)
+    grad_input = _col2im(geom, sampling, grad_columns)
+    grad_offset, grad_mask = _col2im_coord(geom, sampling, grad_columns, pixels, dtype)
+    return grad_input, grad_offset, grad_mask, grad_w
+
+
 def forward(geom, input, offset, weight, bias, mask):
     """Output (N, C_out, Ho, Wo) in the input's dtype."""
     dtype = _compute_dtype(geom.dtype)
     out = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
     w = layout.weight_matrix(geom, weight, dtype)
     for part in layout.chunks(geom, dtype):
-        x = input[part]
-        n = x.shape[0]
-        sampling = _sampling(geom, offset[part], _chunk_mask(mask, part), dtype)
-        columns = _im2col(sampling, _pixel_rows(geom, x, dtype))
-        columns = columns.reshape(n, geom.out_pixels, geom.kernel_points, geom.in_channels)
-        y = np.matmul(layout.grouped_columns(geom, columns), w)  # (groups, n*L, O/groups)
-        del columns
-        y = y.transpose(1, 0, 2).reshape(n, geom.out_h, geom.out_w, geom.out_channels)
-        out[part] = y.transpose(0, 3, 1, 2)
+        out[part] = _forward_chunk(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype)
     if bias is not None:
         out += bias.astype(dtype).reshape(1, -1, 1, 1)
     return out.astype(geom.dtype, copy=False)
@@ -275,36 +306,18 @@ def backward(geom, grad_output, input, offset, weight, mask):
     grad_mask = np.empty(mask.shape, dtype) if mask is not None else None
     w = layout.weight_matrix(geom, weight, dtype)
     grad_w = np.zeros_like(w)
-    g = geom.groups
     for part in layout.chunks(geom, dtype):
-        x = input[part]
-        n = x.shape[0]
-        sampling = _sampling(geom, offset[part], _chunk_mask(mask, part), dtype)
-        pixels = _pixel_rows(geom, x, dtype)
-        go = grad_output[part].astype(dtype, copy=False)
-        go = go.reshape(n, g, -1, geom.out_pixels).transpose(1, 0, 3, 2)
-        go = go.reshape(g, n * geom.out_pixels, -1)  # (groups, n*L, O/groups)
-        columns = _im2col(sampling, pixels)
-        columns = columns.reshape(n, geom.out_pixels, geom.kernel_points, geom.in_channels)
-        grad_w += np.matmul(layout.grouped_columns(geom, columns).transpose(0, 2, 1), go)
-        del columns  # the column gradients take its place
-        grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1)), n)
-        grad_columns = _column_rows(geom, grad_columns, dtype)
-        grad_input[part] = _col2im(geom, sampling, grad_columns)
-        g_off, g_mask = _col2im_coord(geom, sampling, grad_columns, pixels, dtype)
-        grad_offset[part] = g_off
+        grads = _backward_chunk(geom, grad_output[part], input[part], offset[part],
+                                _chunk_mask(mask, part), w, dtype)
+        grad_input[part], grad_offset[part] = grads[0], grads[1]
         if grad_mask is not None:
-            grad_mask[part] = g_mask
+            grad_mask[part] = grads[2]
+        grad_w += grads[3]
     grad_bias = None
     if geom.has_bias:
         grad_bias = grad_output.astype(dtype, copy=False).sum(axis=(0, 2, 3))
     grads = (grad_input, grad_offset, layout.weight_from_matrix(geom, grad_w), grad_bias, grad_mask)
     return tuple(None if a is None else a.astype(geom.dtype, copy=False) for a in grads)
-
-
-def _column_rows(geom: Geometry, columns: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Columns (N, L, K, C) as (N*L*K*G, C/G) in the compute dtype."""
-    return np.ascontiguousarray(columns, dtype=dtype).reshape(-1, geom.in_channels // geom.offset_groups)
 
 
 def im2col(geom, input, offset, mask):
