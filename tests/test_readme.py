@@ -28,3 +28,13 @@ def test_readme_quickstart_runs():
     exec(compile(code, "README quickstart", "exec"), namespace)
     assert namespace["y"].shape == (2, 32, 32, 32)
     assert namespace["grads"].mask.shape == (2, 9, 32, 32)
+
+
+def test_readme_quotes_the_recorded_cpu_benchmark():
+    """The tables of benchmarks/results/bench_cpu.md appear in README as recorded."""
+    recorded = (ROOT / "benchmarks" / "results" / "bench_cpu.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    table_lines = [line for line in recorded.splitlines() if line.startswith("|")]
+    assert table_lines
+    missing = [line for line in table_lines if line not in readme.splitlines()]
+    assert not missing, missing

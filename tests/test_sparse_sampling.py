@@ -12,7 +12,6 @@ only that image's and group's columns.
 from __future__ import annotations
 
 import math
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cudcn.backends import numpy_backend
+from cudcn.cli.bench import peak_traced_bytes
 from cudcn.geometry import validate
 from strategies import calls, offsets_on_kinks
 
@@ -106,19 +106,6 @@ def test_sampling_matrix_dtypes(dtype, values):
     assert numpy_backend._pixel_rows(geom, x, sampling.matrix.data.dtype).dtype == values
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of the memory traced by tracemalloc (NumPy's arrays included) during fn()."""
-    fn()  # first call: imports and caches are not part of the peak
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-@pytest.mark.skipif(tracemalloc.is_tracing(), reason="tracemalloc is already tracing")
 @pytest.mark.parametrize("offset_groups", [1, 2])
 def test_peak_memory_is_a_small_multiple_of_the_column_buffer(offset_groups):
     """Temporaries above the arguments: at most 2 column buffers in the
@@ -132,7 +119,7 @@ def test_peak_memory_is_a_small_multiple_of_the_column_buffer(offset_groups):
     grad_output = rng.standard_normal((n, c, size, size), dtype=np.float32)
     geom = validate(input=x, offset=offset, weight=weight, mask=mask, padding=1)
     column_buffer = n * size * size * k * c * 4
-    forward = _peak_bytes(lambda: numpy_backend.forward(geom, x, offset, weight, None, mask))
-    backward = _peak_bytes(lambda: numpy_backend.backward(geom, grad_output, x, offset, weight, mask))
+    forward = peak_traced_bytes(lambda: numpy_backend.forward(geom, x, offset, weight, None, mask))
+    backward = peak_traced_bytes(lambda: numpy_backend.backward(geom, grad_output, x, offset, weight, mask))
     assert forward <= 2 * column_buffer, forward / column_buffer
     assert backward <= 3 * column_buffer, backward / column_buffer

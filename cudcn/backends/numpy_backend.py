@@ -65,9 +65,16 @@ The computation is three steps:
    too: at y = -1 the top row is outside, fy = 0, the value is 0 and d/dy is
    the bottom row: the slope towards row 0.
 
-S is built once per chunk and serves all three steps. Everything runs in the
-compute dtype (float32, or float64 for float64 input): S's values, X and the
-accumulations of Sᵀ·dcol, so no float64 scatter buffer is ever needed.
+Every gather is a ``take`` along the first axis of a 2-D array (no fancy
+indexing with three index arrays). S is built once per chunk -- as many
+images as the workspace budget allows (:mod:`cudcn.config`) -- and serves all
+three steps. Everything runs in the compute dtype (float32, or float64 for
+float64 input): S's values, X and the accumulations of Sᵀ·dcol, so no
+float64 scatter buffer is ever needed. Memory beyond the arguments: the
+column buffer (in the backward, the column gradients take its place), S and
+its per-row arrays (about 50 bytes per row), X, and the corner rows gathered
+a block at a time. scipy's sparse products run on one thread, the GEMMs on
+NumPy's BLAS threads.
 """
 
 from __future__ import annotations
@@ -276,10 +283,13 @@ def _backward_chunk(geom, grad_output, input, offset, mask, w, dtype):
     go = grad_output.astype(dtype, copy=False).reshape(n, g, -1, geom.out_pixels).transpose(1, 0, 3, 2)
     go = go.reshape(g, n * geom.out_pixels, -1)  # (groups, n*L, O/groups)
     columns = _im2col(sampling, pixels)
-    columns = columns.reshape(n, geom.out_pixels, geom.kernel_points, geom.in_channels)
-    grad_w = np.matmul(layout.grouped_columns(geom, columns).transpose(0, 2, 1), go)
-    del columns  # the column gradients take its place
-    grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1)), n)
+    grouped = layout.grouped_columns(geom, columns.reshape(n, geom.out_pixels, geom.kernel_points, -1))
+    grad_w = np.matmul(grouped.transpose(0, 2, 1), go)
+    # The column gradients take the columns' place; with one convolution group
+    # the grouped view is the columns' own memory, so they take it over too.
+    out = grouped if g == 1 else None
+    del columns
+    grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1), out=out), n)
     grad_columns = _column_rows(geom, grad_columns, dtype)
     grad_input = _col2im(geom, sampling, grad_columns)
     grad_offset, grad_mask = _col2im_coord(geom, sampling, grad_columns, pixels, dtype)
