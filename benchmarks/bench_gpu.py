@@ -12,13 +12,26 @@ JSON record.
 Needs CuPy and a GPU; torchvision is timed when torch with CUDA and
 torchvision are importable (it has no bfloat16 kernel, so those rows show cudcn
 only).
+
+A second table times cudcn's sampling steps alone, through the public
+building blocks (each includes its layout pass): ``deform_im2col``,
+``deform_col2im`` and ``deform_col2im_coord``. The repository keeps only the
+current kernels; to time two versions, run this script once per checkout of
+the library, the same script each time:
+
+    PYTHONPATH=<checkout of the other version> python benchmarks/bench_gpu.py --output old
+    PYTHONPATH=. python benchmarks/bench_gpu.py --output new
+
+The output names the cudcn it imported (path and git commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -139,6 +152,22 @@ def bench_cudcn(cupy, tracker, sets, warmup, repeat):
     return result
 
 
+def bench_sampling(cupy, sets, k, warmup, repeat):
+    """Milliseconds of the sampling building blocks (public column layout)."""
+    first = sets[0]
+    columns = cudcn.deform_im2col(first["input"], first["offset"], k, padding=1, mask=first["mask"])
+    grads = {id(s): cupy.ones_like(columns) for s in sets}
+    del columns
+    steps = {
+        "im2col": lambda s: cudcn.deform_im2col(s["input"], s["offset"], k, padding=1, mask=s["mask"]),
+        "col2im": lambda s: cudcn.deform_col2im(grads[id(s)], s["offset"], s["input"].shape, k, padding=1,
+                                                mask=s["mask"]),
+        "col2im_coord": lambda s: cudcn.deform_col2im_coord(grads[id(s)], s["input"], s["offset"], k, padding=1,
+                                                            mask=s["mask"]),
+    }
+    return {f"{name}_ms": time_cupy(cupy, fn, sets, warmup, repeat) for name, fn in steps.items()}
+
+
 def bench_torchvision(torch, ops, sets, warmup, repeat):
     tsets = [{k: torch.from_dlpack(v) for k, v in s.items()} for s in sets]
 
@@ -217,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             np_dtype = _dtype(dtype)
             sets = [make_inputs(cupy, shape, np_dtype, seed) for seed in range(ROTATE)]
             ours = bench_cudcn(cupy, tracker, sets, args.warmup, repeat)
+            ours.update(bench_sampling(cupy, sets, k, args.warmup, repeat))
             theirs, diff = None, None
             if torch is not None and dtype != "bfloat16":
                 theirs = bench_torchvision(torch, ops, sets, args.warmup, repeat)
@@ -226,21 +256,30 @@ def main(argv: list[str] | None = None) -> int:
             del sets
             cupy.get_default_memory_pool().free_all_blocks()
 
-    table = render(rows, device)
+    library = cudcn_source()
+    table = render(rows, device, library)
     print(table)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "bench_gpu.md").write_text(table + "\n")
-        (args.output / "bench_gpu.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+        record = {"device": device, "cudcn": library, "rows": rows}
+        (args.output / "bench_gpu.json").write_text(json.dumps(record, indent=2))
     return 0
 
 
-def _has_ml_dtypes() -> bool:
+def cudcn_source() -> str:
+    """Where the timed cudcn came from: its directory and git commit."""
+    where = Path(cudcn.__file__).resolve().parent
     try:
-        import ml_dtypes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "no git"
+    return f"{where} ({commit})"
+
+
+def _has_ml_dtypes() -> bool:
+    return importlib.util.find_spec("ml_dtypes") is not None
 
 
 def _dtype(name: str):
@@ -251,12 +290,13 @@ def _dtype(name: str):
     return np.dtype(name)
 
 
-def render(rows: list[dict], device: str) -> str:
+def render(rows: list[dict], device: str, library: str) -> str:
     def fmt(value, spec=".2f"):
         return "-" if value is None else format(value, spec)
 
     lines = [
-        f"GPU: {device}; median of CUDA-event timings; peak = device memory allocated above the inputs",
+        f"GPU: {device}; cudcn from {library}",
+        "median of CUDA-event timings; peak = device memory allocated above the inputs",
         "",
         "| shape | dtype | cudcn fwd ms | tv fwd ms | cudcn bwd ms | tv bwd ms | cudcn fwd TFLOP/s "
         "| cudcn peak fwd/bwd MB | tv peak fwd/bwd MB | fwd rel. diff |",
@@ -271,6 +311,19 @@ def render(rows: list[dict], device: str) -> str:
             f"| {ours['forward_peak_mb']:.0f} / {ours['backward_peak_mb']:.0f} "
             f"| {fmt(theirs.get('forward_peak_mb'), '.0f')} / {fmt(theirs.get('backward_peak_mb'), '.0f')} "
             f"| {fmt(r['forward_rel_diff'], '.1e')} |"
+        )
+    lines += [
+        "",
+        "cudcn's sampling steps alone (public building blocks, each with its layout pass):",
+        "",
+        "| shape | dtype | im2col ms | col2im ms | col2im_coord ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours = r["cudcn"]
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {ours['im2col_ms']:.3f} | {ours['col2im_ms']:.3f} "
+            f"| {ours['col2im_coord_ms']:.3f} |"
         )
     return "\n".join(lines)
 

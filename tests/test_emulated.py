@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import cudcn
 from cudcn.backends.cuda import im2col_gemm, launchers
+from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.backends.cuda.engine import Launch
 from cudcn.backends import numpy_backend
 from cudcn.geometry import validate
@@ -185,6 +186,33 @@ def test_sampling_kernels_with_wide_lane_groups(library, case):
         assert_close(got, want, geom.dtype.name)
     for aligned, unaligned in zip(runs[0], runs[1]):
         assert aligned.tobytes() == unaligned.tobytes()
+
+
+@pytest.mark.parametrize("planted", [
+    None,
+    ("grad_x += __shfl_xor_sync(0xffffffffu, grad_x, d);", "grad_x += __shfl_xor_sync(0xffffffffu, grad_x, d ^ 1);"),
+    ("for (int d = group_lanes / 2; d > 0; d /= 2)", "for (int d = group_lanes / 2; d > 1; d /= 2)"),
+], ids=["as it is", "wrong shuffle lane", "a reduction step short"])
+def test_planted_bug_in_the_col2im_coord_reduction_is_caught(tmp_path, planted):
+    """The comparisons above see a broken shuffle reduction in the real kernel
+    (built from a changed copy of its source; unchanged, the copy passes)."""
+    if harness.compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    source = (cuda_kernels.kernel_dir() / "dcn_col2im_coord.cu").read_text()
+    if planted is not None:
+        assert planted[0] in source
+        source = source.replace(*planted)
+    (tmp_path / "dcn_col2im_coord.cu").write_text(source)
+    names = [cuda_kernels.name_expression(k, "float32", "int") for k in ("deform_col2im_coord", "to_channels_last")]
+    library = harness.build(names, [tmp_path / "dcn_col2im_coord.cu", cuda_kernels.kernel_dir() / "dcn_layout.cu"])
+    geom, x, offset, mask, columns = _wide_case(*WIDE["f32 33 a point, 16 lanes"])
+    got = im2col_gemm.col2im_coord_public(harness.EmulatedEngine(library), geom, columns, x, offset, mask)
+    expected = numpy_backend.col2im_coord(geom, columns, x, offset, mask)
+    if planted is None:
+        assert_close(got[0], expected[0], geom.dtype.name)
+    else:
+        with pytest.raises(AssertionError, match="Not equal to tolerance"):
+            assert_close(got[0], expected[0], geom.dtype.name)
 
 
 def test_grid_stride_and_boundaries(engine):

@@ -47,7 +47,8 @@ PY'
 arch="sm_$(python -c 'import cupy; print(cupy.cuda.Device().compute_capability)' 2>/dev/null || echo 80)"
 step compile python -m cudcn compile --arch "$arch"
 step tests python -m pytest -p no:cacheprovider -q -rs --junitxml "$out/pytest.xml" \
-  tests/test_gpu.py tests/test_torch_gpu.py tests/test_gpu_compile.py tests/test_emulated.py
+  tests/test_gpu.py tests/test_torch_gpu.py tests/test_gpu_compile.py tests/test_emulated.py \
+  tests/test_emulator.py
 step check python -m cudcn check
 step sanitizer bash tools/gpu_sanitize.sh
 step benchmark python benchmarks/bench_gpu.py --output "$out"

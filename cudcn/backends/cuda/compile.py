@@ -8,7 +8,7 @@ with at run time (:data:`cudcn.backends.cuda.kernels.NVRTC_OPTIONS`). The
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from cudcn.backends.cuda import kernels
 
@@ -20,15 +20,16 @@ def nvrtc():
     return nvrtc
 
 
-def compile_dtype(source: str, dtype: str, arch: int) -> list[tuple[str, bool, str]]:
-    """Compile one dtype's instantiations for sm_<arch>.
+def compile_names(source: str, names: Sequence[str], arch: int, label: str = "cudcn.cu",
+                  ptx: dict[str, str] | None = None) -> list[tuple[str, bool, str]]:
+    """Compile the instantiations ``names`` of ``source`` for sm_<arch>.
 
-    Returns (name expression, ok, detail) per instantiation: the lowered
-    (mangled) name and the cubin size when it compiled, else the NVRTC log.
+    Returns (name expression, ok, detail) per instantiation: the cubin size
+    when it compiled, else the NVRTC log. With ``ptx`` (a dict), also stores
+    the module's PTX there under "ptx" (to check which instructions were used).
     """
     lib = nvrtc()
-    names = kernels.name_expressions(dtype)
-    program = lib.createProgram(source, f"cudcn_{dtype}.cu", (), ())
+    program = lib.createProgram(source, label, (), ())
     try:
         for name in names:
             lib.addNameExpression(program, name)
@@ -39,11 +40,19 @@ def compile_dtype(source: str, dtype: str, arch: int) -> list[tuple[str, bool, s
             log = lib.getProgramLog(program).strip()
             return [(name, False, log) for name in names]
         size = len(lib.getCUBIN(program))
+        if ptx is not None:
+            text = lib.getPTX(program)
+            ptx["ptx"] = text.decode() if isinstance(text, bytes) else text
         for name in names:  # raises if an instantiation is missing from the module
             lib.getLoweredName(program, name)
         return [(name, True, f"module {size} bytes") for name in names]
     finally:
         lib.destroyProgram(program)
+
+
+def compile_dtype(source: str, dtype: str, arch: int) -> list[tuple[str, bool, str]]:
+    """Compile one dtype's instantiations for sm_<arch> (see :func:`compile_names`)."""
+    return compile_names(source, kernels.name_expressions(dtype), arch, f"cudcn_{dtype}.cu")
 
 
 def device_count() -> int:

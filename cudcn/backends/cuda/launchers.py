@@ -6,6 +6,12 @@ cuBLAS product the backward needs. They take an engine
 (:mod:`cudcn.backends.cuda.engine`) and a validated geometry, pass shapes as
 kernel arguments in the order of ``DCN_SHAPE_PARAMS`` (kernels/dcn_common.cuh),
 and choose 32- or 64-bit indexing per launch from the sizes involved.
+
+The sampling kernels (im2col, col2im, col2im_coord) give each sampling point
+a group of lanes (:func:`lanes_per_point`) and run over whole warps; the
+layout passes and the sorted col2im run one thread per element. All are
+grid-stride launches of the engine's block size and block cap
+(:func:`cudcn.backends.cuda.engine.grid_stride`).
 """
 
 from __future__ import annotations
