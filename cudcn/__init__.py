@@ -16,6 +16,7 @@ from cudcn.config import (
     use_deterministic_algorithms,
     workspace_bytes,
 )
+from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.ops import (
     Gradients,
     deform_col2im,
@@ -29,6 +30,8 @@ from cudcn.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "Gradients",
     "are_deterministic_algorithms_enabled",
     "deterministic_algorithms",
