@@ -22,7 +22,8 @@ import contextlib
 import contextvars
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from cudcn.errors import ArgumentError, ArgumentTypeError
 
@@ -61,10 +62,44 @@ def parse_size(text: str) -> int:
     return nbytes
 
 
-def _default_from_environment() -> int:
-    text = os.environ.get("CUDCN_WORKSPACE_BYTES")
-    if text is None:
-        return DEFAULT_WORKSPACE_BYTES
+class _Setting:
+    """A process-wide value with per-thread temporary overrides.
+
+    The process-wide value comes from :meth:`set`, else from an environment
+    variable, parsed at the first read (so that a malformed value is an error
+    at first use, never at import), else from a default. :meth:`temporarily`
+    overrides it in the calling thread only (a context variable).
+    """
+
+    def __init__(self, name: str, variable: str, default: Any, from_text: Callable[[str], Any],
+                 check: Callable[[Any], Any]) -> None:
+        self.variable, self.default = variable, default
+        self.from_text, self.check = from_text, check
+        self.value: Any = None  # the process-wide value; None until first read
+        self.temporary: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+
+    def get(self) -> Any:
+        temporary = self.temporary.get()
+        if temporary is not None:
+            return temporary
+        if self.value is None:
+            text = os.environ.get(self.variable)
+            self.value = self.default if text is None else self.from_text(text)
+        return self.value
+
+    def set(self, value: Any) -> None:
+        self.value = self.check(value)
+
+    @contextlib.contextmanager
+    def temporarily(self, value: Any) -> Iterator[None]:
+        token = self.temporary.set(self.check(value))
+        try:
+            yield
+        finally:
+            self.temporary.reset(token)
+
+
+def _workspace_from_text(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError:
@@ -74,19 +109,16 @@ def _default_from_environment() -> int:
         ) from None
 
 
-# The process-wide budget (None until first read: CUDCN_WORKSPACE_BYTES is
-# parsed then, so a bad value is an error at first use, never at import), and
-# a per-thread temporary budget set by :func:`workspace_bytes`.
-_default_workspace: int | None = None
-_temporary_workspace: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "cudcn_workspace_bytes", default=None
-)
-
-
 def _check_nbytes(nbytes: object) -> int:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
         raise ArgumentError(f"nbytes must be a positive int, got {nbytes!r}")
     return nbytes
+
+
+_workspace = _Setting(
+    "cudcn_workspace_bytes", "CUDCN_WORKSPACE_BYTES", DEFAULT_WORKSPACE_BYTES,
+    _workspace_from_text, _check_nbytes,
+)
 
 
 def get_workspace_bytes() -> int:
@@ -96,29 +128,17 @@ def get_workspace_bytes() -> int:
     else the process-wide one (:func:`set_workspace_bytes`, else
     CUDCN_WORKSPACE_BYTES, else 256 MiB).
     """
-    global _default_workspace
-    temporary = _temporary_workspace.get()
-    if temporary is not None:
-        return temporary
-    if _default_workspace is None:
-        _default_workspace = _default_from_environment()
-    return _default_workspace
+    return _workspace.get()
 
 
 def set_workspace_bytes(nbytes: int) -> None:
     """Set the process-wide column-buffer budget in bytes (a positive int)."""
-    global _default_workspace
-    _default_workspace = _check_nbytes(nbytes)
+    _workspace.set(nbytes)
 
 
-@contextlib.contextmanager
-def workspace_bytes(nbytes: int) -> Iterator[None]:
+def workspace_bytes(nbytes: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, in this thread only, the column-buffer budget is ``nbytes``."""
-    token = _temporary_workspace.set(_check_nbytes(nbytes))
-    try:
-        yield
-    finally:
-        _temporary_workspace.reset(token)
+    return _workspace.temporarily(nbytes)
 
 
 def images_per_chunk(bytes_per_image: int, batch: int) -> int:
@@ -154,3 +174,40 @@ def deterministic_algorithms(mode: bool = True) -> Iterator[None]:
         yield
     finally:
         _deterministic.reset(token)
+
+
+#: The CUDA backend's algorithms: "im2col" (im2col + GEMM with a column
+#: buffer, the reference), "fused" (column-free kernels where they apply, else
+#: im2col) and "auto" (times the algorithms that apply once per shape and
+#: keeps the faster; :mod:`cudcn.backends.cuda.algorithms`).
+ALGORITHMS = ("auto", "fused", "im2col")
+
+def _check_algorithm(name: object, source: str = "name") -> str:
+    if name not in ALGORITHMS:
+        raise ArgumentError(f"{source} must be one of {', '.join(map(repr, ALGORITHMS))}, got {name!r}")
+    return name  # type: ignore[return-value]
+
+
+_algorithm = _Setting(
+    "cudcn_algorithm", "CUDCN_ALGORITHM", "auto",
+    lambda text: _check_algorithm(text, "CUDCN_ALGORITHM"), _check_algorithm,
+)
+
+
+def get_algorithm() -> str:
+    """The CUDA backend's algorithm in this thread: "auto", "fused" or "im2col".
+
+    A temporary choice of :func:`algorithm` in force in this thread, else the
+    process-wide one (:func:`set_algorithm`, else CUDCN_ALGORITHM, else "auto").
+    """
+    return _algorithm.get()
+
+
+def set_algorithm(name: str) -> None:
+    """Set the process-wide CUDA algorithm: "auto", "fused" or "im2col"."""
+    _algorithm.set(name)
+
+
+def algorithm(name: str) -> contextlib.AbstractContextManager[None]:
+    """Within the block, in this thread only, the CUDA backend uses ``name``."""
+    return _algorithm.temporarily(name)
