@@ -113,6 +113,19 @@ def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
+def int_pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
+    """``value``, an int or a pair of ints each in [minimum, 2**31 - 1], as a pair.
+
+    The check :func:`validate` applies to stride, padding and dilation, for
+    callers that receive these (or a kernel size) before any array exists,
+    such as a layer's constructor.
+
+    Raises:
+        ArgumentError (a ValueError): naming ``name`` and what was received.
+    """
+    return _pair(value, name, minimum)
+
+
 def _is_int(value: Any) -> bool:
     try:
         operator.index(value)
