@@ -9,13 +9,17 @@ Importing cudcn imports NumPy only: no CuPy, torch or paddle.
 """
 
 from cudcn.config import (
+    algorithm,
     are_deterministic_algorithms_enabled,
     deterministic_algorithms,
+    get_algorithm,
     get_workspace_bytes,
+    set_algorithm,
     set_workspace_bytes,
     use_deterministic_algorithms,
     workspace_bytes,
 )
+from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.ops import (
     Gradients,
     deform_col2im,
@@ -28,7 +32,21 @@ from cudcn.ops import (
 
 __version__ = "0.1.0"
 
+
+def algorithm_choices() -> list:
+    """What the CUDA backend's "auto" algorithm has measured and chosen in
+    this process: one :class:`cudcn.backends.cuda.algorithms.Choice` per key."""
+    from cudcn.backends.cuda import algorithms
+
+    return algorithms.choices()
+
 __all__ = [
+    "algorithm",
+    "algorithm_choices",
+    "get_algorithm",
+    "set_algorithm",
+    "ArgumentError",
+    "ArgumentTypeError",
     "Gradients",
     "are_deterministic_algorithms_enabled",
     "deterministic_algorithms",
