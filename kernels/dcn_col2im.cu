@@ -23,7 +23,7 @@ __global__ void deform_col2im(const TCol* __restrict__ columns, const T* __restr
                               const T* __restrict__ mask, int has_mask, DCN_SHAPE_PARAMS,
                               Index points, int group_lanes, TAcc* __restrict__ grad_input) {
   typedef typename ComputeType<T>::type Acc;
-  constexpr int V = CHANNELS_PER_LANE(T, TCol);
+  constexpr int V = ChannelsPerLane<T, TCol>::value;
   const ConvShape s = DCN_SHAPE;
   const int point_channels = s.channels / s.offset_groups;
   const int lane = dcn_lane();
@@ -33,7 +33,7 @@ __global__ void deform_col2im(const TCol* __restrict__ columns, const T* __restr
     if (point >= points) continue;
     Index n;
     int l, k, g;
-    lane_point(s, point, n, l, k, g);
+    column_point(s, point, n, l, k, g);
     Acc y, x, ly, lx;
     int y0, x0;
     sampling_point(s, offset, n, g, k, l, y, x);

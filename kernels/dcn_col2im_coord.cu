@@ -32,7 +32,7 @@ __global__ void deform_col2im_coord(const TCol* __restrict__ columns,
                                     T* __restrict__ grad_offset,
                                     T* __restrict__ grad_mask) {
   typedef typename ComputeType<T>::type Acc;
-  constexpr int V = CHANNELS_PER_LANE(T, TCol);
+  constexpr int V = ChannelsPerLane<T, TCol>::value;
   const ConvShape s = DCN_SHAPE;
   const int K = s.kernel_h * s.kernel_w;
   const int L = s.out_h * s.out_w;
@@ -47,7 +47,7 @@ __global__ void deform_col2im_coord(const TCol* __restrict__ columns,
     int l = 0, k = 0, g = 0;
     Acc grad_y = Acc(0), grad_x = Acc(0), grad_m = Acc(0);
     if (active) {
-      lane_point(s, point, n, l, k, g);
+      column_point(s, point, n, l, k, g);
       Acc y, x, ly, lx;
       int y0, x0;
       sampling_point(s, offset, n, g, k, l, y, x);

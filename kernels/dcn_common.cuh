@@ -11,12 +11,12 @@
 //   dcn_lane()                 lane of the calling thread in its warp
 //   DCN_POINT_LOOP             warp-uniform loop over sampling points, a lane group each
 //   point_element(...)         (n, g, k, l) of a sampling point, layout (batch, G, K, Ho*Wo)
-//   lane_point(...)            (n, l, k, g) of a sampling point, order (batch, Ho*Wo, K, G)
+//   column_point(...)          (n, l, k, g) of a sampling point, in the order of the column rows
 //   sampling_point(...)        where kernel point k of output pixel l samples
 //   mask_value(...)            its modulation (1 without a mask)
 //   locate(...)                whether the point counts (for its value or its slope), and its top-left corner
 //   corner(...)                one of the four bilinear corners: pixel, weight, derivatives
-//   ChannelVector, CHANNELS_PER_LANE, channel_vectors_fit, aligned_for,
+//   ChannelVector, ChannelsPerLane, channel_vectors_fit, aligned_for,
 //   load_channels, column_index, load_column_block, store_column_block
 //                              a lane's block of channels, by 16-byte vectors where they fit
 //
@@ -166,8 +166,8 @@ __device__ __forceinline__ int dcn_lane() {
 /// fastest (the order of the column rows, so that neighbouring points write
 /// neighbouring columns): image n, output pixel l, kernel point k, offset group g.
 template <typename Index>
-__device__ __forceinline__ void lane_point(const ConvShape& s, Index index, Index& n, int& l,
-                                           int& k, int& g) {
+__device__ __forceinline__ void column_point(const ConvShape& s, Index index, Index& n, int& l,
+                                             int& k, int& g) {
   g = static_cast<int>(index % s.offset_groups);
   index /= s.offset_groups;
   k = static_cast<int>(index % (s.kernel_h * s.kernel_w));
@@ -267,7 +267,6 @@ template <typename T, typename TCol>
 struct ChannelsPerLane {
   static constexpr int value = 16 / (sizeof(T) > sizeof(TCol) ? sizeof(T) : sizeof(TCol));
 };
-#define CHANNELS_PER_LANE(T, TCol) (ChannelsPerLane<T, TCol>::value)
 
 /// V consecutive values that one load or store moves.
 template <typename T, int V>

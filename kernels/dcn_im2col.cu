@@ -25,7 +25,7 @@ __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__
                               const T* __restrict__ mask, int has_mask, DCN_SHAPE_PARAMS,
                               Index points, int group_lanes, TCol* __restrict__ columns) {
   typedef typename ComputeType<T>::type Acc;
-  constexpr int V = CHANNELS_PER_LANE(T, TCol);
+  constexpr int V = ChannelsPerLane<T, TCol>::value;
   const ConvShape s = DCN_SHAPE;
   const int point_channels = s.channels / s.offset_groups;
   const int lane = dcn_lane();
@@ -35,7 +35,7 @@ __global__ void deform_im2col(const T* __restrict__ input, const T* __restrict__
     if (point >= points) continue;
     Index n;
     int l, k, g;
-    lane_point(s, point, n, l, k, g);
+    column_point(s, point, n, l, k, g);
     Acc y, x, ly = Acc(0), lx = Acc(0);
     int y0 = 0, x0 = 0;
     sampling_point(s, offset, n, g, k, l, y, x);

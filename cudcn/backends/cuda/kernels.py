@@ -66,7 +66,7 @@ TYPES = {
 
 def channels_per_lane(dtype: str) -> int:
     """Channels one lane moves per step in the sampling kernels: 16 bytes of
-    the wider of the input and column types (``CHANNELS_PER_LANE`` in
+    the wider of the input and column types (``ChannelsPerLane`` in
     kernels/dcn_common.cuh)."""
     value_bits = int(dtype.removeprefix("b").removeprefix("float"))
     column_bits = int(TYPES[dtype].column_dtype.removeprefix("float"))

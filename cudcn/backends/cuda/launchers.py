@@ -40,7 +40,7 @@ def sampling_points(geom: Geometry, n: int) -> int:
 
 def lanes_per_point(geom: Geometry) -> int:
     """Lanes of a warp given to one sampling point by the sampling kernels:
-    enough for one block of channels each (``CHANNELS_PER_LANE``) across the
+    enough for one block of channels each (``ChannelsPerLane``) across the
     offset group's channels, a power of two up to 32."""
     blocks = -(-(geom.in_channels // geom.offset_groups) // kernels.channels_per_lane(geom.dtype.name))
     return min(WARP, 1 << (blocks - 1).bit_length())
