@@ -220,6 +220,8 @@ def test_shuffle_and_vote_semantics(target):
     (6, 48, r"calls mma.m16n8k16.f16 naming lane 16, which does not exist \(the block has 48 threads\)"),
     (7, 64, r"uses a reference to tile\[\d+\] taken before a __syncthreads"),
     (8, 32, r"lane 0 passes A element 0 = 0x3f8ccccd, not a tf32 value"),
+    (9, 64, r"deadlock in block \(0,0,0\): \(0,0,0\) in __shfl_sync with mask 0x00000003; "
+            r"\(1,0,0\) in __shfl_sync with mask 0x00000006; \(2,0,0\) in __shfl_sync with mask 0x00000005;"),
 ])
 def test_misuse_is_reported(lib, bug, block, message):
     with pytest.raises(harness.EmulationError, match=rf"^misuse: .*{message}"):

@@ -145,6 +145,11 @@ __global__ void misuse(float* out, int bug) {
     dcn_mma_m16n8k8_tf32(d, a, b, d);
     v = d[0];
   }
+  if (bug == 9) {  // three lanes each wait for the next in a different shuffle: a cycle
+    if (lane == 0) v = __shfl_sync(0x3u, v, 1);
+    if (lane == 1) v = __shfl_sync(0x6u, v, 2);
+    if (lane == 2) v = __shfl_sync(0x5u, v, 0);
+  }
   out[blockIdx.x * blockDim.x + threadIdx.x] = v;
 }
 

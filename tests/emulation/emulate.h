@@ -276,6 +276,8 @@ Out warp_collective(const char* op, unsigned mask, long long key, const In& in, 
     }
     const Fiber& other = *g.fibers[t];
     const bool names_me = other.wait == Wait::collective && ((other.op_mask >> lane) & 1u);
+    const bool same = other.wait == Wait::collective && std::strcmp(other.op, op) == 0 &&
+                      other.op_mask == mask && other.op_key == key;
     if (named && other.wait == Wait::exited)
       fail(thread_name(linear) + " calls " + op + " naming lane " + std::to_string(l) + ", which has exited");
     if (named && other.wait == Wait::barrier)
@@ -283,13 +285,12 @@ Out warp_collective(const char* op, unsigned mask, long long key, const In& in, 
            ", which waits at __syncthreads");
     // Two lanes that each wait for the other in different collectives never
     // meet. (One that waits elsewhere without naming this lane may still come.)
-    if (named && names_me &&
-        (std::strcmp(other.op, op) != 0 || other.op_mask != mask || other.op_key != key))
+    if (named && names_me && !same)
       fail("lanes " + std::to_string(l) + " and " + std::to_string(lane) + " of a warp of block " +
            describe(blockIdx) + " disagree: " + other.op + " with mask " + hex(other.op_mask) +
            " against " + op + " with mask " + hex(mask) +
            " (every lane named must make the same call with the same mask)");
-    if (named && other.wait != Wait::collective) complete = false;
+    if (named && !same) complete = false;
   }
   if (!complete) {
     yield();
@@ -579,7 +580,7 @@ inline std::string deadlock() {
   for (int t = 0; t < g.threads && t < 64; ++t) {
     const Fiber& f = *g.fibers[t];
     if (f.wait == Wait::barrier) s += " " + describe(f.thread) + " at __syncthreads;";
-    if (f.wait == Wait::collective) s += " " + describe(f.thread) + " in " + f.op + ";";
+    if (f.wait == Wait::collective) s += " " + describe(f.thread) + " in " + f.op + " with mask " + hex(f.op_mask) + ";";
   }
   return s;
 }
