@@ -12,8 +12,11 @@ from cudcn.config import (
     are_deterministic_algorithms_enabled,
     deterministic_algorithms,
     get_workspace_bytes,
+    is_tf32_enabled,
     set_workspace_bytes,
+    tf32,
     use_deterministic_algorithms,
+    use_tf32,
     workspace_bytes,
 )
 from cudcn.ops import (
@@ -39,7 +42,10 @@ __all__ = [
     "deform_conv2d_backward",
     "deform_im2col",
     "get_workspace_bytes",
+    "is_tf32_enabled",
     "set_workspace_bytes",
+    "tf32",
     "use_deterministic_algorithms",
+    "use_tf32",
     "workspace_bytes",
 ]

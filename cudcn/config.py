@@ -1,4 +1,4 @@
-"""Library-wide settings: the workspace budget and deterministic algorithms.
+"""Library-wide settings: the workspace budget, deterministic algorithms and TF32.
 
 The column buffer of a chunk of images holds (n, Ho*Wo, kh*kw, C_in) values,
 kh*kw times the input. Backends split the batch into chunks whose column
@@ -12,6 +12,16 @@ results. The CUDA backend's fastest input gradient adds with atomics, whose
 order varies from run to run; with deterministic algorithms on it takes a
 sorted, atomic-free path instead. The setting is per thread (a context
 variable); CUDCN_DETERMINISTIC=1 turns it on by default.
+
+TF32: with it on, the CUDA backend's float32 GEMMs may round their operands to
+TensorFloat-32 (10 explicit significand bits, float32's exponent range) and
+run on tensor cores, summing in float32 (cuBLAS's
+CUBLAS_COMPUTE_32F_FAST_TF32). A product then has a relative error of about
+2^-11 per operand instead of float32's 2^-24, so a float32 output or gradient
+is accurate to roughly 1e-3 relative, about as torch's own float32
+convolutions and matmuls are with TF32 allowed. Off by default, per thread;
+CUDCN_TF32=1 turns it on by default. It never affects float16, bfloat16,
+float64 or the NumPy backend.
 """
 
 from __future__ import annotations
@@ -56,15 +66,42 @@ def images_per_chunk(bytes_per_image: int, batch: int) -> int:
     return max(1, min(fit, batch))
 
 
-_deterministic: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "cudcn_deterministic", default=os.environ.get("CUDCN_DETERMINISTIC", "0") == "1"
-)
+class _ThreadSetting:
+    """A boolean setting per thread (a context variable) with an environment default."""
+
+    def __init__(self, name: str, environment: str) -> None:
+        self._value: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            name, default=os.environ.get(environment, "0") == "1"
+        )
+
+    def get(self) -> bool:
+        return self._value.get()
+
+    def set(self, mode: bool) -> None:
+        _check_mode(mode)
+        self._value.set(mode)
+
+    @contextlib.contextmanager
+    def scoped(self, mode: bool) -> Iterator[None]:
+        _check_mode(mode)
+        token = self._value.set(mode)
+        try:
+            yield
+        finally:
+            self._value.reset(token)
+
+
+def _check_mode(mode: bool) -> None:
+    if not isinstance(mode, bool):
+        raise TypeError(f"mode must be a bool, got {mode!r}")
+
+
+_deterministic = _ThreadSetting("cudcn_deterministic", "CUDCN_DETERMINISTIC")
+_tf32 = _ThreadSetting("cudcn_tf32", "CUDCN_TF32")
 
 
 def use_deterministic_algorithms(mode: bool) -> None:
     """Make every later call in this thread bitwise repeatable (or not)."""
-    if not isinstance(mode, bool):
-        raise TypeError(f"mode must be a bool, got {mode!r}")
     _deterministic.set(mode)
 
 
@@ -73,13 +110,21 @@ def are_deterministic_algorithms_enabled() -> bool:
     return _deterministic.get()
 
 
-@contextlib.contextmanager
-def deterministic_algorithms(mode: bool = True) -> Iterator[None]:
+def deterministic_algorithms(mode: bool = True) -> contextlib.AbstractContextManager:
     """Within the block, calls are (or are not) bitwise repeatable."""
-    if not isinstance(mode, bool):
-        raise TypeError(f"mode must be a bool, got {mode!r}")
-    token = _deterministic.set(mode)
-    try:
-        yield
-    finally:
-        _deterministic.reset(token)
+    return _deterministic.scoped(mode)
+
+
+def use_tf32(mode: bool) -> None:
+    """Let every later float32 GEMM on the GPU in this thread use TF32 (or not)."""
+    _tf32.set(mode)
+
+
+def is_tf32_enabled() -> bool:
+    """Whether float32 GEMMs on the GPU in this thread may use TF32."""
+    return _tf32.get()
+
+
+def tf32(mode: bool = True) -> contextlib.AbstractContextManager:
+    """Within the block, float32 GEMMs on the GPU may (or may not) use TF32."""
+    return _tf32.scoped(mode)
