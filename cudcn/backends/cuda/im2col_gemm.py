@@ -8,28 +8,34 @@ the specification this backend matches), per chunk of images:
    consecutive addresses;
 2. ``deform_im2col`` samples the columns in the grouped layout
    (groups, n*L, K*C/groups) -- for one group exactly the public layout
-   (n, L, K, C) -- and one batched cuBLAS GEMM per chunk multiplies them with
-   the weight matrix of every group at once (``layout.weight_matrix``);
-3. backward: the column gradients (one more batched GEMM, written over the
-   columns once the weight gradient has used them) go through
-   ``deform_col2im`` (atomics into a zero-filled float32/float64
-   channels-last accumulator, then ``from_channels_last`` back to NCHW in the
-   dtype) and ``deform_col2im_coord`` (offset and mask gradients, no atomics).
-   With :func:`cudcn.config.deterministic_algorithms` on, the input gradient
+   (n, L, K, C) -- and cuBLAS GEMMs (:mod:`cudcn.backends.cuda.gemms`)
+   multiply them with the weight matrix of every group
+   (``layout.weight_matrix``), writing the output (n, O, Ho, Wo) where it
+   lies: the bias is written there first and the GEMM adds its product to
+   it (beta = 1), so each output value is rounded once;
+3. backward: grad_output is laid out once per chunk as rows
+   (groups, n*L, O/groups) in the column dtype; one batched GEMM adds the
+   weight gradient (in float32/float64) and one writes the column gradients
+   over the spent columns. They go through ``deform_col2im`` (atomics into a
+   zero-filled float32/float64 channels-last accumulator, then
+   ``from_channels_last`` back to NCHW in the dtype) and
+   ``deform_col2im_coord`` (offset and mask gradients, no atomics). With
+   :func:`cudcn.config.deterministic_algorithms` on, the input gradient
    instead sorts the bilinear corners by target pixel and sums each pixel's
    in that fixed order (``deform_col2im_keys``, a stable argsort,
    ``deform_col2im_gather``): bitwise repeatable, at the cost of the sort and
-   about 30 bytes per corner (4 per image, offset group, kernel point and
-   output pixel) of extra workspace per chunk. Every other step has no
-   atomics, so the whole backward is then repeatable.
+   up to 56 bytes per corner (4 per image, offset group, kernel point and
+   output pixel) of workspace, which the chunking counts in the budget. Every
+   other step has no atomics, so the whole backward is then repeatable.
 
 The batch is chunked so that the column buffer stays under the workspace
-budget (:mod:`cudcn.config`). float16 columns and GEMMs stay float16 (cuBLAS
-accumulates in float32); bfloat16 columns are float32; every kernel computes
-in float32 (float64 for float64). The weight gradient is summed over all
-chunks in float32 (float64) by one cuBLAS GEMM per chunk that adds into it
-(:func:`launchers.add_transposed_product`), so a float16 partial sum is never rounded
-or overflows. Everything runs on the arrays' device and CuPy's current stream
+budget (:mod:`cudcn.config`). Columns and GEMM operands keep the dtype:
+float16 and bfloat16 GEMMs run on tensor cores and sum in float32 (cuBLAS
+GemmEx), float32 GEMMs use TF32 only with :func:`cudcn.config.tf32` on;
+every kernel computes in float32 (float64 for float64). The weight gradient
+is summed over all chunks in float32 (float64) by one cuBLAS GEMM per chunk
+that adds into it, so a half-precision partial sum is never rounded or
+overflows. Everything runs on the arrays' device and CuPy's current stream
 there; nothing waits for the device.
 
 Subnormals: CuPy compiles every RawModule with ``-ftz=true``, so float32
