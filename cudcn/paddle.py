@@ -38,6 +38,7 @@ from paddle.autograd import PyLayer
 from paddle.nn.initializer import Constant, Normal
 
 import cudcn
+from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import FLOAT_DTYPES, Geometry, validate
 
 __all__ = [
@@ -73,7 +74,7 @@ def _stand_in(name: str, t: paddle.Tensor) -> np.ndarray:
         try:
             dtype = np.dtype(_dtype_name(t))
         except TypeError:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}.dtype must be one of {', '.join(FLOAT_DTYPES)}, got {_dtype_name(t)}"
             ) from None
     shape = tuple(t.shape)
@@ -95,16 +96,16 @@ def _check(
     given = {name: t for name, t in tensors.items() if t is not None}
     for name, t in given.items():
         if not isinstance(t, paddle.Tensor):
-            raise TypeError(f"{name} must be a paddle.Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a paddle.Tensor, got {type(t).__name__}")
     for name, t in given.items():
         if str(t.place) != str(x.place):
-            raise ValueError(f"{name} is on {t.place} but x is on {x.place}; pass tensors on one place")
+            raise ArgumentError(f"{name} is on {t.place} but x is on {x.place}; pass tensors on one place")
     # Stand-ins show bfloat16 as float32, so a bfloat16/float32 mix must be
     # caught here; every other mix the core reports.
     if any(t.dtype == paddle.bfloat16 for t in given.values()):
         for name, t in given.items():
             if t.dtype != x.dtype:
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{name}.dtype must equal x.dtype = {_dtype_name(x)}, got {_dtype_name(t)}"
                 )
     stand_ins = {name: _stand_in(name, t) for name, t in given.items()}
@@ -127,7 +128,7 @@ def _to_array(t: paddle.Tensor | None) -> Any:
         except Exception as error:
             if t.dtype != paddle.bfloat16:
                 raise
-            raise TypeError(
+            raise ArgumentTypeError(
                 "bfloat16 on CUDA needs CuPy 14 or newer with ml_dtypes "
                 "(CuPy's bfloat16 type); this CuPy cannot import it through DLPack"
             ) from error
@@ -266,13 +267,13 @@ def deform_conv2d(
     geom = _check(x, offset, weight, bias, mask, stride, padding, dilation)
     if deformable_groups != geom.offset_groups:
         expected = 2 * deformable_groups * geom.kernel_points
-        raise ValueError(
+        raise ArgumentError(
             f"offset.shape[1] must be 2*deformable_groups*kh*kw = {expected} "
             f"(deformable_groups = {deformable_groups}, kernel "
             f"{geom.kernel_h}x{geom.kernel_w}), got {offset.shape[1]}"
         )
     if groups != geom.groups:
-        raise ValueError(
+        raise ArgumentError(
             f"weight.shape[1] must be x.shape[1] / groups = {geom.in_channels} / "
             f"{groups} (groups = {groups}), got {weight.shape[1]}"
         )
@@ -312,11 +313,11 @@ class DeformConv2D(paddle.nn.Layer):
     ) -> None:
         super().__init__()
         if weight_attr is False:
-            raise ValueError("weight_attr must not be False: the layer needs a weight")
+            raise ArgumentError("weight_attr must not be False: the layer needs a weight")
         if in_channels % groups != 0:
-            raise ValueError(f"in_channels = {in_channels} must be divisible by groups = {groups}")
+            raise ArgumentError(f"in_channels = {in_channels} must be divisible by groups = {groups}")
         if out_channels % groups != 0:
-            raise ValueError(f"out_channels = {out_channels} must be divisible by groups = {groups}")
+            raise ArgumentError(f"out_channels = {out_channels} must be divisible by groups = {groups}")
         # paddle's attribute names, for code that reads them.
         self._in_channels = in_channels
         self._out_channels = out_channels
@@ -380,7 +381,7 @@ class _Pack(DeformConv2D):
             deformable_groups, groups, weight_attr, bias_attr,
         )
         if deformable_groups < 1 or in_channels % deformable_groups != 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"in_channels = {in_channels} must be divisible by "
                 f"deformable_groups = {deformable_groups}"
             )

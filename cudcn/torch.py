@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 import cudcn
+from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import FLOAT_DTYPES, Geometry, validate
 
 __all__ = [
@@ -93,7 +94,7 @@ def _stand_in(name: str, t: Tensor) -> np.ndarray:
         try:
             dtype = np.dtype(str(t.dtype).removeprefix("torch."))
         except TypeError:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}.dtype must be one of {', '.join(FLOAT_DTYPES)}, got {t.dtype}"
             ) from None
     shape = tuple(t.shape)
@@ -108,15 +109,15 @@ def _check_tensors(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
     given = {name: t for name, t in tensors.items() if t is not None}
     for name, t in given.items():
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     device, dtype = given["input"].device, given["input"].dtype
     for name, t in given.items():
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but input is on {device}; pass tensors on one device")
+            raise ArgumentError(f"{name} is on {t.device} but input is on {device}; pass tensors on one device")
     if any(t.dtype == torch.bfloat16 for t in given.values()):
         for name, t in given.items():
             if t.dtype != dtype:
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{name}.dtype must equal input.dtype = "
                     f"{str(dtype).removeprefix('torch.')}, "
                     f"got {str(t.dtype).removeprefix('torch.')}"
@@ -171,7 +172,7 @@ def _to_array(t: Tensor | None) -> Any:
             from cudcn.backends.cuda.engine import cupy_bfloat16_problem
 
             cause = cupy_bfloat16_problem() or f"CuPy could not import the tensor through DLPack: {error}"
-            raise TypeError(f"bfloat16 CUDA tensors need CuPy's bfloat16: {cause}") from error
+            raise ArgumentTypeError(f"bfloat16 CUDA tensors need CuPy's bfloat16: {cause}") from error
     if t.dtype == torch.bfloat16:  # NumPy's DLPack has no bfloat16.
         t = t.float()
     return np.from_dlpack(t)
@@ -505,9 +506,9 @@ class DeformConv2d(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels % groups != 0:
-            raise ValueError(f"in_channels = {in_channels} must be divisible by groups = {groups}")
+            raise ArgumentError(f"in_channels = {in_channels} must be divisible by groups = {groups}")
         if out_channels % groups != 0:
-            raise ValueError(f"out_channels = {out_channels} must be divisible by groups = {groups}")
+            raise ArgumentError(f"out_channels = {out_channels} must be divisible by groups = {groups}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -578,7 +579,7 @@ class _Pack(DeformConv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
         )
         if offset_groups < 1 or in_channels % offset_groups != 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"in_channels = {in_channels} must be divisible by "
                 f"offset_groups = {offset_groups}"
             )

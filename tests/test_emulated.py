@@ -228,3 +228,20 @@ def test_deterministic_setting_picks_the_kernel(library):
     assert "deform_col2im" in _kernels(engines[False]) and "deform_col2im_gather" not in _kernels(engines[False])
     assert {"deform_col2im_keys", "deform_col2im_gather"} <= _kernels(engines[True])
     assert "deform_col2im" not in _kernels(engines[True])
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_no_output_channels(library, batch):
+    """An empty weight through the CUDA algorithm: empty output, zero gradients."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((batch, 4, 5, 5))
+    offset = rng.standard_normal((batch, 18, 5, 5))
+    mask = rng.random((batch, 9, 5, 5))
+    weight, bias = np.ones((0, 2, 3, 3)), np.ones(0)
+    geom = validate(input=x, offset=offset, weight=weight, bias=bias, mask=mask, padding=1)
+    engine = harness.EmulatedEngine(library)
+    out = im2col_gemm.forward(engine, geom, x, offset, weight, bias, mask)
+    assert out.shape == (batch, 0, 5, 5)
+    grads = im2col_gemm.backward(engine, geom, np.ones(out.shape), x, offset, weight, mask)
+    for got, arg in zip(grads, (x, offset, weight, bias, mask)):
+        assert got.shape == arg.shape and not got.any()

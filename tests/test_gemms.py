@@ -261,3 +261,12 @@ def test_emulated_cublas_catches_bad_arguments(change, message):
     stride is caught."""
     with pytest.raises(AssertionError, match=message):
         cublas.gemm_strided_batched(_gemm(**change))
+
+
+def test_tf32_is_part_of_the_auto_algorithm_key():
+    """The "auto" algorithm measures again when TF32 changes (it changes the GEMMs' speed)."""
+    from cudcn.backends.cuda import algorithms
+
+    with cudcn.tf32():
+        assert dict(algorithms._settings())["tf32"] is True
+    assert dict(algorithms._settings())["tf32"] is False

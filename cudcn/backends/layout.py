@@ -22,8 +22,10 @@ def weight_matrix(geom: Geometry, weight: np.ndarray, dtype) -> np.ndarray:
     Row k*(C/groups) + c matches the column layout (.., K, C) of one group.
     """
     O, Cg = weight.shape[:2]
-    w = weight.astype(dtype, copy=False).reshape(geom.groups, O // geom.groups, Cg, -1)
-    return w.transpose(0, 3, 2, 1).reshape(geom.groups, -1, O // geom.groups)
+    K = geom.kernel_points
+    # Explicit sizes, no -1: a weight with no output channels has size 0.
+    w = weight.astype(dtype, copy=False).reshape(geom.groups, O // geom.groups, Cg, K)
+    return w.transpose(0, 3, 2, 1).reshape(geom.groups, K * Cg, O // geom.groups)
 
 
 def weight_from_matrix(geom: Geometry, matrix: np.ndarray) -> np.ndarray:

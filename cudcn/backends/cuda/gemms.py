@@ -75,6 +75,9 @@ def column_gradients(engine: Engine, grad_rows: Any, matrix: Any, out: Any) -> N
     depth = matrix.shape[1]
     if out.size == 0:
         return
+    if per_group_out == 0:  # no output channel: nothing reaches the columns (and cuBLAS needs k >= 1)
+        out[...] = 0
+        return
     engine.gemm(Gemm(
         trans_a=True, trans_b=False, m=depth, n=rows, k=per_group_out,
         a=matrix, lda=per_group_out, stride_a=depth * per_group_out,
