@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 import cudcn
+from cudcn.backends.cuda.engine import external_stream
 from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import FLOAT_DTYPES, Geometry, validate
 
@@ -211,45 +212,9 @@ def _backend_context(t: Tensor) -> Iterator[None]:
     device_id = t.device.index
     stream = torch.cuda.current_stream(t.device)
     allocator = _torch_allocator(stream.cuda_stream)
-    with cupy.cuda.Device(device_id), _cupy_stream(cupy, stream, device_id), cupy.cuda.using_allocator(allocator):
+    cupy_stream = external_stream(cupy, stream.cuda_stream, device_id)  # 0, torch's default stream, made explicit
+    with cupy.cuda.Device(device_id), cupy_stream, cupy.cuda.using_allocator(allocator):
         yield
-
-
-#: CUDA's explicit handle of the legacy default stream (cudaStreamLegacy).
-_LEGACY_DEFAULT_STREAM = 1
-
-
-class _StreamHandle:
-    """A torch stream as CuPy must see it, through the CUDA stream protocol.
-
-    torch's default stream is CUDA's legacy default stream, handle 0. To CuPy
-    0 means "no stream chosen": under CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 it
-    runs on the per-thread default stream instead and hands torch that
-    stream (2) in the DLPack handshake, which torch rejects. The explicit
-    handle cudaStreamLegacy (1) is the same stream to CUDA, and DLPack's name
-    for it, which torch maps to its default stream.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream  # kept alive as long as CuPy holds this
-        self.handle = _LEGACY_DEFAULT_STREAM if stream.cuda_stream == 0 else stream.cuda_stream
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return 0, self.handle
-
-
-def _cupy_stream(cupy: Any, stream: Any, device_id: int) -> Any:
-    """The CuPy stream for torch's ``stream`` on device ``device_id``.
-
-    ``Stream.from_external`` (CuPy >= 14) leaves its device unset (-1): CuPy
-    then uses it on whatever device is current when it is entered, so it is
-    entered inside ``cupy.cuda.Device(device_id)``. Older CuPy takes the
-    handle and the device as an ExternalStream.
-    """
-    handle = _StreamHandle(stream)
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        return cupy.cuda.Stream.from_external(handle)
-    return cupy.cuda.ExternalStream(handle.handle, device_id)
 
 
 def _torch_allows_tf32() -> bool:

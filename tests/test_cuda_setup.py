@@ -3,7 +3,13 @@
 - the ``cuda12``/``cuda13`` extras bring CuPy 14, the CUDA runtime headers
   CuPy looks up on every kernel compile, NVRTC and cuBLAS (as wheels, from
   the matching CUDA major), NumPy >= 2.1.2 and ml_dtypes (CuPy's bfloat16);
-- :func:`cupy_bfloat16_problem` names what keeps CuPy from bfloat16.
+- :func:`cupy_bfloat16_problem` names what keeps CuPy from bfloat16;
+- :func:`external_stream`, the CuPy stream both adapters run on: a
+  framework's default stream (handle 0) reaches CuPy as cudaStreamLegacy (1),
+  never as 0 (CuPy's "no stream", its per-thread stream under
+  CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1, which torch's and paddle's DLPack
+  export reject), on the given device; with a fake and with CuPy's real
+  ``Stream.from_external`` (which needs no GPU).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cudcn.backends.cuda.engine import cupy_bfloat16_problem
+from cudcn.backends.cuda.engine import cupy_bfloat16_problem, external_stream
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -63,3 +69,32 @@ def test_bfloat16_available(environment):
 def test_bfloat16_problem_names_the_cause(environment, monkeypatch, spoil, message):
     spoil(monkeypatch, environment)
     assert message in cupy_bfloat16_problem()
+
+
+class FakeCupyStream:
+    @classmethod
+    def from_external(cls, obj):
+        stream = cls()
+        stream.protocol = obj.__cuda_stream__()
+        stream.device_id = -1  # as CuPy leaves it
+        return stream
+
+
+@pytest.mark.parametrize("handle, expected", [(0, 1), (0x7F00DEAD, 0x7F00DEAD)])
+def test_external_stream_makes_the_default_stream_explicit(handle, expected):
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Stream=FakeCupyStream))
+    stream = external_stream(fake_cupy, handle, 3)
+    assert stream.protocol == (0, expected) and stream.device_id == 3
+
+    def external(ptr, device_id):
+        return ("external", ptr, device_id)
+
+    older_cupy = SimpleNamespace(cuda=SimpleNamespace(Stream=object, ExternalStream=external))
+    assert external_stream(older_cupy, handle, 3) == ("external", expected, 3)
+
+
+def test_external_stream_through_cupys_own_from_external():
+    cupy = pytest.importorskip("cupy")
+    stream = external_stream(cupy, 0, 0)
+    assert stream.ptr == 1 and stream.device_id == 0  # cudaStreamLegacy, on device 0
+    assert external_stream(cupy, 12345, 2).ptr == 12345

@@ -1,14 +1,12 @@
-"""The torch adapter's CUDA glue, checked on the CPU: TF32, streams, bfloat16 errors.
+"""The torch adapter's CUDA glue, checked on the CPU: TF32 and bfloat16 errors.
 
 - TF32 reaches the core call when torch allows it for float32 matmuls, or
   when cudcn's setting is on at the forward (also for a backward that
   autograd runs in another thread);
-- torch's default stream (handle 0) reaches CuPy as cudaStreamLegacy (1),
-  never as 0 (CuPy's "no stream", the per-thread stream under
-  CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1, which torch's DLPack export rejects);
-  with fakes of torch's stream and of CuPy, and with CuPy's real
-  ``Stream.from_external`` (which needs no GPU);
 - a bfloat16 CUDA tensor CuPy cannot take fails naming the cause.
+
+(The CuPy stream both adapters make from a framework's stream is checked in
+tests/test_cuda_setup.py.)
 """
 
 from __future__ import annotations
@@ -107,44 +105,6 @@ def test_torch_allows_tf32_reads_both_spellings(torch_precision, monkeypatch):
     assert ct._torch_allows_tf32()
     legacy.allow_tf32 = False
     assert not ct._torch_allows_tf32()
-
-
-# ---------------------------------------------------------------------------
-# Streams.
-
-
-class FakeTorchStream:
-    def __init__(self, handle: int) -> None:
-        self.cuda_stream = handle
-
-
-class FakeCupyStream:
-    @classmethod
-    def from_external(cls, obj):
-        return ("from_external", obj.__cuda_stream__(), obj)
-
-
-@pytest.mark.parametrize("handle, expected", [(0, 1), (0x7F00DEAD, 0x7F00DEAD)])
-def test_torch_stream_maps_to_an_explicit_cupy_stream(handle, expected):
-    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Stream=FakeCupyStream))
-    torch_stream = FakeTorchStream(handle)
-    kind, protocol, holder = ct._cupy_stream(fake_cupy, torch_stream, 0)
-    assert kind == "from_external" and protocol == (0, expected)
-    assert holder.stream is torch_stream  # kept alive with the CuPy stream
-
-    def external(ptr, device_id):
-        return ("external", ptr, device_id)
-
-    old_cupy = SimpleNamespace(cuda=SimpleNamespace(Stream=object, ExternalStream=external))
-    assert ct._cupy_stream(old_cupy, torch_stream, 3) == ("external", expected, 3)
-
-
-def test_default_stream_through_cupys_own_from_external():
-    cupy = pytest.importorskip("cupy")
-    stream = ct._cupy_stream(cupy, FakeTorchStream(0), 0)
-    assert stream.ptr == 1  # cudaStreamLegacy: what DLPack and torch call the default stream
-    assert stream.device_id == -1  # unset: bound to the device current when entered
-    assert ct._cupy_stream(cupy, FakeTorchStream(12345), 0).ptr == 12345
 
 
 # ---------------------------------------------------------------------------

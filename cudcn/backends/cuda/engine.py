@@ -152,6 +152,41 @@ class CupyEngine:
         )
 
 
+#: CUDA's explicit handle of the legacy default stream (cudaStreamLegacy),
+#: which is also DLPack's stream value for it.
+LEGACY_DEFAULT_STREAM = 1
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle in the CUDA stream protocol (for ``Stream.from_external``)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.handle
+
+
+def external_stream(cupy: Any, handle: int, device_id: int) -> Any:
+    """A CuPy stream on a framework's raw CUDA stream ``handle`` of GPU ``device_id``.
+
+    torch and paddle show their default stream, CUDA's legacy default
+    stream, as handle 0. To CuPy 0 means "no stream chosen": under
+    CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 it runs on the per-thread default
+    stream instead and offers that stream (2) in the DLPack handshake, which
+    torch and paddle reject. So 0 becomes cudaStreamLegacy (1): the same
+    stream to CUDA, and DLPack's value for it. ``Stream.from_external``
+    (CuPy >= 14) leaves the device unknown (-1); it is set here. Older CuPy
+    takes handle and device as an ExternalStream.
+    """
+    handle = handle or LEGACY_DEFAULT_STREAM
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        stream = cupy.cuda.Stream.from_external(_StreamHandle(handle))
+        stream.device_id = device_id
+        return stream
+    return cupy.cuda.ExternalStream(handle, device_id)
+
+
 def cupy_bfloat16_problem() -> str | None:
     """Why CuPy cannot hold bfloat16 arrays in this environment, or None if it can.
 
