@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cudcn
-from cudcn.backends.cuda import im2col_gemm, launchers
+from cudcn.backends.cuda import gemms, im2col_gemm
 from cudcn.backends import numpy_backend
 from cudcn.geometry import validate
 from emulation import harness
@@ -155,7 +155,7 @@ def test_transposed_product_adds_in_the_wide_type(library, batch, rows, p, q, dt
     wide = np.float64 if dtype == "float64" else np.float32
     start = rng.standard_normal((batch, p, q)).astype(wide)
     out = start.copy()
-    launchers.add_transposed_product(engine, a, b, out)
+    gemms.add_transposed_product(engine, a, b, out)
     expected = start + np.matmul(a.astype(np.float64).transpose(0, 2, 1), b.astype(np.float64))
     assert out.dtype == wide
     scale = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * max(rows, 1) + 1.0

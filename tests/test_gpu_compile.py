@@ -1,16 +1,21 @@
 """``cudcn compile``: every kernel instantiation through NVRTC, with no GPU.
 
 These tests need NVRTC (CuPy plus the NVRTC library), not a device; they are
-skipped only where NVRTC cannot be loaded at all.
+skipped only where NVRTC cannot be loaded at all. The command compiles
+through CuPy's own compile path and options, so it fails where CuPy would.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cudcn import cli
+from cudcn.backends.cuda import compile as compile_module
 from cudcn.backends.cuda import kernels as cuda_kernels
 
 
@@ -74,3 +79,30 @@ def test_every_kernel_file_opens_with_its_function_list():
         header = text.split("#include", 1)[0]
         for kernel in re.findall(r"__global__ void (\w+)\(", text):
             assert kernel in header, f"{name}: {kernel} is missing from the opening comment"
+
+
+@needs_nvrtc
+def test_compile_goes_through_cupys_header_lookup():
+    """`cudcn compile` fails where CuPy's RawModule would at run time: here,
+    the CUDA runtime headers cannot be found (CuPy looks them up on every
+    compile, even for source that includes none)."""
+    script = (
+        "import cuda.pathfinder, sys\n"
+        "cuda.pathfinder.find_nvidia_header_directory = lambda name: None\n"
+        "from cudcn.backends.cuda import compile\n"
+        "compile.device_count = lambda: 0\n"
+        "from cudcn import cli\n"
+        "sys.exit(cli.main(['compile', '--arch', 'sm_80', '--dtype', 'float64']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "CuPy cannot compile here: Failed to find CUDA headers" in result.stdout
+
+
+@needs_nvrtc
+def test_compile_uses_cupys_runtime_options():
+    options = compile_module.runtime_options(80)
+    assert options[-3:] == ("-ftz=true", "-arch=sm_80", "--device-as-default-execution-space")
+    assert "--std=c++17" in options
+    assert any(option.startswith("-I") and Path(option[2:], "cuda_runtime.h").is_file() for option in options)

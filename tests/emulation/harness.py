@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cudcn.backends.cuda import kernels as cuda_kernels
+from emulation import cublas
 
 HERE = Path(__file__).resolve().parent
 
@@ -138,7 +139,7 @@ class EmulatedEngine:
     and most launches need several grid-stride steps. ``wide=True`` makes the
     backend choose the 64-bit index instantiations (it believes a launch may
     start 2^31 threads). ``launches`` records (name expression, total);
-``gemm`` runs cuBLAS's column-major GEMM in NumPy and records each call.
+    ``gemm`` runs cuBLAS's column-major GEMM in NumPy (emulation/cublas.py) and records each call.
     """
 
     xp = PoisonedNumpy()
@@ -181,36 +182,6 @@ class EmulatedEngine:
         self.launches.append((name, total))
 
     def gemm(self, call: Any) -> None:
-        """cuBLAS's strided batched GEMM, column-major, run by NumPy.
-
-        Reads the operands exactly as cuBLAS would from the arguments (leading
-        dimensions, strides, transposes), so that the backend's translation of
-        a row-major product into them is checked here.
-        """
+        """cuBLAS's column-major GEMM, run by NumPy from the call's arguments (tests/emulation/cublas.py)."""
         self.gemms.append(call)
-        compute = call.c.dtype  # cuBLAS sums in C's type (float32 for float16 A and B)
-
-        def matrices(array: np.ndarray, rows: int, cols: int, ld: int, stride: int) -> np.ndarray:
-            """(batch, rows, cols) column-major matrices inside the flat ``array``."""
-            assert array.flags.c_contiguous and rows <= ld
-            size = (call.batch - 1) * stride + (cols - 1) * ld + rows
-            assert size <= array.size, "a matrix reaches past its array"
-            item = array.itemsize
-            return np.lib.stride_tricks.as_strided(
-                array.reshape(-1), (call.batch, rows, cols), (stride * item, item, ld * item), writeable=False
-            )
-
-        a = matrices(call.a, *((call.k, call.m) if call.trans_a else (call.m, call.k)), call.lda, call.stride_a)
-        b = matrices(call.b, *((call.n, call.k) if call.trans_b else (call.k, call.n)), call.ldb, call.stride_b)
-        if call.trans_a:
-            a = a.transpose(0, 2, 1)
-        if call.trans_b:
-            b = b.transpose(0, 2, 1)
-        product = np.matmul(a.astype(compute), b.astype(compute))
-        c = matrices(call.c, call.m, call.n, call.ldc, call.stride_c)
-        result = product + call.beta * c
-        flat = call.c.reshape(-1)
-        for index in range(call.batch):  # write back through the same layout
-            for j in range(call.n):
-                start = index * call.stride_c + j * call.ldc
-                flat[start:start + call.m] = result[index, :, j]
+        cublas.gemm_strided_batched(call)
