@@ -14,9 +14,12 @@ from cudcn.config import (
     deterministic_algorithms,
     get_algorithm,
     get_workspace_bytes,
+    is_tf32_enabled,
     set_algorithm,
     set_workspace_bytes,
+    tf32,
     use_deterministic_algorithms,
+    use_tf32,
     workspace_bytes,
 )
 from cudcn.errors import ArgumentError, ArgumentTypeError
@@ -57,7 +60,10 @@ __all__ = [
     "deform_conv2d_backward",
     "deform_im2col",
     "get_workspace_bytes",
+    "is_tf32_enabled",
     "set_workspace_bytes",
+    "tf32",
     "use_deterministic_algorithms",
+    "use_tf32",
     "workspace_bytes",
 ]

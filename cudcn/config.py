@@ -1,4 +1,4 @@
-"""Library-wide settings: the workspace budget and deterministic algorithms.
+"""Library-wide settings: the workspace budget, deterministic algorithms, TF32 and the CUDA algorithm.
 
 The column buffer of a chunk of images holds (n, Ho*Wo, kh*kw, C_in) values,
 kh*kw times the input. Backends split the batch into chunks whose column
@@ -14,6 +14,16 @@ results. The CUDA backend's fastest input gradient adds with atomics, whose
 order varies from run to run; with deterministic algorithms on it takes a
 sorted, atomic-free path instead. The setting is per thread (a context
 variable); CUDCN_DETERMINISTIC=1 turns it on by default.
+
+TF32: with it on, the CUDA backend's float32 GEMMs may round their operands to
+TensorFloat-32 (10 explicit significand bits, float32's exponent range) and
+run on tensor cores, summing in float32 (cuBLAS's
+CUBLAS_COMPUTE_32F_FAST_TF32). A product then has a relative error of about
+2^-11 per operand instead of float32's 2^-24, so a float32 output or gradient
+is accurate to roughly 1e-3 relative, about as torch's own float32
+convolutions and matmuls are with TF32 allowed. Off by default, per thread
+like the deterministic setting; CUDCN_TF32=1 turns it on by default. It
+never affects float16, bfloat16, float64 or the NumPy backend.
 """
 
 from __future__ import annotations
@@ -147,33 +157,64 @@ def images_per_chunk(bytes_per_image: int, batch: int) -> int:
     return max(1, min(fit, batch))
 
 
-_deterministic: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "cudcn_deterministic", default=os.environ.get("CUDCN_DETERMINISTIC", "0") == "1"
-)
+class _ThreadFlag:
+    """A boolean setting per thread (a context variable), default from an environment variable."""
+
+    def __init__(self, name: str, variable: str) -> None:
+        self.value: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            name, default=os.environ.get(variable, "0") == "1"
+        )
+
+    def set(self, mode: bool) -> None:
+        self.value.set(_check_mode(mode))
+
+    @contextlib.contextmanager
+    def temporarily(self, mode: bool) -> Iterator[None]:
+        token = self.value.set(_check_mode(mode))
+        try:
+            yield
+        finally:
+            self.value.reset(token)
+
+
+def _check_mode(mode: object) -> bool:
+    if not isinstance(mode, bool):
+        raise ArgumentTypeError(f"mode must be a bool, got {mode!r}")
+    return mode
+
+
+_deterministic = _ThreadFlag("cudcn_deterministic", "CUDCN_DETERMINISTIC")
+_tf32 = _ThreadFlag("cudcn_tf32", "CUDCN_TF32")
 
 
 def use_deterministic_algorithms(mode: bool) -> None:
     """Make every later call in this thread bitwise repeatable (or not)."""
-    if not isinstance(mode, bool):
-        raise ArgumentTypeError(f"mode must be a bool, got {mode!r}")
     _deterministic.set(mode)
 
 
 def are_deterministic_algorithms_enabled() -> bool:
     """Whether calls in this thread must be bitwise repeatable."""
-    return _deterministic.get()
+    return _deterministic.value.get()
 
 
-@contextlib.contextmanager
-def deterministic_algorithms(mode: bool = True) -> Iterator[None]:
+def deterministic_algorithms(mode: bool = True) -> contextlib.AbstractContextManager[None]:
     """Within the block, calls are (or are not) bitwise repeatable."""
-    if not isinstance(mode, bool):
-        raise ArgumentTypeError(f"mode must be a bool, got {mode!r}")
-    token = _deterministic.set(mode)
-    try:
-        yield
-    finally:
-        _deterministic.reset(token)
+    return _deterministic.temporarily(mode)
+
+
+def use_tf32(mode: bool) -> None:
+    """Let every later float32 GEMM on the GPU in this thread use TF32 (or not)."""
+    _tf32.set(mode)
+
+
+def is_tf32_enabled() -> bool:
+    """Whether float32 GEMMs on the GPU in this thread may use TF32."""
+    return _tf32.value.get()
+
+
+def tf32(mode: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Within the block, float32 GEMMs on the GPU may (or may not) use TF32."""
+    return _tf32.temporarily(mode)
 
 
 #: The CUDA backend's algorithms: "im2col" (im2col + GEMM with a column

@@ -61,6 +61,7 @@ from paddle.autograd import PyLayer
 from paddle.nn.initializer import Constant, Normal
 
 import cudcn
+from cudcn.backends.cuda.engine import LEGACY_DEFAULT_STREAM, external_stream
 from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import FLOAT_DTYPES, Geometry, int_pair, validate
 
@@ -352,20 +353,6 @@ def _paddle_memory(place: Any) -> tuple[Callable[[int, int], int], Callable[[int
     return malloc, free
 
 
-#: CUDA's handle for the legacy default stream (the DLPack value for it, too).
-_LEGACY_DEFAULT_STREAM = 1
-
-
-class _StreamHandle:
-    """A raw CUDA stream handle in the CUDA stream protocol (for Stream.from_external)."""
-
-    def __init__(self, pointer: int) -> None:
-        self.pointer = pointer
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.pointer)
-
-
 def _stream_pointer(stream: Any) -> int:
     """The raw handle of a paddle stream, with the legacy default stream as 1.
 
@@ -379,17 +366,10 @@ def _stream_pointer(stream: Any) -> int:
         pointer = stream.__cuda_stream__()[1]
     else:
         pointer = stream.stream_base.cuda_stream
-    return pointer or _LEGACY_DEFAULT_STREAM
+    return pointer or LEGACY_DEFAULT_STREAM
 
 
-def _cupy_stream(cupy: Any, pointer: int, device_id: int) -> Any:
-    """A CuPy stream on the raw handle ``pointer`` of GPU ``device_id``."""
-    # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        stream = cupy.cuda.Stream.from_external(_StreamHandle(pointer))
-        stream.device_id = device_id  # from_external leaves it -1 (unknown)
-        return stream
-    return cupy.cuda.ExternalStream(pointer, device_id)
+_cupy_stream = external_stream  # (cupy, raw handle, device id) -> CuPy stream
 
 
 @contextlib.contextmanager

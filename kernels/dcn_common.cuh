@@ -256,8 +256,8 @@ __device__ __forceinline__ Corner<Acc> corner(int c, int y0, int x0, Acc ly, Acc
 
 // A lane handles a block of consecutive channels of one sampling point: 16
 // bytes of the wider of the input and column types (4 float32, 2 float64, 8
-// float16; 4 for bfloat16, whose columns are float32). When every block
-// lies inside one convolution group and the arrays are aligned, a block moves
+// float16 or bfloat16). When every block lies inside one offset group and
+// one convolution group and the arrays are aligned, a block moves
 // as one vector load or store; otherwise channel by channel. Either way a
 // lane sees the same channels in the same order, so sums do not depend on
 // the path taken.

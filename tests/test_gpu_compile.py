@@ -1,17 +1,21 @@
 """``cudcn compile``: every kernel instantiation through NVRTC, with no GPU.
 
 These tests need NVRTC (CuPy plus the NVRTC library), not a device; they are
-skipped only where NVRTC cannot be loaded at all.
+skipped only where NVRTC cannot be loaded at all. The command compiles
+through CuPy's own compile path and options, so it fails where CuPy would.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cudcn import cli
-from cudcn.backends.cuda import compile as nvrtc_compile
+from cudcn.backends.cuda import compile as compile_module
 from cudcn.backends.cuda import kernels as cuda_kernels
 
 
@@ -92,6 +96,33 @@ def test_every_kernel_file_opens_with_its_function_list():
 
 
 @needs_nvrtc
+def test_compile_goes_through_cupys_header_lookup():
+    """`cudcn compile` fails where CuPy's RawModule would at run time: here,
+    the CUDA runtime headers cannot be found (CuPy looks them up on every
+    compile, even for source that includes none)."""
+    script = (
+        "import cuda.pathfinder, sys\n"
+        "cuda.pathfinder.find_nvidia_header_directory = lambda name: None\n"
+        "from cudcn.backends.cuda import compile\n"
+        "compile.device_count = lambda: 0\n"
+        "from cudcn import cli\n"
+        "sys.exit(cli.main(['compile', '--arch', 'sm_80', '--dtype', 'float64']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "CuPy cannot compile here: Failed to find CUDA headers" in result.stdout
+
+
+@needs_nvrtc
+def test_compile_uses_cupys_runtime_options():
+    options = compile_module.runtime_options(80)
+    assert options[-3:] == ("-ftz=true", "-arch=sm_80", "--device-as-default-execution-space")
+    assert "--std=c++17" in options
+    assert any(option.startswith("-I") and Path(option[2:], "cuda_runtime.h").is_file() for option in options)
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("arch", [75, 80, 90])
 def test_mma_wrappers_and_cooperative_kernels_compile(arch):
     """The emulator's test kernels (shared memory, shuffles, votes, every MMA
@@ -101,7 +132,9 @@ def test_mma_wrappers_and_cooperative_kernels_compile(arch):
 
     source = cuda_kernels.translation_unit([harness.COOPERATIVE_SOURCE], cuda_kernels.kernel_dir())
     module = {}
-    rows = nvrtc_compile.compile_names(source, harness.COOPERATIVE_NAMES, arch, "cooperative.cu", module)
+    rows = compile_module.compile_names(
+        source, harness.COOPERATIVE_NAMES, compile_module.runtime_options(arch), "cooperative.cu", module
+    )
     assert all(ok for _, ok, _ in rows), rows[0][2]
     mmas = set(re.findall(r"mma\.sync\.aligned\.[\w.]+", module["ptx"]))
     if arch >= 80:
@@ -119,13 +152,15 @@ def test_mma_wrappers_and_cooperative_kernels_compile(arch):
     ("float32", {"ld.global.nc.v4.f32", "st.global.v4.f32"}),
     ("float64", {"ld.global.nc.v2.f64", "st.global.v2.f64"}),
     ("float16", {"ld.global.nc.v4.u32", "st.global.v4.u32"}),
-    ("bfloat16", {"ld.global.nc.v4.u16", "ld.global.nc.v4.f32", "st.global.v4.f32"}),
+    ("bfloat16", {"ld.global.nc.v4.u32", "st.global.v4.u32"}),
 ])
 def test_sampling_kernels_move_16_byte_vectors_and_reduce_by_shuffles(dtype, vectors):
     names = [cuda_kernels.name_expression(k, dtype, "int")
              for k in ("deform_im2col", "deform_col2im", "deform_col2im_coord")]
     module = {}
-    rows = nvrtc_compile.compile_names(cuda_kernels.source(), names, 80, "sampling.cu", module)
+    rows = compile_module.compile_names(
+        cuda_kernels.source(), names, compile_module.runtime_options(80), "sampling.cu", module
+    )
     assert all(ok for _, ok, _ in rows), rows[0][2]
     assert vectors <= set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.v\d\.\w+", module["ptx"]))
     assert "shfl.sync.bfly.b32" in module["ptx"]

@@ -42,6 +42,7 @@ import numpy as np
 
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.backends.cuda.engine import WARP, Launch
+from emulation import cublas
 
 HERE = Path(__file__).resolve().parent
 
@@ -243,8 +244,9 @@ class EmulatedEngine:
     warps get the block rounded up to 32). ``wide=True`` makes the backend
     choose the 64-bit index instantiations (it believes a launch may start
     2^31 threads). ``misalign=True`` hands every kernel unaligned arrays.
-    ``launches`` records (name expression, Launch); ``gemm`` runs cuBLAS's
-    column-major GEMM in NumPy and records each call.
+    ``launches`` records (name expression, Launch) and ``arguments`` each
+    launch's arguments; ``gemm`` runs cuBLAS's
+    column-major GEMM in NumPy (emulation/cublas.py) and records each call.
     """
 
     xp = PoisonedNumpy()
@@ -257,44 +259,16 @@ class EmulatedEngine:
         self.misalign = misalign
         self.threads = 2**31 if wide else -(-block // WARP) * WARP * max_blocks
         self.launches: list[tuple[str, Launch]] = []
+        self.arguments: list[Sequence[Any]] = []  # of each launch
         self.gemms: list[Any] = []
 
     def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
         name = cuda_kernels.name_expression(kernel, dtype, index)
         self.library.launch(name, launch, args, misalign=self.misalign)
         self.launches.append((name, launch))
+        self.arguments.append(args)
 
     def gemm(self, call: Any) -> None:
-        """cuBLAS's strided batched GEMM, column-major, run by NumPy.
-
-        Reads the operands exactly as cuBLAS would from the arguments (leading
-        dimensions, strides, transposes), so that the backend's translation of
-        a row-major product into them is checked here.
-        """
+        """cuBLAS's column-major GEMM, run by NumPy from the call's arguments (tests/emulation/cublas.py)."""
         self.gemms.append(call)
-        compute = call.c.dtype  # cuBLAS sums in C's type (float32 for float16 A and B)
-
-        def matrices(array: np.ndarray, rows: int, cols: int, ld: int, stride: int) -> np.ndarray:
-            """(batch, rows, cols) column-major matrices inside the flat ``array``."""
-            assert array.flags.c_contiguous and rows <= ld
-            size = (call.batch - 1) * stride + (cols - 1) * ld + rows
-            assert size <= array.size, "a matrix reaches past its array"
-            item = array.itemsize
-            return np.lib.stride_tricks.as_strided(
-                array.reshape(-1), (call.batch, rows, cols), (stride * item, item, ld * item), writeable=False
-            )
-
-        a = matrices(call.a, *((call.k, call.m) if call.trans_a else (call.m, call.k)), call.lda, call.stride_a)
-        b = matrices(call.b, *((call.n, call.k) if call.trans_b else (call.k, call.n)), call.ldb, call.stride_b)
-        if call.trans_a:
-            a = a.transpose(0, 2, 1)
-        if call.trans_b:
-            b = b.transpose(0, 2, 1)
-        product = np.matmul(a.astype(compute), b.astype(compute))
-        c = matrices(call.c, call.m, call.n, call.ldc, call.stride_c)
-        result = product + call.beta * c
-        flat = call.c.reshape(-1)
-        for index in range(call.batch):  # write back through the same layout
-            for j in range(call.n):
-                start = index * call.stride_c + j * call.ldc
-                flat[start:start + call.m] = result[index, :, j]
+        cublas.gemm_strided_batched(call)

@@ -82,7 +82,10 @@ def clear_choices() -> None:
 
 def _settings() -> tuple[tuple[str, Any], ...]:
     """The settings that change what an algorithm computes or how fast."""
-    return (("deterministic", config.are_deterministic_algorithms_enabled()),)
+    return (
+        ("deterministic", config.are_deterministic_algorithms_enabled()),
+        ("tf32", config.is_tf32_enabled()),
+    )
 
 
 def candidates(geom: Geometry, direction: str) -> list[Algorithm]:

@@ -53,12 +53,12 @@ class KernelTypes:
     accum_dtype: str
 
 
-#: dtype name -> kernel types. bfloat16 columns are float32 so that the GEMM
-#: runs in a type every cuBLAS build has; float16 columns stay float16
-#: (cuBLAS accumulates them in float32) to halve the column traffic.
+#: dtype name -> kernel types. Columns keep the dtype: float16 and bfloat16
+#: columns halve the column traffic, and cuBLAS multiplies them on tensor
+#: cores, summing in float32.
 TYPES = {
     "float16": KernelTypes("dcn_half", "dcn_half", "float", "float16", "float32"),
-    "bfloat16": KernelTypes("dcn_bfloat16", "float", "float", "float32", "float32"),
+    "bfloat16": KernelTypes("dcn_bfloat16", "dcn_bfloat16", "float", "bfloat16", "float32"),
     "float32": KernelTypes("float", "float", "float", "float32", "float32"),
     "float64": KernelTypes("double", "double", "double", "float64", "float64"),
 }
@@ -68,9 +68,10 @@ def channels_per_lane(dtype: str) -> int:
     """Channels one lane moves per step in the sampling kernels: 16 bytes of
     the wider of the input and column types (``ChannelsPerLane`` in
     kernels/dcn_common.cuh)."""
-    value_bits = int(dtype.removeprefix("b").removeprefix("float"))
-    column_bits = int(TYPES[dtype].column_dtype.removeprefix("float"))
-    return 128 // max(value_bits, column_bits)
+    def bits(name: str) -> int:  # float16, bfloat16, float32, float64
+        return int(name.removeprefix("b").removeprefix("float"))
+
+    return 128 // max(bits(dtype), bits(TYPES[dtype].column_dtype))
 
 
 def name_expression(kernel: str, dtype: str, index: str) -> str:
@@ -150,13 +151,11 @@ def source(directory: Path | None = None) -> str:
     return translation_unit([directory / name for name in SOURCES], directory)
 
 
-#: The options cudcn hands to ``cupy.RawModule``.
+#: The options cudcn hands to ``cupy.RawModule``. CuPy adds its own (header
+#: directories, ``-ftz=true``: float32 subnormals flush to zero, the
+#: architecture); ``cudcn compile`` compiles with all of them
+#: (:func:`cudcn.backends.cuda.compile.runtime_options`).
 MODULE_OPTIONS = ("--std=c++17",)
-
-#: What NVRTC actually compiles with at run time: CuPy appends ``-ftz=true``
-#: to every RawModule compile (float32 subnormals flush to zero). ``cudcn
-#: compile`` passes exactly these, so that it checks the code that runs.
-NVRTC_OPTIONS = MODULE_OPTIONS + ("-ftz=true",)
 
 _loader = None
 
