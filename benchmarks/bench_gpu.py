@@ -15,6 +15,17 @@ record (environment included).
 Needs CuPy and a GPU; torchvision is timed when torch with CUDA and
 torchvision are importable (it has no bfloat16 kernel, so those rows show cudcn
 only).
+
+A second table times cudcn's sampling steps alone, through the public
+building blocks (each includes its layout pass): ``deform_im2col``,
+``deform_col2im`` and ``deform_col2im_coord``. The repository keeps only the
+current kernels; to time two versions, run this script once per checkout of
+the library, the same script each time:
+
+    PYTHONPATH=<checkout of the other version> python benchmarks/bench_gpu.py --output old
+    PYTHONPATH=. python benchmarks/bench_gpu.py --output new
+
+The record names the cudcn it imported (directory and git commit).
 """
 
 from __future__ import annotations
@@ -153,6 +164,22 @@ def bench_cudcn(cupy, tracker, sets, warmup, repeat):
     return result
 
 
+def bench_sampling(cupy, sets, k, warmup, repeat):
+    """Milliseconds of the sampling building blocks (public column layout)."""
+    first = sets[0]
+    columns = cudcn.deform_im2col(first["input"], first["offset"], k, padding=1, mask=first["mask"])
+    grads = {id(s): cupy.ones_like(columns) for s in sets}
+    del columns
+    steps = {
+        "im2col": lambda s: cudcn.deform_im2col(s["input"], s["offset"], k, padding=1, mask=s["mask"]),
+        "col2im": lambda s: cudcn.deform_col2im(grads[id(s)], s["offset"], s["input"].shape, k, padding=1,
+                                                mask=s["mask"]),
+        "col2im_coord": lambda s: cudcn.deform_col2im_coord(grads[id(s)], s["input"], s["offset"], k, padding=1,
+                                                            mask=s["mask"]),
+    }
+    return {f"{name}_ms": time_cupy(cupy, fn, sets, warmup, repeat) for name, fn in steps.items()}
+
+
 def bench_torchvision(torch, ops, sets, warmup, repeat):
     tsets = [{k: torch.from_dlpack(v) for k, v in s.items()} for s in sets]
 
@@ -221,7 +248,16 @@ def environment(cupy, torch) -> dict:
         "driver": runtime.driverGetVersion(), "cuda_runtime": runtime.runtimeGetVersion(),
         "python": platform.python_version(), "numpy": np.__version__, "cupy": cupy.__version__,
         "torch": getattr(torch, "__version__", None), "cudcn": cudcn.__version__, "commit": commit or None,
+        "cudcn_from": cudcn_source(),
     }
+
+
+def cudcn_source() -> str:
+    """Where the timed cudcn was imported from: its directory and git commit."""
+    where = Path(cudcn.__file__).resolve().parent
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=where).stdout.strip()
+    return f"{where} ({commit or 'no git'})"
 
 
 def _torchvision():
@@ -263,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             sets = [make_inputs(cupy, shape, _dtype(dtype), seed) for seed in range(ROTATE)]
             with tf32(torch, use_tf32):
                 ours = bench_cudcn(cupy, tracker, sets, args.warmup, repeat)
+                ours.update(bench_sampling(cupy, sets, k, args.warmup, repeat))
                 theirs, diff = None, None
                 if torch is not None and dtype != "bfloat16":
                     theirs = bench_torchvision(torch, ops, sets, args.warmup, repeat)
@@ -272,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             del sets
             cupy.get_default_memory_pool().free_all_blocks()
 
-    table = render(rows, record)
+    table = render(rows, record) + "\n\n" + render_sampling(rows)
     print(table)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
@@ -335,6 +372,24 @@ def render(rows: list[dict], record: dict) -> str:
             f"| {fmt(theirs.get('forward_peak_mb'), '.0f')} / {fmt(theirs.get('backward_peak_mb'), '.0f')} "
             f"| {fmt(ratio(ours['forward_ms'], theirs.get('forward_ms')))} | {fmt(ratio(both, their_both))} "
             f"| {fmt(ratio(peak, their_peak))} | {fmt(r['forward_rel_diff'], '.1e')} |"
+        )
+    return "\n".join(lines)
+
+
+
+def render_sampling(rows: list[dict]) -> str:
+    """The second table: cudcn's sampling steps alone."""
+    lines = [
+        "cudcn's sampling steps alone (public building blocks, each with its layout pass):",
+        "",
+        "| shape | precision | im2col ms | col2im ms | col2im_coord ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours = r["cudcn"]
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {ours['im2col_ms']:.3f} | {ours['col2im_ms']:.3f} "
+            f"| {ours['col2im_coord_ms']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -55,8 +55,9 @@ def test_keys_are_32_bit_when_they_fit(library, dtype):
 
 
 def _chunk_sizes(engine) -> list[int]:
-    """Images per chunk, from the im2col launches (one per chunk)."""
-    return [total for name, total in engine.launches if name.startswith("deform_im2col")]
+    """Column elements per chunk, from the im2col launches (one per chunk; columns last)."""
+    return [args[-1].size for (name, _), args in zip(engine.launches, engine.arguments)
+            if name.startswith("deform_im2col")]
 
 
 def test_sorted_workspace_is_counted_in_the_budget(library):

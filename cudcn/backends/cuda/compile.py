@@ -14,7 +14,7 @@ anything else, fails here too. The ``cudcn compile`` command
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from cudcn.backends.cuda import kernels
 
@@ -42,21 +42,32 @@ def runtime_options(arch: int) -> tuple[str, ...]:
     )
 
 
-def compile_dtype(source: str, dtype: str, options: tuple[str, ...]) -> list[tuple[str, bool, str]]:
-    """Compile one dtype's instantiations with ``options`` (see :func:`runtime_options`).
+def compile_names(source: str, names: Sequence[str], options: tuple[str, ...], label: str = "cudcn.cu",
+                  ptx: dict[str, str] | None = None) -> list[tuple[str, bool, str]]:
+    """Compile the instantiations ``names`` of ``source`` with ``options``
+    (see :func:`runtime_options`).
 
     Returns (name expression, ok, detail) per instantiation: the cubin size
-    when it compiled, else CuPy's compile error with the NVRTC log.
+    when it compiled, else CuPy's compile error with the NVRTC log. With
+    ``ptx`` (a dict), the module's PTX is also stored there under "ptx" (to
+    check which instructions the kernels use).
     """
     from cupy.cuda import compiler
 
-    names = kernels.name_expressions(dtype)
-    program = compiler._NVRTCProgram(source, f"cudcn_{dtype}.cu", name_expressions=names, method="cubin")
+    program = compiler._NVRTCProgram(source, label, name_expressions=list(names), method="cubin")
     try:
         cubin, mapping = program.compile(options)
     except compiler.CompileException as error:
         return [(name, False, str(error)) for name in names]
+    if ptx is not None:
+        text, _ = compiler._NVRTCProgram(source, label, name_expressions=list(names), method="ptx").compile(options)
+        ptx["ptx"] = text.decode() if isinstance(text, bytes) else text
     return [(name, bool(mapping.get(name)), f"module {len(cubin)} bytes") for name in names]
+
+
+def compile_dtype(source: str, dtype: str, options: tuple[str, ...]) -> list[tuple[str, bool, str]]:
+    """Compile one dtype's instantiations (see :func:`compile_names`)."""
+    return compile_names(source, kernels.name_expressions(dtype), options, f"cudcn_{dtype}.cu")
 
 
 def device_count() -> int:

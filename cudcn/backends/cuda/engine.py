@@ -1,11 +1,14 @@
 """Where the CUDA backend's steps run: an *engine*.
 
 An engine is an array module ``xp`` plus ``launch`` (run a named kernel
-instantiation over a number of elements) and ``gemm`` (one strided batched
-cuBLAS GEMM, :class:`Gemm`). On a GPU it is :class:`CupyEngine`; the test
-suite runs the very same launchers and algorithms with an engine of NumPy
-arrays and the kernels compiled for the host (tests/emulation), so layouts,
-chunking and GEMM arguments are checked without a GPU too.
+instantiation with a :class:`Launch` shape: grid, block, dynamic shared
+memory) and ``gemm`` (one strided batched cuBLAS GEMM, :class:`Gemm`).
+:func:`grid_stride` is the one policy for the grid-stride launches of the
+sampling and layout kernels (the engine's block size and block cap). On a
+GPU the engine is :class:`CupyEngine`; the test suite runs the very same
+launchers and algorithms with an engine of NumPy arrays and the kernels
+compiled for the host (tests/emulation), so layouts, chunking and GEMM
+arguments are checked without a GPU too.
 """
 
 from __future__ import annotations
@@ -78,14 +81,53 @@ class Gemm:
                              f"{(self.m, self.n, self.k, self.batch)}")
 
 
+#: CUDA's limits on a launch (compute capability 7.5 and newer): threads per
+#: block, block and grid extents in (x, y, z), and the most dynamic shared
+#: memory a block can have (sm_90's opt-in maximum; smaller GPUs refuse less).
+MAX_BLOCK_THREADS = 1024
+MAX_BLOCK = (1024, 1024, 64)
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_SHARED_BYTES = 227 * 1024
+#: Dynamic shared memory a kernel may use without opting in.
+DEFAULT_SHARED_BYTES = 48 * 1024
+WARP = 32
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The shape of one kernel launch: kernel<<<grid, block, shared_bytes>>>.
+
+    grid and block are (x, y, z); shared_bytes is the dynamic shared memory
+    of each block (``DCN_SHARED_DYNAMIC`` in the kernels). Checked against
+    CUDA's limits here, so that the GPU and the emulator refuse the same
+    launches.
+    """
+
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for name, dims, limits in (("grid", self.grid, MAX_GRID), ("block", self.block, MAX_BLOCK)):
+            if len(dims) != 3 or any(not 1 <= int(d) <= m for d, m in zip(dims, limits)):
+                raise ValueError(f"launch {name} must be three extents within {limits}, got {dims}")
+        threads = self.block[0] * self.block[1] * self.block[2]
+        if threads > MAX_BLOCK_THREADS:
+            raise ValueError(f"a block has at most {MAX_BLOCK_THREADS} threads, got {self.block} = {threads}")
+        if not 0 <= self.shared_bytes <= MAX_SHARED_BYTES:
+            raise ValueError(f"shared_bytes must be in [0, {MAX_SHARED_BYTES}], got {self.shared_bytes}")
+
+
 class Engine(Protocol):
     """Where the steps run: an array module, a kernel launcher and a GEMM."""
 
     xp: Any  # cupy (or numpy under host emulation)
-    threads: int  # the most threads one launch starts (block size * block cap)
+    block: int  # threads per block of a grid-stride launch
+    max_blocks: int  # the cap on its blocks (the kernels loop over the rest)
+    threads: int  # the most threads a grid-stride launch starts (index-type choice)
 
-    def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
-        """Run instantiation (kernel, dtype, index) over ``total`` elements.
+    def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
+        """Run instantiation (kernel, dtype, index) with the given launch shape.
 
         ``args`` are the kernel's arguments in order: contiguous arrays,
         ``numpy.int32`` and ``numpy.int64`` scalars.
@@ -95,10 +137,24 @@ class Engine(Protocol):
         """Run one strided batched GEMM (see :class:`Gemm`)."""
 
 
+def grid_stride(engine: Engine, threads: int, whole_warps: bool = False) -> Launch:
+    """A 1-D launch of the engine's blocks for a grid-stride loop wanting
+    ``threads`` threads, capped at ``engine.max_blocks`` blocks.
+
+    whole_warps: kernels that give a warp's lanes to one task (their loops
+    are warp-uniform) need blocks of whole warps; the block is then rounded
+    up to a multiple of 32.
+    """
+    block = -(-engine.block // WARP) * WARP if whole_warps else engine.block
+    return Launch(grid=(min(max(-(-threads // block), 1), engine.max_blocks), 1, 1), block=(block, 1, 1))
+
+
 class CupyEngine:
     """Launch through the per-device cupy.RawModule on the current stream."""
 
-    threads = kernels.BLOCK * kernels.MAX_BLOCKS
+    block = kernels.BLOCK
+    max_blocks = kernels.MAX_BLOCKS
+    threads = kernels.BLOCK * kernels.MAX_BLOCKS  # BLOCK is a whole number of warps
 
     def __init__(self) -> None:
         import cupy
@@ -107,14 +163,18 @@ class CupyEngine:
         # (device id, name expression) -> kernel: looked up once, not per launch.
         self._functions: dict[tuple[int, str], Any] = {}
 
-    def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
+    def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
         name = kernels.name_expression(kernel, dtype, index)
         key = (self.xp.cuda.runtime.getDevice(), name)
         function = self._functions.get(key)
         if function is None:
             function = self._functions[key] = kernels.module(dtype).get_function(name)
-        blocks = min(-(-total // kernels.BLOCK), kernels.MAX_BLOCKS)
-        function((blocks,), (kernels.BLOCK,), tuple(args))
+        if launch.shared_bytes > DEFAULT_SHARED_BYTES and function.max_dynamic_shared_size_bytes < launch.shared_bytes:
+            # Above 48 KiB a kernel must opt in (a function attribute, kept
+            # per device by the cached RawKernel); the driver refuses the launch
+            # if the device has less.
+            function.max_dynamic_shared_size_bytes = launch.shared_bytes
+        function(launch.grid, launch.block, tuple(args), shared_mem=launch.shared_bytes)
 
     def gemm(self, call: Gemm) -> None:
         # cupy.matmul cannot do this: for 3-D float16 arrays it computes in

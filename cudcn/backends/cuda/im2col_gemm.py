@@ -6,7 +6,8 @@ the specification this backend matches), per chunk of images:
 1. ``to_channels_last`` turns the chunk's input (n, C, H, W) into
    (n, H*W, C), so that the sampling kernels read a pixel's channels from
    consecutive addresses;
-2. ``deform_im2col`` samples the columns in the grouped layout
+2. ``deform_im2col`` (a group of lanes per sampling point, the lanes over
+   its channels) samples the columns in the grouped layout
    (groups, n*L, K*C/groups) -- for one group exactly the public layout
    (n, L, K, C) -- and cuBLAS GEMMs (:mod:`cudcn.backends.cuda.gemms`)
    multiply them with the weight matrix of every group
@@ -19,7 +20,8 @@ the specification this backend matches), per chunk of images:
    over the spent columns. They go through ``deform_col2im`` (atomics into a
    zero-filled float32/float64 channels-last accumulator, then
    ``from_channels_last`` back to NCHW in the dtype) and
-   ``deform_col2im_coord`` (offset and mask gradients, no atomics). With
+   ``deform_col2im_coord`` (offset and mask gradients, no atomics: each lane
+   group sums over channels by a fixed-order shuffle reduction). With
    :func:`cudcn.config.deterministic_algorithms` on, the input gradient
    instead sorts the bilinear corners by target pixel and sums each pixel's
    in that fixed order (``deform_col2im_keys``, a stable argsort,
