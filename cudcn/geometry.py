@@ -30,9 +30,20 @@ from typing import Any
 import numpy as np
 
 from cudcn.backends import array_kind
+from cudcn.errors import ArgumentError, ArgumentTypeError
 
 #: Floating dtypes cudcn accepts, by NumPy name (bfloat16 is ml_dtypes').
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+#: The kernels index rows, columns and shape arguments in 32 bits: stride,
+#: dilation and the padded input size (H + 2*pad_h, W + 2*pad_w) stay below
+#: this, which bounds every sampling position of the regular grid.
+MAX_EXTENT = 2**31 - 1
+
+#: Stands for an array argument the caller did not pass at all; an explicit
+#: None for a required array is an error.
+_ABSENT: Any = object()
 
 
 # Comparing dtype objects is much cheaper than reading dtype.name, which
@@ -82,8 +93,12 @@ class Geometry:
         return (self.batch, self.out_pixels, self.kernel_points, self.in_channels)
 
 
-def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each at least ``minimum``, as a pair."""
+def int_pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each in [minimum, 2**31 - 1], as a pair of ints.
+
+    Also checks the adapters' layer constructor arguments (kernel_size,
+    stride, ...), so that a layer rejects what a call would.
+    """
     items = value if isinstance(value, (tuple, list)) else (value,)
     if len(items) == 1:
         items = (items[0], items[0])
@@ -91,10 +106,14 @@ def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
         not isinstance(v, (bool, np.bool_)) and _is_int(v) for v in items
     )
     if not ok:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ArgumentError(f"{name} must be an int or a pair of ints, got {value!r}")
     pair = (operator.index(items[0]), operator.index(items[1]))
     if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(pair) > MAX_EXTENT:
+        raise ArgumentError(
+            f"{name} must be in [{minimum}, 2**31 - 1] (the kernels index in 32 bits), got {value!r}"
+        )
     return pair
 
 
@@ -108,7 +127,7 @@ def _is_int(value: Any) -> bool:
 
 def _check_ndim(array: Any, name: str, ndim: int, layout: str) -> None:
     if array.ndim != ndim:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must be a {ndim}-D array {layout}, "
             f"got {array.ndim}-D with shape {tuple(array.shape)}"
         )
@@ -116,18 +135,18 @@ def _check_ndim(array: Any, name: str, ndim: int, layout: str) -> None:
 
 def _check_dim(name: str, got: int, expected: int, meaning: str) -> None:
     if got != expected:
-        raise ValueError(f"{name} must be {meaning} = {expected}, got {got}")
+        raise ArgumentError(f"{name} must be {meaning} = {expected}, got {got}")
 
 
 def validate(
     *,
-    input: Any = None,
-    offset: Any,
-    weight: Any = None,
+    input: Any = _ABSENT,
+    offset: Any = _ABSENT,
+    weight: Any = _ABSENT,
     bias: Any = None,
     mask: Any = None,
-    grad_output: Any = None,
-    columns: Any = None,
+    grad_output: Any = _ABSENT,
+    columns: Any = _ABSENT,
     input_shape: Any = None,
     kernel_size: Any = None,
     stride: Any = 1,
@@ -139,18 +158,41 @@ def validate(
 
     Either ``input`` or ``input_shape`` (for col2im) gives (N, C_in, H, W);
     either ``weight`` or ``kernel_size`` (for the building blocks) gives the
-    kernel. ``names`` renames arguments in error messages, so that an adapter
-    can report ``x`` where the core says ``input``.
+    kernel. ``offset`` is always needed. An array argument left out is not
+    part of the call; passing None for ``input``, ``offset``, ``weight``,
+    ``grad_output`` or ``columns`` is an error (bias and mask may be None).
+    ``names`` renames arguments in error messages, so that an adapter can
+    report ``x`` where the core says ``input``.
 
     Raises:
-        TypeError: an argument is not an array of a supported kind, the
-            arrays mix kinds, or a dtype is not floating or differs.
-        ValueError: a shape, size or geometry argument is wrong.
+        ArgumentTypeError (a TypeError): an argument is None or not an array
+            of a supported kind, the arrays mix kinds, or a dtype is not
+            floating or differs.
+        ArgumentError (a ValueError): a shape, size or geometry argument is
+            wrong.
+        Both are RuntimeErrors too, as torchvision's shape errors are.
     """
     names = dict(names or {})
 
     def nm(key: str) -> str:
         return names.get(key, key)
+
+    required = {
+        "input": (input, "(N, C_in, H, W)"),
+        "offset": (offset, "(N, 2*offset_groups*kh*kw, Ho, Wo)"),
+        "weight": (weight, "(C_out, C_in/groups, kh, kw)"),
+        "grad_output": (grad_output, "(N, C_out, Ho, Wo)"),
+        "columns": (columns, "(N, Ho*Wo, kh*kw, C_in)"),
+    }
+    for key, (value, layout) in required.items():
+        if value is None:
+            raise ArgumentTypeError(f"{nm(key)} must be an array {layout}, got None")
+    if offset is _ABSENT:
+        raise ArgumentTypeError(f"{nm('offset')} is required: an array (N, 2*offset_groups*kh*kw, Ho, Wo)")
+    if input is _ABSENT:
+        input = None
+    if weight is _ABSENT:
+        weight = None
 
     arrays = {
         "input": input,
@@ -161,26 +203,26 @@ def validate(
         "grad_output": grad_output,
         "columns": columns,
     }
-    arrays = {key: value for key, value in arrays.items() if value is not None}
+    arrays = {key: value for key, value in arrays.items() if value is not None and value is not _ABSENT}
 
     # Array kinds and dtypes first: shapes mean nothing on a list.
     kinds = {key: array_kind(value, nm(key)) for key, value in arrays.items()}
     first = next(iter(kinds))
     for key, kind in kinds.items():
         if kind != kinds[first]:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{nm(key)} is a {kind} array but {nm(first)} is a "
                 f"{kinds[first]} array; pass arrays of one kind"
             )
     for key, value in arrays.items():
         if value.dtype not in _FLOAT_DTYPE_OBJECTS and value.dtype.name not in FLOAT_DTYPES:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{nm(key)}.dtype must be one of {', '.join(FLOAT_DTYPES)}, "
                 f"got {value.dtype.name}"
             )
     for key, value in arrays.items():
         if value.dtype != arrays[first].dtype:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{nm(key)}.dtype must equal {nm(first)}.dtype = "
                 f"{arrays[first].dtype.name}, got {value.dtype.name}"
             )
@@ -189,7 +231,7 @@ def validate(
         devices = {key: value.device.id for key, value in arrays.items()}
         for key, device in devices.items():
             if device != devices[first]:
-                raise ValueError(
+                raise ArgumentError(
                     f"{nm(key)} is on GPU {device} but {nm(first)} is on GPU "
                     f"{devices[first]}; pass arrays on one device"
                 )
@@ -203,7 +245,7 @@ def validate(
         if shape is None or len(shape) != 4 or not all(
             _is_int(v) and not isinstance(v, bool) and v >= 0 for v in shape
         ):
-            raise ValueError(
+            raise ArgumentError(
                 f"{nm('input_shape')} must be 4 non-negative ints "
                 f"(N, C_in, H, W), got {input_shape!r}"
             )
@@ -215,32 +257,39 @@ def validate(
         _check_ndim(weight, nm("weight"), 4, "(C_out, C_in/groups, kh, kw)")
         out_channels, per_group, kernel_h, kernel_w = map(int, weight.shape)
         if per_group < 1 or in_channels % per_group:
-            raise ValueError(
+            raise ArgumentError(
                 f"{nm('input')}.shape[1] = {in_channels} must be a positive "
                 f"multiple of {nm('weight')}.shape[1] = {per_group} (C_in/groups)"
             )
         groups = in_channels // per_group
         if out_channels % groups:
-            raise ValueError(
+            raise ArgumentError(
                 f"{nm('weight')}.shape[0] = {out_channels} (C_out) must be "
                 f"divisible by groups = {groups}"
             )
     else:
-        kernel_h, kernel_w = _pair(kernel_size, nm("kernel_size"), 0)
+        kernel_h, kernel_w = int_pair(kernel_size, nm("kernel_size"), 0)
     if kernel_h < 1 or kernel_w < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"kernel size must be at least 1x1, got {kernel_h}x{kernel_w}"
         )
     if in_channels < 1:
-        raise ValueError(f"{nm('input')}.shape[1] (C_in) must be >= 1, got {in_channels}")
+        raise ArgumentError(f"{nm('input')}.shape[1] (C_in) must be >= 1, got {in_channels}")
 
-    stride_h, stride_w = _pair(stride, nm("stride"), 1)
-    pad_h, pad_w = _pair(padding, nm("padding"), 0)
-    dil_h, dil_w = _pair(dilation, nm("dilation"), 1)
+    stride_h, stride_w = int_pair(stride, nm("stride"), 1)
+    pad_h, pad_w = int_pair(padding, nm("padding"), 0)
+    dil_h, dil_w = int_pair(dilation, nm("dilation"), 1)
+    if max(height + 2 * pad_h, width + 2 * pad_w) > MAX_EXTENT:
+        raise ArgumentError(
+            f"the padded input size (H + 2*pad_h, W + 2*pad_w) = "
+            f"({height + 2 * pad_h}, {width + 2 * pad_w}) must stay below 2**31 (the "
+            f"kernels index in 32 bits); (H, W) = ({height}, {width}), "
+            f"{nm('padding')} = ({pad_h}, {pad_w})"
+        )
     out_h = (height + 2 * pad_h - dil_h * (kernel_h - 1) - 1) // stride_h + 1
     out_w = (width + 2 * pad_w - dil_w * (kernel_w - 1) - 1) // stride_w + 1
     if out_h < 1 or out_w < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"output size (Ho, Wo) = ({out_h}, {out_w}) must be at least 1x1; "
             f"input (H, W) = ({height}, {width}), kernel ({kernel_h}, {kernel_w}), "
             f"stride ({stride_h}, {stride_w}), padding ({pad_h}, {pad_w}), "
@@ -253,19 +302,19 @@ def validate(
     _check_dim(f"{nm('offset')}.shape[0]", offset.shape[0], batch, f"{nm('input')}.shape[0] (N)")
     channels = int(offset.shape[1])
     if channels < 1 or channels % (2 * kernel_points):
-        raise ValueError(
+        raise ArgumentError(
             f"{nm('offset')}.shape[1] must be a positive multiple of "
             f"2*kh*kw = {2 * kernel_points}, got {channels}"
         )
     offset_groups = channels // (2 * kernel_points)
     if in_channels % offset_groups:
-        raise ValueError(
+        raise ArgumentError(
             f"{nm('input')}.shape[1] = {in_channels} (C_in) must be divisible "
             f"by offset_groups = {offset_groups} "
             f"({nm('offset')}.shape[1] / (2*kh*kw))"
         )
     if tuple(offset.shape[2:]) != (out_h, out_w):
-        raise ValueError(
+        raise ArgumentError(
             f"{nm('offset')}.shape[2:] must be the output size (Ho, Wo) = "
             f"({out_h}, {out_w}), got {tuple(offset.shape[2:])}"
         )
@@ -280,32 +329,32 @@ def validate(
             "offset_groups*kh*kw",
         )
         if tuple(mask.shape[2:]) != (out_h, out_w):
-            raise ValueError(
+            raise ArgumentError(
                 f"{nm('mask')}.shape[2:] must be the output size (Ho, Wo) = "
                 f"({out_h}, {out_w}), got {tuple(mask.shape[2:])}"
             )
 
     if bias is not None:
         if weight is None:
-            raise ValueError(f"{nm('bias')} needs a weight")
+            raise ArgumentError(f"{nm('bias')} needs a weight")
         if tuple(bias.shape) != (out_channels,):
-            raise ValueError(
+            raise ArgumentError(
                 f"{nm('bias')}.shape must be (C_out,) = ({out_channels},), "
                 f"got {tuple(bias.shape)}"
             )
 
-    if grad_output is not None:
+    if grad_output is not _ABSENT:
         expected = (batch, out_channels, out_h, out_w)
         if tuple(grad_output.shape) != expected:
-            raise ValueError(
+            raise ArgumentError(
                 f"{nm('grad_output')}.shape must be (N, C_out, Ho, Wo) = "
                 f"{expected}, got {tuple(grad_output.shape)}"
             )
 
-    if columns is not None:
+    if columns is not _ABSENT:
         expected = (batch, out_h * out_w, kernel_points, in_channels)
         if tuple(columns.shape) != expected:
-            raise ValueError(
+            raise ArgumentError(
                 f"{nm('columns')}.shape must be (N, Ho*Wo, kh*kw, C_in) = "
                 f"{expected}, got {tuple(columns.shape)}"
             )

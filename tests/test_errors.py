@@ -66,10 +66,74 @@ SHAPE_ERRORS = [
 ]
 
 
+TOO_LARGE = [
+    (dict(stride=2**62), "stride must be in [1, 2**31 - 1] (the kernels index in 32 bits), got 4611686018427387904"),
+    (dict(dilation=(1, 2**64)), "dilation must be in [1, 2**31 - 1] (the kernels index in 32 bits), got (1, 18446744073709551616)"),
+    (dict(padding=2**70), "padding must be in [0, 2**31 - 1] (the kernels index in 32 bits), got 1180591620717411303424"),
+    (dict(padding=(2**30, 0)), "the padded input size (H + 2*pad_h, W + 2*pad_w) = (2147483653, 5) must stay below 2**31"),
+]
+SHAPE_ERRORS += TOO_LARGE
+
+
 @pytest.mark.parametrize("changes, message", SHAPE_ERRORS, ids=[m[:40] for _, m in SHAPE_ERRORS])
 def test_value_errors(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         cudcn.deform_conv2d(**good(**changes))
+
+
+@pytest.mark.parametrize("changes, message", TOO_LARGE, ids=[m[:40] for _, m in TOO_LARGE])
+def test_too_large_geometry_is_refused_in_the_backward_and_building_blocks(changes, message):
+    kwargs = good(**changes)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cudcn.deform_conv2d_backward(np.zeros((2, 6, 5, 5)), **kwargs)
+    geometry = {k: kwargs[k] for k in ("stride", "padding", "dilation")}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cudcn.deform_im2col(kwargs["input"], kwargs["offset"], 3, **geometry)
+
+
+@pytest.mark.parametrize("error, changes", [
+    (ValueError, dict(offset=np.zeros((2, 35, 5, 5)))),
+    (TypeError, dict(input=np.zeros((2, 4, 5, 5), np.int64))),
+    (TypeError, dict(weight=None)),
+])
+def test_errors_are_also_runtime_errors(error, changes):
+    """Code written for torchvision catches RuntimeError; Python code catches
+    ValueError/TypeError: both work."""
+    with pytest.raises(RuntimeError):
+        cudcn.deform_conv2d(**good(**changes))
+    try:
+        cudcn.deform_conv2d(**good(**changes))
+    except error as caught:
+        assert isinstance(caught, RuntimeError)
+        assert isinstance(caught, (cudcn.ArgumentError, cudcn.ArgumentTypeError))
+    else:
+        pytest.fail("no error")
+
+
+@pytest.mark.parametrize("name", ["input", "offset", "weight"])
+def test_none_for_a_required_array_names_it(name):
+    with pytest.raises(TypeError, match=rf"^{name} must be an array \(.*\), got None$"):
+        cudcn.deform_conv2d(**good(**{name: None}))
+    kwargs = good(**{name: None})
+    with pytest.raises(TypeError, match=rf"^{name} must be an array \(.*\), got None$"):
+        cudcn.deform_conv2d_backward(np.zeros((2, 6, 5, 5)), **kwargs)
+
+
+def test_none_in_the_backward_and_building_blocks():
+    kwargs = good()
+    with pytest.raises(TypeError, match=re.escape("grad_output must be an array (N, C_out, Ho, Wo), got None")):
+        cudcn.deform_conv2d_backward(None, **kwargs)
+    x, offset = kwargs["input"], kwargs["offset"]
+    with pytest.raises(TypeError, match="^input must be an array"):
+        cudcn.deform_im2col(None, offset, 3, padding=1)
+    with pytest.raises(TypeError, match="^offset must be an array"):
+        cudcn.deform_im2col(x, None, 3, padding=1)
+    with pytest.raises(TypeError, match=re.escape("columns must be an array (N, Ho*Wo, kh*kw, C_in), got None")):
+        cudcn.deform_col2im(None, offset, (2, 4, 5, 5), 3, padding=1)
+    with pytest.raises(TypeError, match="^columns must be an array"):
+        cudcn.deform_col2im_coord(None, x, offset, 3, padding=1)
+    with pytest.raises(TypeError, match="^input must be an array"):
+        cudcn.deform_col2im_coord(np.zeros((2, 25, 9, 4)), None, offset, 3, padding=1)
 
 
 TYPE_ERRORS = [

@@ -158,3 +158,19 @@ def test_low_precision_returns_its_dtype_and_is_accurate(dtype):
     rounding = np.abs(exact.astype(dtype).astype(np.float64) - exact).max()
     error = np.abs(got.astype(np.float64) - exact).max()
     assert error <= 2 * rounding + 1e-6 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_no_output_channels_give_an_empty_output_and_zero_gradients(batch):
+    """A weight (0, C_in/groups, kh, kw) is a valid, empty convolution: torch's
+    conv2d accepts it too."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 4, 5, 5))
+    offset = rng.standard_normal((batch, 18, 5, 5))
+    mask = rng.random((batch, 9, 5, 5))
+    weight, bias = np.ones((0, 2, 3, 3)), np.ones(0)
+    out = cudcn.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    assert out.shape == (batch, 0, 5, 5) and out.dtype == x.dtype
+    grads = cudcn.deform_conv2d_backward(np.ones(out.shape), x, offset, weight, bias, padding=1, mask=mask)
+    for got, arg in zip(grads, (x, offset, weight, bias, mask)):
+        assert got.shape == arg.shape and not got.any()

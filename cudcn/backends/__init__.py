@@ -28,18 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from cudcn.errors import ArgumentTypeError
+
 _MODULES = {"numpy": "cudcn.backends.numpy_backend", "cupy": "cudcn.backends.cuda"}
 
 
 def array_kind(value: Any, name: str) -> str:
-    """Return "numpy" or "cupy" for an array, or raise TypeError naming it."""
+    """Return "numpy" or "cupy" for an array, or raise ArgumentTypeError naming it."""
     if isinstance(value, np.ndarray):
         return "numpy"
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(value, cupy.ndarray):
         return "cupy"
     kind = type(value)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"{name} must be a numpy.ndarray or cupy.ndarray, got "
         f"{kind.__module__}.{kind.__qualname__}"
     )

@@ -22,8 +22,10 @@ def weight_matrix(geom: Geometry, weight: np.ndarray, dtype) -> np.ndarray:
     Row k*(C/groups) + c matches the column layout (.., K, C) of one group.
     """
     O, Cg = weight.shape[:2]
-    w = weight.astype(dtype, copy=False).reshape(geom.groups, O // geom.groups, Cg, -1)
-    return w.transpose(0, 3, 2, 1).reshape(geom.groups, -1, O // geom.groups)
+    K = geom.kernel_points
+    # Explicit sizes, no -1: a weight with no output channels has size 0.
+    w = weight.astype(dtype, copy=False).reshape(geom.groups, O // geom.groups, Cg, K)
+    return w.transpose(0, 3, 2, 1).reshape(geom.groups, K * Cg, O // geom.groups)
 
 
 def weight_from_matrix(geom: Geometry, matrix: np.ndarray) -> np.ndarray:
@@ -49,8 +51,9 @@ def ungrouped_columns(geom: Geometry, grouped: np.ndarray, n: int) -> np.ndarray
     return cols.reshape(n, geom.out_pixels, K, C)
 
 
-def chunks(geom: Geometry, dtype: np.dtype):
-    """Slices of the batch whose column buffer fits the workspace budget."""
-    per_image = geom.out_pixels * geom.kernel_points * geom.in_channels * dtype.itemsize
+def chunks(geom: Geometry, dtype: np.dtype, extra_bytes_per_image: int = 0):
+    """Slices of the batch whose column buffer (plus any other workspace a
+    backend counts, per image) fits the workspace budget."""
+    per_image = geom.out_pixels * geom.kernel_points * geom.in_channels * dtype.itemsize + extra_bytes_per_image
     step = images_per_chunk(per_image, geom.batch)
     return [slice(s, s + step) for s in range(0, geom.batch, step)]
