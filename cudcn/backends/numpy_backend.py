@@ -73,12 +73,21 @@ float64 input): S's values, X and the accumulations of Sᵀ·dcol, so no
 float64 scatter buffer is ever needed. Memory beyond the arguments: the
 column buffer (in the backward, the column gradients take its place), S and
 its per-row arrays (about 50 bytes per row), X, and the corner rows gathered
-a block at a time. scipy's sparse products run on one thread, the GEMMs on
-NumPy's BLAS threads.
+a block at a time.
+
+Threads: scipy's sparse products run on one thread, so a chunk's images are
+shared out among threads, a part per CPU, each doing all three steps for its
+images (scipy and NumPy release the GIL); meanwhile BLAS runs one thread per
+part. The parts' column buffers add up to the chunk's. The weight gradient
+sums the parts in a fixed order, so results are bitwise repeatable on a given
+number of CPUs.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -260,8 +269,8 @@ def _column_rows(geom: Geometry, columns: np.ndarray, dtype: np.dtype) -> np.nda
     return np.ascontiguousarray(columns, dtype=dtype).reshape(-1, geom.in_channels // geom.offset_groups)
 
 
-def _forward_chunk(geom, input, offset, mask, w, dtype) -> np.ndarray:
-    """Output (n, C_out, Ho, Wo) of one chunk, without the bias; w from layout.weight_matrix."""
+def _forward_part(geom, input, offset, mask, w, dtype) -> np.ndarray:
+    """Output (n, C_out, Ho, Wo) of some images, without the bias; w from layout.weight_matrix."""
     n = input.shape[0]
     sampling = _sampling(geom, offset, mask, dtype)
     columns = _im2col(sampling, _pixel_rows(geom, input, dtype))
@@ -271,11 +280,11 @@ def _forward_chunk(geom, input, offset, mask, w, dtype) -> np.ndarray:
     return y.transpose(0, 3, 1, 2)
 
 
-def _backward_chunk(geom, grad_output, input, offset, mask, w, dtype):
-    """Gradients (input, offset, mask or None, weight matrix) of one chunk.
+def _backward_part(geom, grad_output, input, offset, mask, w, dtype):
+    """Gradients (input, offset, mask or None, weight matrix) of some images.
 
     S is built once and serves im2col (for the weight gradient), col2im and
-    col2im_coord. Its temporaries end with the call, before the next chunk's.
+    col2im_coord. Its temporaries end with the call.
     """
     n, g = input.shape[0], geom.groups
     sampling = _sampling(geom, offset, mask, dtype)
@@ -296,13 +305,56 @@ def _backward_chunk(geom, grad_output, input, offset, mask, w, dtype):
     return grad_input, grad_offset, grad_mask, grad_w
 
 
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _parts(chunk: slice, batch: int) -> list[slice]:
+    """The images of a chunk shared out among threads: a part per CPU, at
+    most one per image. The parts' column buffers together are the chunk's."""
+    images = range(batch)[chunk]
+    count = min(_cpu_count(), len(images))
+    bounds = [images.start + len(images) * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@functools.cache
+def _blas():
+    """threadpoolctl's handle on the BLAS libraries NumPy loaded (found once)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _in_threads(fn, parts: list[slice]) -> list:
+    """[fn(part) for part in parts], each part in a thread of its own.
+
+    scipy's sparse products and NumPy's gathers and GEMMs release the GIL, so
+    the parts run at once; scipy's products are single-threaded, so this is
+    how they use every core. Meanwhile BLAS runs one thread per part: its own
+    threads would only compete with the parts' (and, waiting for each other,
+    stall whenever a core is busy with something else).
+    """
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    with _blas().limit(limits=1, user_api="blas"), ThreadPoolExecutor(len(parts)) as pool:
+        return list(pool.map(fn, parts))
+
+
 def forward(geom, input, offset, weight, bias, mask):
     """Output (N, C_out, Ho, Wo) in the input's dtype."""
     dtype = _compute_dtype(geom.dtype)
     out = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
     w = layout.weight_matrix(geom, weight, dtype)
-    for part in layout.chunks(geom, dtype):
-        out[part] = _forward_chunk(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype)
+
+    def run(part):
+        out[part] = _forward_part(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype)
+
+    for chunk in layout.chunks(geom, dtype):
+        _in_threads(run, _parts(chunk, geom.batch))
     if bias is not None:
         out += bias.astype(dtype).reshape(1, -1, 1, 1)
     return out.astype(geom.dtype, copy=False)
@@ -315,14 +367,19 @@ def backward(geom, grad_output, input, offset, weight, mask):
     grad_offset = np.empty(offset.shape, dtype)
     grad_mask = np.empty(mask.shape, dtype) if mask is not None else None
     w = layout.weight_matrix(geom, weight, dtype)
-    grad_w = np.zeros_like(w)
-    for part in layout.chunks(geom, dtype):
-        grads = _backward_chunk(geom, grad_output[part], input[part], offset[part],
-                                _chunk_mask(mask, part), w, dtype)
+
+    def run(part):
+        grads = _backward_part(geom, grad_output[part], input[part], offset[part],
+                               _chunk_mask(mask, part), w, dtype)
         grad_input[part], grad_offset[part] = grads[0], grads[1]
         if grad_mask is not None:
             grad_mask[part] = grads[2]
-        grad_w += grads[3]
+        return grads[3]
+
+    grad_w = np.zeros_like(w)
+    for chunk in layout.chunks(geom, dtype):
+        for part_grad_w in _in_threads(run, _parts(chunk, geom.batch)):
+            grad_w += part_grad_w  # in a fixed order: bitwise repeatable
     grad_bias = None
     if geom.has_bias:
         grad_bias = grad_output.astype(dtype, copy=False).sum(axis=(0, 2, 3))
