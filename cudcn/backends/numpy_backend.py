@@ -76,9 +76,9 @@ its per-row arrays (about 50 bytes per row), X, and the corner rows gathered
 a block at a time.
 
 Threads: scipy's sparse products run on one thread, so a chunk's images are
-shared out among threads, a part per CPU, each doing all three steps for its
-images (scipy and NumPy release the GIL); meanwhile BLAS runs one thread per
-part. The parts' column buffers add up to the chunk's. The weight gradient
+shared out among threads, a part per CPU (when each part still gets enough
+work), each doing all three steps for its images (scipy and NumPy release
+the GIL); meanwhile BLAS runs one thread per part. The parts' column buffers add up to the chunk's. The weight gradient
 sums the parts in a fixed order, so results are bitwise repeatable on a given
 number of CPUs.
 """
@@ -312,11 +312,18 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def _parts(chunk: slice, batch: int) -> list[slice]:
+#: Fewest column-buffer values worth a thread of their own: for less work,
+#: starting and joining the thread costs about what it saves.
+_MIN_PART_VALUES = 2**17
+
+
+def _parts(geom: Geometry, chunk: slice) -> list[slice]:
     """The images of a chunk shared out among threads: a part per CPU, at
-    most one per image. The parts' column buffers together are the chunk's."""
-    images = range(batch)[chunk]
-    count = min(_cpu_count(), len(images))
+    most one per image and one per _MIN_PART_VALUES column values. The parts'
+    column buffers together are the chunk's."""
+    images = range(geom.batch)[chunk]
+    values = len(images) * geom.out_pixels * geom.kernel_points * geom.in_channels
+    count = max(1, min(_cpu_count(), len(images), values // _MIN_PART_VALUES))
     bounds = [images.start + len(images) * i // count for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -354,7 +361,7 @@ def forward(geom, input, offset, weight, bias, mask):
         out[part] = _forward_part(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype)
 
     for chunk in layout.chunks(geom, dtype):
-        _in_threads(run, _parts(chunk, geom.batch))
+        _in_threads(run, _parts(geom, chunk))
     if bias is not None:
         out += bias.astype(dtype).reshape(1, -1, 1, 1)
     return out.astype(geom.dtype, copy=False)
@@ -378,7 +385,7 @@ def backward(geom, grad_output, input, offset, weight, mask):
 
     grad_w = np.zeros_like(w)
     for chunk in layout.chunks(geom, dtype):
-        for part_grad_w in _in_threads(run, _parts(chunk, geom.batch)):
+        for part_grad_w in _in_threads(run, _parts(geom, chunk)):
             grad_w += part_grad_w  # in a fixed order: bitwise repeatable
     grad_bias = None
     if geom.has_bias:
