@@ -45,8 +45,9 @@ def _dense_sampling_matrix(call) -> np.ndarray:
                     i, j = divmod(k, kw)
                     for g in range(groups):
                         at = g * 2 * k_points + 2 * k
-                        y = h * call.stride[0] - call.padding[0] + i * call.dilation[0] + call.offset[image, at, h, w]
-                        x = w * call.stride[1] - call.padding[1] + j * call.dilation[1] + call.offset[image, at + 1, h, w]
+                        dy, dx = call.offset[image, at, h, w], call.offset[image, at + 1, h, w]
+                        y = h * call.stride[0] - call.padding[0] + i * call.dilation[0] + dy
+                        x = w * call.stride[1] - call.padding[1] + j * call.dilation[1] + dx
                         m = 1.0 if call.mask is None else call.mask[image, g * k_points + k, h, w]
                         if -1 < y < height and -1 < x < width:  # also False for NaN
                             y0, x0 = math.floor(y), math.floor(x)

@@ -66,9 +66,10 @@ The computation is three steps:
    the bottom row: the slope towards row 0.
 
 Every gather is a ``take`` along the first axis of a 2-D array (no fancy
-indexing with three index arrays). S is built once per chunk -- as many
-images as the workspace budget allows (:mod:`cudcn.config`) -- and serves all
-three steps. Everything runs in the compute dtype (float32, or float64 for
+indexing with three index arrays). The batch is processed in chunks -- as
+many images as the workspace budget allows (:mod:`cudcn.config`) -- and S,
+built once for a chunk (or for each part of it, below), serves all three
+steps. Everything runs in the compute dtype (float32, or float64 for
 float64 input): S's values, X and the accumulations of Sᵀ·dcol, so no
 float64 scatter buffer is ever needed. Memory beyond the arguments: the
 column buffer (in the backward, the column gradients take its place), S and
@@ -78,9 +79,9 @@ a block at a time.
 Threads: scipy's sparse products run on one thread, so a chunk's images are
 shared out among threads, a part per CPU (when each part still gets enough
 work), each doing all three steps for its images (scipy and NumPy release
-the GIL); meanwhile BLAS runs one thread per part. The parts' column buffers add up to the chunk's. The weight gradient
-sums the parts in a fixed order, so results are bitwise repeatable on a given
-number of CPUs.
+the GIL); meanwhile BLAS runs one thread per part. The parts' column buffers
+add up to the chunk's. The weight gradient sums the parts in a fixed order,
+so results are bitwise repeatable on a given number of CPUs.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
 
 
 class _Sampling(NamedTuple):
-    """Bilinear sampling of one chunk of n images, rows r = ((n*L + l)*K + k)*G + g."""
+    """Bilinear sampling of n images, rows r = ((image*L + l)*K + k)*G + g."""
 
     images: int  # n
     matrix: Any  # S: scipy.sparse.csr_array (n*L*K*G, n*H*W*G + 1), 4 entries per row
