@@ -93,8 +93,12 @@ class Geometry:
         return (self.batch, self.out_pixels, self.kernel_points, self.in_channels)
 
 
-def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each at least ``minimum``, as a pair."""
+def int_pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each in [minimum, 2**31 - 1], as a pair of ints.
+
+    Also checks the adapters' layer constructor arguments (kernel_size,
+    stride, ...), so that a layer rejects what a call would.
+    """
     items = value if isinstance(value, (tuple, list)) else (value,)
     if len(items) == 1:
         items = (items[0], items[0])
@@ -264,7 +268,7 @@ def validate(
                 f"divisible by groups = {groups}"
             )
     else:
-        kernel_h, kernel_w = _pair(kernel_size, nm("kernel_size"), 0)
+        kernel_h, kernel_w = int_pair(kernel_size, nm("kernel_size"), 0)
     if kernel_h < 1 or kernel_w < 1:
         raise ArgumentError(
             f"kernel size must be at least 1x1, got {kernel_h}x{kernel_w}"
@@ -272,9 +276,9 @@ def validate(
     if in_channels < 1:
         raise ArgumentError(f"{nm('input')}.shape[1] (C_in) must be >= 1, got {in_channels}")
 
-    stride_h, stride_w = _pair(stride, nm("stride"), 1)
-    pad_h, pad_w = _pair(padding, nm("padding"), 0)
-    dil_h, dil_w = _pair(dilation, nm("dilation"), 1)
+    stride_h, stride_w = int_pair(stride, nm("stride"), 1)
+    pad_h, pad_w = int_pair(padding, nm("padding"), 0)
+    dil_h, dil_w = int_pair(dilation, nm("dilation"), 1)
     if max(height + 2 * pad_h, width + 2 * pad_w) > MAX_EXTENT:
         raise ArgumentError(
             f"the padded input size (H + 2*pad_h, W + 2*pad_w) = "
