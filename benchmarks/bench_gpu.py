@@ -1,24 +1,43 @@
 """Time cudcn's CUDA backend against torchvision.ops.deform_conv2d on a GPU.
 
-For each shape and dtype: forward and backward, CUDA events, warm-up, the
-median of several repetitions over rotating input sets (so that no run finds
-its inputs in L2 from the previous one), and the peak device memory each
-library allocates above its inputs. Both libraries see the same data (shared
-through DLPack). Prints a Markdown table and, with --output, writes it and a
-JSON record.
+For each shape and precision (float32 with TF32 off and on, float16,
+bfloat16): forward and backward, CUDA events, warm-up, the median of several
+repetitions over rotating input sets (so that no run finds its inputs in L2
+from the previous one), and the peak device memory each library allocates
+above its inputs. Both libraries see the same data (shared through DLPack);
+"float32 tf32" runs cudcn under ``cudcn.tf32()`` and torchvision under
+``torch.set_float32_matmul_precision("high")``. Prints a Markdown table with
+the ratios cudcn / torchvision last and, with --output, writes it and a JSON
+record (environment included).
 
     PYTHONPATH=. python benchmarks/bench_gpu.py [--quick] [--output DIR]
 
 Needs CuPy and a GPU; torchvision is timed when torch with CUDA and
 torchvision are importable (it has no bfloat16 kernel, so those rows show cudcn
 only).
+
+A second table times cudcn's sampling steps alone, through the public
+building blocks (each includes its layout pass): ``deform_im2col``,
+``deform_col2im`` and ``deform_col2im_coord``. The repository keeps only the
+current kernels; to time two versions, run this script once per checkout of
+the library, the same script each time:
+
+    PYTHONPATH=<checkout of the other version> python benchmarks/bench_gpu.py --output old
+    PYTHONPATH=. python benchmarks/bench_gpu.py --output new
+
+The record names the cudcn it imported (directory and git commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import importlib.util
 import json
+import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +51,13 @@ SHAPES = {
     "N8 C64->64 128x128 3x3": (8, 64, 64, 128, 128, 3, 1),
     "N32 C128->128 32x32 3x3 G4": (32, 128, 128, 32, 32, 3, 4),
 }
-DTYPES = ("float32", "float16", "bfloat16")
+#: precision name -> (dtype, TF32 for float32 GEMMs)
+PRECISIONS = {
+    "float32": ("float32", False),
+    "float32 tf32": ("float32", True),
+    "float16": ("float16", False),
+    "bfloat16": ("bfloat16", False),
+}
 ROTATE = 3
 
 
@@ -139,6 +164,22 @@ def bench_cudcn(cupy, tracker, sets, warmup, repeat):
     return result
 
 
+def bench_sampling(cupy, sets, k, warmup, repeat):
+    """Milliseconds of the sampling building blocks (public column layout)."""
+    first = sets[0]
+    columns = cudcn.deform_im2col(first["input"], first["offset"], k, padding=1, mask=first["mask"])
+    grads = {id(s): cupy.ones_like(columns) for s in sets}
+    del columns
+    steps = {
+        "im2col": lambda s: cudcn.deform_im2col(s["input"], s["offset"], k, padding=1, mask=s["mask"]),
+        "col2im": lambda s: cudcn.deform_col2im(grads[id(s)], s["offset"], s["input"].shape, k, padding=1,
+                                                mask=s["mask"]),
+        "col2im_coord": lambda s: cudcn.deform_col2im_coord(grads[id(s)], s["input"], s["offset"], k, padding=1,
+                                                            mask=s["mask"]),
+    }
+    return {f"{name}_ms": time_cupy(cupy, fn, sets, warmup, repeat) for name, fn in steps.items()}
+
+
 def bench_torchvision(torch, ops, sets, warmup, repeat):
     tsets = [{k: torch.from_dlpack(v) for k, v in s.items()} for s in sets]
 
@@ -182,6 +223,43 @@ def forward_difference(torch, ops, s) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+@contextlib.contextmanager
+def tf32(torch, mode: bool):
+    """TF32 for float32 GEMMs in cudcn and (when present) torch, restored after."""
+    before = torch.get_float32_matmul_precision() if torch is not None else None
+    if torch is not None:
+        torch.set_float32_matmul_precision("high" if mode else "highest")
+    try:
+        with cudcn.tf32(mode):
+            yield
+    finally:
+        if torch is not None:
+            torch.set_float32_matmul_precision(before)
+
+
+def environment(cupy, torch) -> dict:
+    """Date, machine and versions, for the record."""
+    runtime = cupy.cuda.runtime
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode(),
+        "driver": runtime.driverGetVersion(), "cuda_runtime": runtime.runtimeGetVersion(),
+        "python": platform.python_version(), "numpy": np.__version__, "cupy": cupy.__version__,
+        "torch": getattr(torch, "__version__", None), "cudcn": cudcn.__version__, "commit": commit or None,
+        "cudcn_from": cudcn_source(),
+    }
+
+
+def cudcn_source() -> str:
+    """Where the timed cudcn was imported from: its directory and git commit."""
+    where = Path(cudcn.__file__).resolve().parent
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=where).stdout.strip()
+    return f"{where} ({commit or 'no git'})"
+
+
 def _torchvision():
     try:
         import torch
@@ -204,43 +282,53 @@ def main(argv: list[str] | None = None) -> int:
     tracker = PeakTracker(cupy)
     cupy.cuda.set_allocator(tracker.malloc)
     torch, ops = _torchvision()
-    device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    record = environment(cupy, torch)
     shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
     repeat = 5 if args.quick else args.repeat
-    dtypes = [d for d in DTYPES if d != "bfloat16" or "ml_dtypes" in sys.modules or _has_ml_dtypes()]
+    precisions = dict(PRECISIONS)
+    problem = _bfloat16_problem(cupy)
+    if problem:
+        print(f"bfloat16 left out: {problem}")
+        del precisions["bfloat16"]
 
     rows = []
     for shape_name, shape in shapes.items():
         n, c, o, h, w, k, g = shape
         gflop = 2 * n * h * w * o * c * k * k / 1e9
-        for dtype in dtypes:
-            np_dtype = _dtype(dtype)
-            sets = [make_inputs(cupy, shape, np_dtype, seed) for seed in range(ROTATE)]
-            ours = bench_cudcn(cupy, tracker, sets, args.warmup, repeat)
-            theirs, diff = None, None
-            if torch is not None and dtype != "bfloat16":
-                theirs = bench_torchvision(torch, ops, sets, args.warmup, repeat)
-                diff = forward_difference(torch, ops, sets[0])
-            rows.append(dict(shape=shape_name, dtype=dtype, gflop=gflop, cudcn=ours, torchvision=theirs,
+        for precision, (dtype, use_tf32) in precisions.items():
+            sets = [make_inputs(cupy, shape, _dtype(dtype), seed) for seed in range(ROTATE)]
+            with tf32(torch, use_tf32):
+                ours = bench_cudcn(cupy, tracker, sets, args.warmup, repeat)
+                ours.update(bench_sampling(cupy, sets, k, args.warmup, repeat))
+                theirs, diff = None, None
+                if torch is not None and dtype != "bfloat16":
+                    theirs = bench_torchvision(torch, ops, sets, args.warmup, repeat)
+                    diff = forward_difference(torch, ops, sets[0])
+            rows.append(dict(shape=shape_name, dtype=precision, gflop=gflop, cudcn=ours, torchvision=theirs,
                              forward_rel_diff=diff))
             del sets
             cupy.get_default_memory_pool().free_all_blocks()
 
-    table = render(rows, device)
+    table = render(rows, record) + "\n\n" + render_sampling(rows)
     print(table)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "bench_gpu.md").write_text(table + "\n")
-        (args.output / "bench_gpu.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+        (args.output / "bench_gpu.json").write_text(json.dumps({"environment": record, "rows": rows}, indent=2))
     return 0
 
 
-def _has_ml_dtypes() -> bool:
+def _bfloat16_problem(cupy) -> str | None:
+    """Why CuPy cannot hold bfloat16 here (a probe), or None."""
+    if importlib.util.find_spec("ml_dtypes") is None:
+        return "ml_dtypes is not installed"
     try:
-        import ml_dtypes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        cupy.empty(1, _dtype("bfloat16"))
+    except Exception as error:
+        from cudcn.backends.cuda.engine import cupy_bfloat16_problem
+
+        return cupy_bfloat16_problem() or str(error)
+    return None
 
 
 def _dtype(name: str):
@@ -251,26 +339,57 @@ def _dtype(name: str):
     return np.dtype(name)
 
 
-def render(rows: list[dict], device: str) -> str:
+def render(rows: list[dict], record: dict) -> str:
+    """The Markdown table: times, peaks, and the ratios cudcn / torchvision (below 1: cudcn better)."""
     def fmt(value, spec=".2f"):
         return "-" if value is None else format(value, spec)
 
+    def ratio(ours, theirs):
+        return None if theirs is None or not theirs else ours / theirs
+
     lines = [
-        f"GPU: {device}; median of CUDA-event timings; peak = device memory allocated above the inputs",
+        f"GPU: {record['gpu']}; driver {record['driver']}, CUDA runtime {record['cuda_runtime']}; "
+        f"CuPy {record['cupy']}, torch {record['torch']}; cudcn {record['cudcn']} ({record['commit']}); "
+        f"{record['date']}",
+        "median of CUDA-event timings; peak = device memory allocated above the inputs; "
+        "ratios = cudcn / torchvision",
         "",
-        "| shape | dtype | cudcn fwd ms | tv fwd ms | cudcn bwd ms | tv bwd ms | cudcn fwd TFLOP/s "
-        "| cudcn peak fwd/bwd MB | tv peak fwd/bwd MB | fwd rel. diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | precision | cudcn fwd ms | tv fwd ms | cudcn bwd ms | tv bwd ms | cudcn fwd TFLOP/s "
+        "| cudcn peak fwd/bwd MB | tv peak fwd/bwd MB | fwd ratio | fwd+bwd ratio | peak ratio | fwd rel. diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ours, theirs = r["cudcn"], r["torchvision"] or {}
         tflops = r["gflop"] / ours["forward_ms"]  # GFLOP / ms = TFLOP/s
+        both = ours["forward_ms"] + ours["backward_ms"]
+        their_both = theirs["forward_ms"] + theirs["backward_ms"] if theirs else None
+        peak = max(ours["forward_peak_mb"], ours["backward_peak_mb"])
+        their_peak = max(theirs["forward_peak_mb"], theirs["backward_peak_mb"]) if theirs else None
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {ours['forward_ms']:.3f} | {fmt(theirs.get('forward_ms'), '.3f')} "
             f"| {ours['backward_ms']:.3f} | {fmt(theirs.get('backward_ms'), '.3f')} | {tflops:.1f} "
             f"| {ours['forward_peak_mb']:.0f} / {ours['backward_peak_mb']:.0f} "
             f"| {fmt(theirs.get('forward_peak_mb'), '.0f')} / {fmt(theirs.get('backward_peak_mb'), '.0f')} "
-            f"| {fmt(r['forward_rel_diff'], '.1e')} |"
+            f"| {fmt(ratio(ours['forward_ms'], theirs.get('forward_ms')))} | {fmt(ratio(both, their_both))} "
+            f"| {fmt(ratio(peak, their_peak))} | {fmt(r['forward_rel_diff'], '.1e')} |"
+        )
+    return "\n".join(lines)
+
+
+
+def render_sampling(rows: list[dict]) -> str:
+    """The second table: cudcn's sampling steps alone."""
+    lines = [
+        "cudcn's sampling steps alone (public building blocks, each with its layout pass):",
+        "",
+        "| shape | precision | im2col ms | col2im ms | col2im_coord ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours = r["cudcn"]
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {ours['im2col_ms']:.3f} | {ours['col2im_ms']:.3f} "
+            f"| {ours['col2im_coord_ms']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -9,11 +9,17 @@ Importing cudcn imports NumPy only: no CuPy, torch or paddle.
 """
 
 from cudcn.config import (
+    algorithm,
     are_deterministic_algorithms_enabled,
     deterministic_algorithms,
+    get_algorithm,
     get_workspace_bytes,
+    is_tf32_enabled,
+    set_algorithm,
     set_workspace_bytes,
+    tf32,
     use_deterministic_algorithms,
+    use_tf32,
     workspace_bytes,
 )
 from cudcn.errors import ArgumentError, ArgumentTypeError
@@ -29,7 +35,19 @@ from cudcn.ops import (
 
 __version__ = "0.1.0"
 
+
+def algorithm_choices() -> list:
+    """What the CUDA backend's "auto" algorithm has measured and chosen in
+    this process: one :class:`cudcn.backends.cuda.algorithms.Choice` per key."""
+    from cudcn.backends.cuda import algorithms
+
+    return algorithms.choices()
+
 __all__ = [
+    "algorithm",
+    "algorithm_choices",
+    "get_algorithm",
+    "set_algorithm",
     "ArgumentError",
     "ArgumentTypeError",
     "Gradients",
@@ -42,7 +60,10 @@ __all__ = [
     "deform_conv2d_backward",
     "deform_im2col",
     "get_workspace_bytes",
+    "is_tf32_enabled",
     "set_workspace_bytes",
+    "tf32",
     "use_deterministic_algorithms",
+    "use_tf32",
     "workspace_bytes",
 ]

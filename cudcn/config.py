@@ -1,4 +1,4 @@
-"""Library-wide settings: the workspace budget and deterministic algorithms.
+"""Library-wide settings: the workspace budget, deterministic algorithms, TF32 and the CUDA algorithm.
 
 The column buffer of a chunk of images holds (n, Ho*Wo, kh*kw, C_in) values,
 kh*kw times the input. Backends split the batch into chunks whose column
@@ -14,6 +14,16 @@ results. The CUDA backend's fastest input gradient adds with atomics, whose
 order varies from run to run; with deterministic algorithms on it takes a
 sorted, atomic-free path instead. The setting is per thread (a context
 variable); CUDCN_DETERMINISTIC=1 turns it on by default.
+
+TF32: with it on, the CUDA backend's float32 GEMMs may round their operands to
+TensorFloat-32 (10 explicit significand bits, float32's exponent range) and
+run on tensor cores, summing in float32 (cuBLAS's
+CUBLAS_COMPUTE_32F_FAST_TF32). A product then has a relative error of about
+2^-11 per operand instead of float32's 2^-24, so a float32 output or gradient
+is accurate to roughly 1e-3 relative, about as torch's own float32
+convolutions and matmuls are with TF32 allowed. Off by default, per thread
+like the deterministic setting; CUDCN_TF32=1 turns it on by default. It
+never affects float16, bfloat16, float64 or the NumPy backend.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ import contextlib
 import contextvars
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from cudcn.errors import ArgumentError, ArgumentTypeError
 
@@ -61,10 +72,44 @@ def parse_size(text: str) -> int:
     return nbytes
 
 
-def _default_from_environment() -> int:
-    text = os.environ.get("CUDCN_WORKSPACE_BYTES")
-    if text is None:
-        return DEFAULT_WORKSPACE_BYTES
+class _Setting:
+    """A process-wide value with per-thread temporary overrides.
+
+    The process-wide value comes from :meth:`set`, else from an environment
+    variable, parsed at the first read (so that a malformed value is an error
+    at first use, never at import), else from a default. :meth:`temporarily`
+    overrides it in the calling thread only (a context variable).
+    """
+
+    def __init__(self, name: str, variable: str, default: Any, from_text: Callable[[str], Any],
+                 check: Callable[[Any], Any]) -> None:
+        self.variable, self.default = variable, default
+        self.from_text, self.check = from_text, check
+        self.value: Any = None  # the process-wide value; None until first read
+        self.temporary: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+
+    def get(self) -> Any:
+        temporary = self.temporary.get()
+        if temporary is not None:
+            return temporary
+        if self.value is None:
+            text = os.environ.get(self.variable)
+            self.value = self.default if text is None else self.from_text(text)
+        return self.value
+
+    def set(self, value: Any) -> None:
+        self.value = self.check(value)
+
+    @contextlib.contextmanager
+    def temporarily(self, value: Any) -> Iterator[None]:
+        token = self.temporary.set(self.check(value))
+        try:
+            yield
+        finally:
+            self.temporary.reset(token)
+
+
+def _workspace_from_text(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError:
@@ -74,19 +119,16 @@ def _default_from_environment() -> int:
         ) from None
 
 
-# The process-wide budget (None until first read: CUDCN_WORKSPACE_BYTES is
-# parsed then, so a bad value is an error at first use, never at import), and
-# a per-thread temporary budget set by :func:`workspace_bytes`.
-_default_workspace: int | None = None
-_temporary_workspace: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "cudcn_workspace_bytes", default=None
-)
-
-
 def _check_nbytes(nbytes: object) -> int:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
         raise ArgumentError(f"nbytes must be a positive int, got {nbytes!r}")
     return nbytes
+
+
+_workspace = _Setting(
+    "cudcn_workspace_bytes", "CUDCN_WORKSPACE_BYTES", DEFAULT_WORKSPACE_BYTES,
+    _workspace_from_text, _check_nbytes,
+)
 
 
 def get_workspace_bytes() -> int:
@@ -96,29 +138,17 @@ def get_workspace_bytes() -> int:
     else the process-wide one (:func:`set_workspace_bytes`, else
     CUDCN_WORKSPACE_BYTES, else 256 MiB).
     """
-    global _default_workspace
-    temporary = _temporary_workspace.get()
-    if temporary is not None:
-        return temporary
-    if _default_workspace is None:
-        _default_workspace = _default_from_environment()
-    return _default_workspace
+    return _workspace.get()
 
 
 def set_workspace_bytes(nbytes: int) -> None:
     """Set the process-wide column-buffer budget in bytes (a positive int)."""
-    global _default_workspace
-    _default_workspace = _check_nbytes(nbytes)
+    _workspace.set(nbytes)
 
 
-@contextlib.contextmanager
-def workspace_bytes(nbytes: int) -> Iterator[None]:
+def workspace_bytes(nbytes: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, in this thread only, the column-buffer budget is ``nbytes``."""
-    token = _temporary_workspace.set(_check_nbytes(nbytes))
-    try:
-        yield
-    finally:
-        _temporary_workspace.reset(token)
+    return _workspace.temporarily(nbytes)
 
 
 def images_per_chunk(bytes_per_image: int, batch: int) -> int:
@@ -127,30 +157,98 @@ def images_per_chunk(bytes_per_image: int, batch: int) -> int:
     return max(1, min(fit, batch))
 
 
-_deterministic: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "cudcn_deterministic", default=os.environ.get("CUDCN_DETERMINISTIC", "0") == "1"
-)
+class _ThreadFlag:
+    """A boolean setting per thread (a context variable), default from an environment variable."""
+
+    def __init__(self, name: str, variable: str) -> None:
+        self.value: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            name, default=os.environ.get(variable, "0") == "1"
+        )
+
+    def set(self, mode: bool) -> None:
+        self.value.set(_check_mode(mode))
+
+    @contextlib.contextmanager
+    def temporarily(self, mode: bool) -> Iterator[None]:
+        token = self.value.set(_check_mode(mode))
+        try:
+            yield
+        finally:
+            self.value.reset(token)
+
+
+def _check_mode(mode: object) -> bool:
+    if not isinstance(mode, bool):
+        raise ArgumentTypeError(f"mode must be a bool, got {mode!r}")
+    return mode
+
+
+_deterministic = _ThreadFlag("cudcn_deterministic", "CUDCN_DETERMINISTIC")
+_tf32 = _ThreadFlag("cudcn_tf32", "CUDCN_TF32")
 
 
 def use_deterministic_algorithms(mode: bool) -> None:
     """Make every later call in this thread bitwise repeatable (or not)."""
-    if not isinstance(mode, bool):
-        raise ArgumentTypeError(f"mode must be a bool, got {mode!r}")
     _deterministic.set(mode)
 
 
 def are_deterministic_algorithms_enabled() -> bool:
     """Whether calls in this thread must be bitwise repeatable."""
-    return _deterministic.get()
+    return _deterministic.value.get()
 
 
-@contextlib.contextmanager
-def deterministic_algorithms(mode: bool = True) -> Iterator[None]:
+def deterministic_algorithms(mode: bool = True) -> contextlib.AbstractContextManager[None]:
     """Within the block, calls are (or are not) bitwise repeatable."""
-    if not isinstance(mode, bool):
-        raise ArgumentTypeError(f"mode must be a bool, got {mode!r}")
-    token = _deterministic.set(mode)
-    try:
-        yield
-    finally:
-        _deterministic.reset(token)
+    return _deterministic.temporarily(mode)
+
+
+def use_tf32(mode: bool) -> None:
+    """Let every later float32 GEMM on the GPU in this thread use TF32 (or not)."""
+    _tf32.set(mode)
+
+
+def is_tf32_enabled() -> bool:
+    """Whether float32 GEMMs on the GPU in this thread may use TF32."""
+    return _tf32.value.get()
+
+
+def tf32(mode: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Within the block, float32 GEMMs on the GPU may (or may not) use TF32."""
+    return _tf32.temporarily(mode)
+
+
+#: The CUDA backend's algorithms: "im2col" (im2col + GEMM with a column
+#: buffer, the reference), "fused" (column-free kernels where they apply, else
+#: im2col) and "auto" (times the algorithms that apply once per shape and
+#: keeps the faster; :mod:`cudcn.backends.cuda.algorithms`).
+ALGORITHMS = ("auto", "fused", "im2col")
+
+def _check_algorithm(name: object, source: str = "name") -> str:
+    if name not in ALGORITHMS:
+        raise ArgumentError(f"{source} must be one of {', '.join(map(repr, ALGORITHMS))}, got {name!r}")
+    return name  # type: ignore[return-value]
+
+
+_algorithm = _Setting(
+    "cudcn_algorithm", "CUDCN_ALGORITHM", "auto",
+    lambda text: _check_algorithm(text, "CUDCN_ALGORITHM"), _check_algorithm,
+)
+
+
+def get_algorithm() -> str:
+    """The CUDA backend's algorithm in this thread: "auto", "fused" or "im2col".
+
+    A temporary choice of :func:`algorithm` in force in this thread, else the
+    process-wide one (:func:`set_algorithm`, else CUDCN_ALGORITHM, else "auto").
+    """
+    return _algorithm.get()
+
+
+def set_algorithm(name: str) -> None:
+    """Set the process-wide CUDA algorithm: "auto", "fused" or "im2col"."""
+    _algorithm.set(name)
+
+
+def algorithm(name: str) -> contextlib.AbstractContextManager[None]:
+    """Within the block, in this thread only, the CUDA backend uses ``name``."""
+    return _algorithm.temporarily(name)

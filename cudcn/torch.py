@@ -42,6 +42,12 @@ Precision and determinism:
   because autograd runs a CUDA backward in its own thread, where a
   ``with`` block around ``.backward()`` alone is not visible. The forward, the other gradients and the whole CPU path are
   deterministic anyway.
+- float32 GEMMs on CUDA use TF32 (tensor cores, operands rounded to 10
+  significand bits: about 1e-3 relative error) when torch allows TF32 for
+  float32 matmuls (``torch.set_float32_matmul_precision("high")``,
+  ``torch.backends.cuda.matmul.allow_tf32 = True``; read where the op runs)
+  or cudcn's setting (``cudcn.tf32()``) is in force at the forward call.
+  Off by default, as in torch.
 - Double backward is not supported.
 
 Leaving Python: TorchScript compiles the function and the modules to calls of
@@ -63,6 +69,7 @@ import torch
 from torch import Tensor, nn
 
 import cudcn
+from cudcn.backends.cuda.engine import external_stream
 from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import FLOAT_DTYPES, Geometry, int_pair, validate
 
@@ -184,10 +191,10 @@ def _to_array(t: Tensor | None) -> Any:
         except Exception as error:
             if t.dtype != torch.bfloat16:
                 raise
-            raise ArgumentTypeError(
-                "bfloat16 on CUDA needs CuPy 14 or newer with ml_dtypes "
-                "(CuPy's bfloat16 type); this CuPy cannot import it through DLPack"
-            ) from error
+            from cudcn.backends.cuda.engine import cupy_bfloat16_problem
+
+            cause = cupy_bfloat16_problem() or f"CuPy could not import the tensor through DLPack: {error}"
+            raise ArgumentTypeError(f"bfloat16 CUDA tensors need CuPy's bfloat16: {cause}") from error
     if t.dtype == torch.bfloat16:  # NumPy's DLPack has no bfloat16.
         t = t.float()
     return np.from_dlpack(t)
@@ -226,15 +233,33 @@ def _backend_context(t: Tensor) -> Iterator[None]:
     device_id = t.device.index
     stream = torch.cuda.current_stream(t.device)
     allocator = _torch_allocator(stream.cuda_stream)
-    with cupy.cuda.Device(device_id):
-        # Made inside the device context so that it belongs to t's device.
-        # CuPy >= 14 takes any object with __cuda_stream__ and deprecates ExternalStream.
-        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
-            cupy_stream = cupy.cuda.Stream.from_external(stream)
-        else:
-            cupy_stream = cupy.cuda.ExternalStream(stream.cuda_stream, device_id)
-        with cupy_stream, cupy.cuda.using_allocator(allocator):
-            yield
+    cupy_stream = external_stream(cupy, stream.cuda_stream, device_id)  # 0, torch's default stream, made explicit
+    with cupy.cuda.Device(device_id), cupy_stream, cupy.cuda.using_allocator(allocator):
+        yield
+
+
+def _torch_allows_tf32() -> bool:
+    """Whether torch lets float32 matmuls on CUDA use TF32 (torch's global setting).
+
+    torch.set_float32_matmul_precision("high" or "medium"),
+    torch.backends.cuda.matmul.allow_tf32 = True and
+    torch.backends.cuda.matmul.fp32_precision = "tf32" all show in
+    fp32_precision; torch before it has only allow_tf32.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
+def _tf32(requested: bool) -> contextlib.AbstractContextManager:
+    """TF32 for a call's float32 GEMMs on CUDA: on when cudcn's setting was
+    on at the forward (``requested``) or torch allows TF32 for float32
+    matmuls (read where the op runs: torch's setting is global)."""
+    if requested or _torch_allows_tf32():
+        return cudcn.tf32(True)
+    return contextlib.nullcontext()
 
 
 def _determinism(requested: bool) -> contextlib.AbstractContextManager:
@@ -264,7 +289,7 @@ def _deform_conv2d_op(
 ) -> Tensor:
     """Output (N, C_out, Ho, Wo) from the core's forward."""
     _check_tensors({"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask})
-    with _backend_context(input):
+    with _backend_context(input), _tf32(cudcn.is_tf32_enabled()):
         arrays = [_to_array(t) for t in (input, offset, weight, bias, mask)]
         out = cudcn.deform_conv2d(
             *arrays[:4], stride=stride, padding=padding, dilation=dilation, mask=arrays[4]
@@ -293,19 +318,21 @@ def _deform_conv2d_backward_op(
     padding: Sequence[int],
     dilation: Sequence[int],
     deterministic: bool,
+    tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (input, offset, weight, bias, mask) from the core's backward.
 
     The bias and mask gradients are empty tensors of shape (0,) when the call
     had no bias or no mask (a custom op cannot return None). ``deterministic``
     asks for the bitwise-repeatable path (as does
-    torch.use_deterministic_algorithms(True)).
+    torch.use_deterministic_algorithms(True)); ``tf32`` lets float32 GEMMs
+    use TF32 (as does torch's float32 matmul precision).
     """
     _check_tensors({
         "input": input, "offset": offset, "weight": weight, "bias": bias,
         "mask": mask, "grad_output": grad_output,
     })
-    with _backend_context(input), _determinism(deterministic):
+    with _backend_context(input), _determinism(deterministic), _tf32(tf32):
         arrays = [_to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
         grads = cudcn.deform_conv2d_backward(
             *arrays[:5], stride=stride, padding=padding, dilation=dilation, mask=arrays[5]
@@ -316,7 +343,8 @@ def _deform_conv2d_backward_op(
 
 
 @_deform_conv2d_backward_op.register_fake
-def _deform_conv2d_backward_fake(grad_output, input, offset, weight, bias, mask, stride, padding, dilation, deterministic):
+def _deform_conv2d_backward_fake(grad_output, input, offset, weight, bias, mask, stride, padding, dilation,
+                                 deterministic, tf32=False):
     if _is_static(grad_output, input, offset, weight, bias, mask):
         _check(input, offset, weight, bias, mask, stride, padding, dilation, grad_output)
     return (
@@ -340,12 +368,13 @@ def _setup_context(ctx, inputs, output) -> None:
     # Read here, in the caller's thread: autograd runs a CUDA backward in its
     # own device thread, where cudcn's per-thread setting is not visible.
     ctx.deterministic = cudcn.are_deterministic_algorithms_enabled()
+    ctx.tf32 = cudcn.is_tf32_enabled()
 
 
 def _backward(ctx, grad_output: Tensor):
     input, offset, weight, bias, mask = ctx.saved_tensors
     g_input, g_offset, g_weight, g_bias, g_mask = _deform_conv2d_backward_op(
-        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, ctx.deterministic
+        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, ctx.deterministic, ctx.tf32
     )
     return (
         g_input,

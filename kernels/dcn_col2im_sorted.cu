@@ -1,6 +1,6 @@
 // dcn_col2im_sorted.cu: the input gradient without atomics, bitwise repeatable.
 //
-//   deform_col2im_keys<T, Index>                  target pixel and weight of every bilinear corner
+//   deform_col2im_keys<T, Index>                  target pixel (an Index) and weight of every bilinear corner
 //   deform_col2im_gather<T, TCol, TAcc, Index>    grad_input = sum over a pixel's corners, in sorted order
 //
 // deform_col2im adds with float atomics, whose order (and so the rounding)
@@ -9,7 +9,9 @@
 //      point, output pixel, corner) -- entry e -- the key of the input pixel
 //      the corner lands on, (image * G + offset group) * H*W + pixel, or the
 //      sentinel batch * G * H*W when it counts zero, and its weight
-//      (bilinear weight times mask);
+//      (bilinear weight times mask). Keys have the launch's index type,
+//      32 bits whenever the chunk's keys and entries fit them, so that the
+//      radix sort runs half the passes of 64-bit keys;
 //   2. the caller sorts the entries by key with a stable sort (so entries of
 //      one pixel stay in the order of e) and finds where each key's segment
 //      starts (searchsorted);
@@ -25,22 +27,22 @@
 /// offset:  (batch, 2*G*K, Ho, Wo)
 /// mask:    (batch, G*K, Ho, Wo), read only when has_mask
 /// total:   batch * G * K * Ho*Wo; thread index ((n*G + g)*K + k)*L + l
-/// keys:    (total * 4,) entry e = index * 4 + corner
+/// keys:    (total * 4,) entry e = index * 4 + corner; every key <= the sentinel fits Index
 /// weights: (total * 4,) in the compute type; 0 where the key is the sentinel
 template <typename T, typename Index>
 __global__ void deform_col2im_keys(const T* __restrict__ offset, const T* __restrict__ mask,
                                    int has_mask, DCN_SHAPE_PARAMS, Index total,
-                                   long long* __restrict__ keys,
+                                   Index* __restrict__ keys,
                                    typename ComputeType<T>::type* __restrict__ weights) {
   typedef typename ComputeType<T>::type Acc;
   const ConvShape s = DCN_SHAPE;
-  const long long pixels = static_cast<long long>(s.height) * s.width;
-  const long long sentinel = static_cast<long long>(s.batch) * s.offset_groups * pixels;
+  const Index pixels = static_cast<Index>(s.height) * s.width;
+  const Index sentinel = static_cast<Index>(s.batch) * s.offset_groups * pixels;
   DCN_GRID_STRIDE_LOOP(index, total) {
     Index n;
     int g, k, l;
     point_element(s, index, n, g, k, l);
-    const long long segment = (static_cast<long long>(n) * s.offset_groups + g) * pixels;
+    const Index segment = (n * s.offset_groups + g) * pixels;
 
     Acc y, x, ly, lx;
     int y0 = 0, x0 = 0;
@@ -55,7 +57,7 @@ __global__ void deform_col2im_keys(const T* __restrict__ offset, const T* __rest
       if (!counts) continue;
       const Corner<Acc> p = corner(q, y0, x0, ly, lx, s.height, s.width);
       if (!p.valid) continue;
-      keys[e] = segment + static_cast<long long>(p.y) * s.width + p.x;
+      keys[e] = segment + static_cast<Index>(p.y) * s.width + p.x;
       weights[e] = p.weight * m;
     }
   }

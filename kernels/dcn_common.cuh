@@ -7,18 +7,38 @@
 //   dcn_floor(v)               floor in float or double
 //   ConvShape, DCN_SHAPE_*     the geometry of one launch, passed as plain int arguments
 //   DCN_GRID_STRIDE_LOOP       grid-stride loop over [0, total) in the index type
-//   column_element(...)        (n, l, k, c, g) of a column-buffer element
-//   point_element(...)         (n, g, k, l) of a sampling point
+//   DCN_SHARED, DCN_SHARED_DYNAMIC, DCN_SHARED_PTR   shared memory (see below)
+//   dcn_lane()                 lane of the calling thread in its warp
+//   DCN_POINT_LOOP             warp-uniform loop over sampling points, a lane group each
+//   point_element(...)         (n, g, k, l) of a sampling point, layout (batch, G, K, Ho*Wo)
+//   column_point(...)          (n, l, k, g) of a sampling point, in the order of the column rows
 //   sampling_point(...)        where kernel point k of output pixel l samples
 //   mask_value(...)            its modulation (1 without a mask)
 //   locate(...)                whether the point counts (for its value or its slope), and its top-left corner
 //   corner(...)                one of the four bilinear corners: pixel, weight, derivatives
+//   ChannelVector, ChannelsPerLane, channel_vectors_fit, aligned_for,
+//   load_channels, column_index, load_column_block, store_column_block
+//                              a lane's block of channels, by 16-byte vectors where they fit
 //
 // No CUDA header is included, on purpose: NVRTC then compiles these kernels
 // with no include path at all (`python -m cudcn compile` works on any machine
 // with NVRTC), and the host-emulation harness compiles the very same text with
-// g++ under a small shim (tests/emulation/emulate.h).
+// g++ under its cooperative emulator (tests/emulation/emulate.h).
 #pragma once
+
+// Shared memory is declared through these macros: on the device they are
+// plain __shared__ arrays; under the emulator (which defines them for the
+// host) they are bounds-checked proxies that feed its race detector. Index
+// them only (tile[i]); DCN_SHARED_PTR(T) is the type of a pointer into them.
+#ifdef __CUDA_ARCH__
+#define DCN_SHARED(type, name, count) __shared__ type name[count]
+#define DCN_SHARED_DYNAMIC(type, name)                                   \
+  extern __shared__ __align__(16) unsigned char dcn_dynamic_shared[];   \
+  type* const name = reinterpret_cast<type*>(dcn_dynamic_shared)
+#define DCN_SHARED_PTR(type) type*
+#elif !defined(DCN_SHARED)
+#error "on the host, include tests/emulation/emulate.h before the kernels"
+#endif
 
 /// IEEE binary16, as its bit pattern (NumPy float16 has the same layout).
 struct dcn_half {
@@ -109,25 +129,6 @@ struct ConvShape {
   for (Index i = Index(blockIdx.x) * Index(blockDim.x) + Index(threadIdx.x);   \
        i < (total); i += Index(blockDim.x) * Index(gridDim.x))
 
-/// The element `index` of the column layout (groups, batch, Ho*Wo, K, C/groups):
-/// image n, output pixel l, kernel point k, input channel c, offset group g.
-template <typename Index>
-__device__ __forceinline__ void column_element(const ConvShape& s, Index index, Index& n,
-                                               int& l, int& k, int& c, int& g) {
-  const int group_channels = s.channels / s.groups;
-  const int K = s.kernel_h * s.kernel_w;
-  const int L = s.out_h * s.out_w;
-  const int cg = static_cast<int>(index % group_channels);
-  index /= group_channels;
-  k = static_cast<int>(index % K);
-  index /= K;
-  l = static_cast<int>(index % L);
-  index /= L;
-  n = index % s.batch;
-  c = static_cast<int>(index / s.batch) * group_channels + cg;
-  g = c / (s.channels / s.offset_groups);
-}
-
 /// The sampling point `index` of the layout (batch, G, K, Ho*Wo) (that of the
 /// mask): image n, offset group g, kernel point k, output pixel l.
 template <typename Index>
@@ -141,6 +142,38 @@ __device__ __forceinline__ void point_element(const ConvShape& s, Index index, I
   index /= K;
   g = static_cast<int>(index % s.offset_groups);
   n = index / s.offset_groups;
+}
+
+/// Lane of the calling thread in its warp (CUDA numbers threads x fastest,
+/// then y, then z, and cuts warps of 32 from that order).
+__device__ __forceinline__ int dcn_lane() {
+  return static_cast<int>((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x) & 31;
+}
+
+// Warp-uniform loop over `points` sampling points with a group of
+// `group_lanes` lanes (a power of two up to 32) per point: each warp takes
+// 32 / group_lanes consecutive points per step, `first` being its first, and
+// a lane's point is first + lane / group_lanes. Every lane of a warp makes
+// the same number of steps, so the body may use full-warp shuffles. Needs
+// 1-D blocks of whole warps; the launcher keeps points plus one grid stride
+// below the index type's range.
+#define DCN_POINT_LOOP(first, points, group_lanes)                                         \
+  for (Index first = (Index(blockIdx.x) * Index(blockDim.x) + Index(threadIdx.x)) / 32 *  \
+                     Index(32 / (group_lanes));                                            \
+       first < (points); first += Index(gridDim.x) * Index(blockDim.x) / Index(group_lanes))
+
+/// The sampling point `index` of the order (batch, Ho*Wo, K, G), offset group
+/// fastest (the order of the column rows, so that neighbouring points write
+/// neighbouring columns): image n, output pixel l, kernel point k, offset group g.
+template <typename Index>
+__device__ __forceinline__ void column_point(const ConvShape& s, Index index, Index& n, int& l,
+                                             int& k, int& g) {
+  g = static_cast<int>(index % s.offset_groups);
+  index /= s.offset_groups;
+  k = static_cast<int>(index % (s.kernel_h * s.kernel_w));
+  index /= s.kernel_h * s.kernel_w;
+  l = static_cast<int>(index % (s.out_h * s.out_w));
+  n = index / (s.out_h * s.out_w);
 }
 
 /// Sampling point (y, x) of kernel point k of output pixel l of image n in
@@ -219,4 +252,92 @@ __device__ __forceinline__ Corner<Acc> corner(int c, int y0, int x0, Acc ly, Acc
   r.d_dy = down ? wx : -wx;
   r.d_dx = right ? wy : -wy;
   return r;
+}
+
+// A lane handles a block of consecutive channels of one sampling point: 16
+// bytes of the wider of the input and column types (4 float32, 2 float64, 8
+// float16 or bfloat16). When every block lies inside one offset group and
+// one convolution group and the arrays are aligned, a block moves
+// as one vector load or store; otherwise channel by channel. Either way a
+// lane sees the same channels in the same order, so sums do not depend on
+// the path taken.
+
+/// Channels per lane block for input type T and column type TCol.
+template <typename T, typename TCol>
+struct ChannelsPerLane {
+  static constexpr int value = 16 / (sizeof(T) > sizeof(TCol) ? sizeof(T) : sizeof(TCol));
+};
+
+/// V consecutive values that one load or store moves.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) ChannelVector {
+  T v[V];
+};
+
+/// Whether blocks of V channels never straddle an offset group or a
+/// convolution group (then, with aligned arrays, they are vectors).
+template <int V>
+__device__ __forceinline__ bool channel_vectors_fit(const ConvShape& s) {
+  return (s.channels / s.offset_groups) % V == 0 && (s.channels / s.groups) % V == 0;
+}
+
+/// Whether p is aligned for a vector of V elements.
+template <int V, typename T>
+__device__ __forceinline__ bool aligned_for(const T* p) {
+  return reinterpret_cast<unsigned long long>(p) % (sizeof(T) * V) == 0;
+}
+
+/// values[v] = p[v] for v < count, 0 beyond; one vector load when `vector`
+/// (then count is V and p aligned).
+template <int V, typename T, typename Acc>
+__device__ __forceinline__ void load_channels(const T* p, int count, bool vector, Acc (&values)[V]) {
+  if (vector) {
+    const ChannelVector<T, V> x = *reinterpret_cast<const ChannelVector<T, V>*>(p);
+#pragma unroll
+    for (int v = 0; v < V; ++v) values[v] = to_compute(x.v[v]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) values[v] = v < count ? to_compute(p[v]) : Acc(0);
+  }
+}
+
+/// Position of (image n, output pixel l, kernel point k, channel c) in the
+/// column layout (groups, batch, Ho*Wo, K, C/groups).
+template <typename Index>
+__device__ __forceinline__ Index column_index(const ConvShape& s, Index n, int l, int k, int c) {
+  const int group_channels = s.channels / s.groups;
+  const int K = s.kernel_h * s.kernel_w;
+  return (((Index(c / group_channels) * s.batch + n) * (s.out_h * s.out_w) + l) * K + k) *
+             group_channels + c % group_channels;
+}
+
+/// values[v] = column (n, l, k, c + v) for v < count, 0 beyond.
+template <int V, typename TCol, typename Index, typename Acc>
+__device__ __forceinline__ void load_column_block(const ConvShape& s, const TCol* columns, Index n,
+                                                  int l, int k, int c, int count, bool vector,
+                                                  Acc (&values)[V]) {
+  if (vector) {
+    load_channels<V>(columns + column_index(s, n, l, k, c), V, true, values);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      values[v] = v < count ? to_compute(columns[column_index(s, n, l, k, c + v)]) : Acc(0);
+  }
+}
+
+/// column (n, l, k, c + v) = values[v] for v < count, rounded to TCol.
+template <int V, typename TCol, typename Index, typename Acc>
+__device__ __forceinline__ void store_column_block(const ConvShape& s, TCol* columns, Index n, int l,
+                                                   int k, int c, int count, bool vector,
+                                                   const Acc (&values)[V]) {
+  if (vector) {
+    ChannelVector<TCol, V> x;
+#pragma unroll
+    for (int v = 0; v < V; ++v) store(&x.v[v], values[v]);
+    *reinterpret_cast<ChannelVector<TCol, V>*>(columns + column_index(s, n, l, k, c)) = x;
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if (v < count) store(columns + column_index(s, n, l, k, c + v), values[v]);
+  }
 }

@@ -39,3 +39,69 @@ def shift(input, dy: int, dx: int):
     xs, xd = slice(max(dx, 0), w + min(dx, 0)), slice(max(-dx, 0), w + min(-dx, 0))
     out[..., yd, xd] = input[..., ys, xs]
     return out
+
+
+class ShiftedGradients:
+    """The gradients of a deformable convolution whose offsets are one integer shift.
+
+    3x3 kernel, stride 1, padding 1, one image, one group: x (C, H, W),
+    weight (O, C, 3, 3), grad_output (O, H, W), mask (9, H, W). Every kernel
+    point k = 3i + j of output pixel (h, w) samples x exactly at the pixel
+    (h - 1 + i + dy, w - 1 + j + dx), so each gradient is a sum of shifted
+    products (float64; NumPy or CuPy arrays alike). The offset gradient is
+    the one-sided slope towards +1 (zero beyond the image), valid where the
+    sample lies inside the image. Everything but the weight gradient is
+    evaluated at single pixels, so that it stays cheap at any image size.
+    """
+
+    def __init__(self, x, weight, grad_output, mask, dy: int, dx: int) -> None:
+        self.x, self.weight, self.grad_output, self.mask = x, weight, grad_output, mask
+        self.dy, self.dx = dy, dx
+        self.height, self.width = x.shape[1:]
+
+    def _sample_at(self, h: int, w: int, k: int) -> tuple[int, int]:
+        return h - 1 + k // 3 + self.dy, w - 1 + k % 3 + self.dx
+
+    def _pixel(self, y: int, x: int):
+        """x[:, y, x] in float64, zero outside the image."""
+        if 0 <= y < self.height and 0 <= x < self.width:
+            return self.x[:, y, x].astype(np.float64)
+        return self.x[:, 0, 0].astype(np.float64) * 0
+
+    def columns(self, h: int, w: int):
+        """Column gradients of output pixel (h, w): (9, C), before the mask."""
+        wk = self.weight.astype(np.float64).reshape(*self.weight.shape[:2], 9)
+        return (wk * self.grad_output[:, h, w].astype(np.float64).reshape(-1, 1, 1)).sum(axis=0).T
+
+    def weight_gradient(self):
+        """(O, C, 3, 3): for each k, (grad_output * mask_k) summed with the shifted image over pixels."""
+        o, c = self.weight.shape[:2]
+        grad = self.weight.astype(np.float64) * 0
+        x = self.x.astype(np.float64)
+        for k in range(9):
+            sampled = shift(x, k // 3 - 1 + self.dy, k % 3 - 1 + self.dx).reshape(c, -1)
+            weighted = (self.grad_output.astype(np.float64) * self.mask[k].astype(np.float64)).reshape(o, -1)
+            grad[:, :, k // 3, k % 3] = weighted @ sampled.T
+        return grad
+
+    def input_gradient(self, y: int, x: int):
+        """(C,) at input pixel (y, x): every (output pixel, kernel point) sampling it."""
+        total = self._pixel(0, 0) * 0
+        for k in range(9):
+            h, w = y + 1 - k // 3 - self.dy, x + 1 - k % 3 - self.dx
+            if 0 <= h < self.height and 0 <= w < self.width:
+                total = total + float(self.mask[k, h, w]) * self.columns(h, w)[k]
+        return total
+
+    def offset_and_mask_gradients(self, h: int, w: int):
+        """((9, 2) offset gradient (dy, dx), (9,) mask gradient) of output pixel (h, w)."""
+        columns = self.columns(h, w)
+        offset, mask = [], []
+        for k in range(9):
+            y, x = self._sample_at(h, w, k)
+            here = self._pixel(y, x)
+            weighted = columns[k] * float(self.mask[k, h, w])
+            offset.append([float((weighted * (self._pixel(y + 1, x) - here)).sum()),
+                           float((weighted * (self._pixel(y, x + 1) - here)).sum())])
+            mask.append(float((columns[k] * here).sum()))
+        return np.array(offset), np.array(mask)

@@ -17,11 +17,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cudcn
-from cudcn.backends.cuda import im2col_gemm, launchers
+from cudcn.backends.cuda import gemms, im2col_gemm, launchers
+from cudcn.backends.cuda import kernels as cuda_kernels
+from cudcn.backends.cuda.engine import Launch
 from cudcn.backends import numpy_backend
 from cudcn.geometry import validate
 from emulation import harness
-from emulation.cases import assert_close, cases
+from emulation.cases import assert_close, cases, ml_dtypes
 
 pytestmark = pytest.mark.emulated
 
@@ -124,6 +126,102 @@ def test_half_types(library, case):
     assert out.dtype == geom.dtype and np.isfinite(np.asarray(out, np.float64)).all()
 
 
+# ---------------------------------------------------------------------------
+# The sampling kernels' lane groups: fixed geometries where a point gets 16 or
+# 32 lanes (drawn cases mostly give few channels), channel counts that are not
+# multiples of 32, batch 33; aligned arrays (vector loads and stores where a
+# lane's block of channels fits) and arrays one element off alignment (the
+# scalar path), which must give bitwise the same results.
+
+WIDE = {
+    # name: (dtype, batch, channels, offset groups, groups, height, width, kernel)
+    "f32 33 a point, 16 lanes": ("float32", 2, 66, 2, 1, 5, 4, 3),
+    "f32 groups, 16 lanes, vectors": ("float32", 1, 64, 1, 2, 4, 5, 3),
+    "f64 35 blocks, 32 lanes": ("float64", 2, 70, 1, 1, 4, 4, 2),
+    "f16 68 a point, 16 lanes": ("float16", 1, 136, 2, 2, 3, 4, 3),
+    "f16 32 lanes, vectors": ("float16", 1, 256, 1, 1, 3, 3, 2),
+    "bf16 16 lanes, vectors": ("bfloat16", 2, 80, 1, 1, 3, 4, 3),
+    "f32 batch 33": ("float32", 33, 3, 1, 1, 2, 3, 1),
+    "f64 batch 33": ("float64", 33, 6, 2, 2, 2, 2, 2),
+    "f16 batch 33": ("float16", 33, 20, 1, 1, 2, 3, 1),
+    "bf16 batch 33": ("bfloat16", 33, 5, 1, 1, 3, 2, 2),
+}
+
+
+def _wide_case(dtype_name, batch, channels, offset_groups, groups, height, width, k):
+    if dtype_name == "bfloat16" and ml_dtypes is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+    rng = np.random.default_rng(channels * 100 + batch)
+    out_h, out_w = height + 3 - k, width + 3 - k  # padding 1
+    offset = rng.uniform(-2, 2, (batch, 2 * offset_groups * k * k, out_h, out_w))
+    offset.reshape(-1)[::7] = np.nan
+    offset.reshape(-1)[3::11] = -1.0  # exactly on row or column -1 (with padding 1: the top edge)
+    arrays = {
+        "input": rng.standard_normal((batch, channels, height, width)),
+        "offset": offset,
+        "mask": rng.uniform(-1, 1, (batch, offset_groups * k * k, out_h, out_w)),
+    }
+    arrays = {key: value.astype(dtype) for key, value in arrays.items()}
+    geom = validate(**arrays, kernel_size=k, padding=1)
+    assert launchers.lanes_per_point(geom) >= 16 or batch == 33
+    columns = rng.standard_normal(geom.columns_shape).astype(dtype)
+    return geom, arrays["input"], arrays["offset"], arrays["mask"], columns
+
+
+@pytest.mark.parametrize("case", WIDE.values(), ids=WIDE.keys())
+def test_sampling_kernels_with_wide_lane_groups(library, case):
+    """Against NumPy; aligned (one warp a block) and unaligned (two warps a
+    block) runs give bitwise the same columns and offset and mask gradients
+    (the input gradient adds with atomics, in an order that follows the grid)."""
+    geom, x, offset, mask, columns = _wide_case(*case)
+    expected = (
+        numpy_backend.im2col(geom, x, offset, mask),
+        numpy_backend.col2im(geom, columns, offset, mask),
+        *numpy_backend.col2im_coord(geom, columns, x, offset, mask),
+    )
+    runs = []
+    for misalign, block, max_blocks in ((False, 32, 3), (True, 64, 2)):
+        engine = harness.EmulatedEngine(library, block=block, max_blocks=max_blocks, misalign=misalign)
+        runs.append((
+            im2col_gemm.im2col_public(engine, geom, x, offset, mask),
+            im2col_gemm.col2im_public(engine, geom, columns, offset, mask),
+            *im2col_gemm.col2im_coord_public(engine, geom, columns, x, offset, mask),
+        ))
+        for got, want in zip(runs[-1], expected):
+            assert_close(got, want, geom.dtype.name)
+    for step, aligned, unaligned in zip(("im2col", "col2im", "offset", "mask"), *runs):
+        if step != "col2im":
+            assert aligned.tobytes() == unaligned.tobytes(), step
+
+
+@pytest.mark.parametrize("planted", [
+    None,
+    ("grad_x += __shfl_xor_sync(0xffffffffu, grad_x, d);", "grad_x += __shfl_xor_sync(0xffffffffu, grad_x, d ^ 1);"),
+    ("for (int d = group_lanes / 2; d > 0; d /= 2)", "for (int d = group_lanes / 2; d > 1; d /= 2)"),
+], ids=["as it is", "wrong shuffle lane", "a reduction step short"])
+def test_planted_bug_in_the_col2im_coord_reduction_is_caught(tmp_path, planted):
+    """The comparisons above see a broken shuffle reduction in the real kernel
+    (built from a changed copy of its source; unchanged, the copy passes)."""
+    if harness.compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    source = (cuda_kernels.kernel_dir() / "dcn_col2im_coord.cu").read_text()
+    if planted is not None:
+        assert planted[0] in source
+        source = source.replace(*planted)
+    (tmp_path / "dcn_col2im_coord.cu").write_text(source)
+    names = [cuda_kernels.name_expression(k, "float32", "int") for k in ("deform_col2im_coord", "to_channels_last")]
+    library = harness.build(names, [tmp_path / "dcn_col2im_coord.cu", cuda_kernels.kernel_dir() / "dcn_layout.cu"])
+    geom, x, offset, mask, columns = _wide_case(*WIDE["f32 33 a point, 16 lanes"])
+    got = im2col_gemm.col2im_coord_public(harness.EmulatedEngine(library), geom, columns, x, offset, mask)
+    expected = numpy_backend.col2im_coord(geom, columns, x, offset, mask)
+    if planted is None:
+        assert_close(got[0], expected[0], geom.dtype.name)
+    else:
+        with pytest.raises(AssertionError, match="Not equal to tolerance"):
+            assert_close(got[0], expected[0], geom.dtype.name)
+
+
 def test_grid_stride_and_boundaries(engine):
     """A fixed case: every launch is bigger than the capped grid; points exactly on edges."""
     rng = np.random.default_rng(7)
@@ -135,12 +233,12 @@ def test_grid_stride_and_boundaries(engine):
     geom = validate(input=x, offset=offset, weight=weight, padding=1)
     out = im2col_gemm.forward(engine, geom, x, offset, weight, None, None)
     np.testing.assert_allclose(out, numpy_backend.forward(geom, x, offset, weight, None, None), rtol=1e-12, atol=1e-12)
-    assert all(total > engine.threads for _, total in engine.launches)
+    assert all(launch.grid[0] == engine.max_blocks for _, launch in engine.launches)
 
 
 def test_unknown_instantiation_is_an_error(engine):
     with pytest.raises(KeyError, match="no instantiation"):
-        engine.launch("deform_im2col", "float32", "short", 1, [])
+        engine.launch("deform_im2col", "float32", "short", Launch((1, 1, 1), (32, 1, 1)), [])
 
 
 @given(st.integers(1, 3), st.integers(0, 9), st.integers(1, 5), st.integers(1, 6),
@@ -155,7 +253,7 @@ def test_transposed_product_adds_in_the_wide_type(library, batch, rows, p, q, dt
     wide = np.float64 if dtype == "float64" else np.float32
     start = rng.standard_normal((batch, p, q)).astype(wide)
     out = start.copy()
-    launchers.add_transposed_product(engine, a, b, out)
+    gemms.add_transposed_product(engine, a, b, out)
     expected = start + np.matmul(a.astype(np.float64).transpose(0, 2, 1), b.astype(np.float64))
     assert out.dtype == wide
     scale = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * max(rows, 1) + 1.0

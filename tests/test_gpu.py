@@ -14,7 +14,14 @@
   done; a non-default stream; arrays on a second GPU; tensors above 2^31
   elements;
 - deterministic algorithms: the input gradient is bitwise repeatable and
-  matches the atomic path.
+  matches the atomic path;
+- TF32: float32 within TF32's precision with it on;
+- the backward kernels at real size with 64-bit indexing (above 2^31
+  column elements), atomic and sorted.
+
+bfloat16 runs where CuPy can hold it (probed with ``cupy.empty(1, bfloat16)``;
+CuPy enables it only with ml_dtypes and NumPy >= 2.1.2), and is skipped
+naming the cause otherwise.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from hypothesis import strategies as st
 
 import cudcn
 from cudcn.backends import layout, numpy_backend
+from cudcn.backends.cuda.engine import cupy_bfloat16_problem
 from cudcn.geometry import validate
 from emulation.cases import cases, ml_dtypes
+from reference import ShiftedGradients
 
 pytestmark = pytest.mark.gpu
 
@@ -355,9 +364,20 @@ def _plain(args: dict, grad_output: np.ndarray, dtype) -> dict:
 HALF_TYPES = [np.dtype(np.float16)] + ([np.dtype(ml_dtypes.bfloat16)] if ml_dtypes else [])
 
 
+def skip_without_cupy_bfloat16(dtype) -> None:
+    """Skip, naming the cause, where CuPy cannot hold bfloat16 arrays."""
+    if dtype.name != "bfloat16":
+        return
+    try:
+        cupy.empty(1, dtype)
+    except Exception as error:
+        pytest.skip(f"CuPy has no bfloat16 here: {cupy_bfloat16_problem() or error}")
+
+
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=[t.name for t in HALF_TYPES])
 @pytest.mark.parametrize("seed", range(4))
 def test_half_precision_error_at_most_twice_plain(dtype, seed):
+    skip_without_cupy_bfloat16(dtype)
     rng = np.random.default_rng(seed)
     args = _fixed_case(rng, n=3, c=16, o=12, h=11, w=10, dtype=dtype, bias=seed % 2 == 0, mask=seed < 2)
     exact = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
@@ -466,3 +486,66 @@ def test_tensors_above_2_to_the_31_elements():
                     expected += host_w[:, :, k // 3, k % 3] @ padded[:, yy, xx]
             got = cupy.asnumpy(out[0, :, hh, ww]).astype(np.float32)
             np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
+def test_backward_above_2_to_the_31_elements(deterministic):
+    """The backward at real size with 64-bit indexing: one image whose column
+    buffer has 2.4e9 elements, offsets one integer shift (rows +1, columns
+    -2) so that every gradient is a sum of shifted products
+    (tests/reference.py): the input, offset and mask gradients at pixels near
+    the end of their tensors, the weight gradient in full."""
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    if free < 32 * 2**30:
+        pytest.skip("needs 32 GiB of free GPU memory")
+    c, h, w, o = 64, 2048, 2048, 4
+    assert h * w * 9 * c > 2**31
+    rng = cupy.random.default_rng(11)
+    x = rng.standard_normal((1, c, h, w), dtype=cupy.float32).astype(cupy.float16)
+    offset = cupy.zeros((1, 18, h, w), cupy.float16)
+    offset[:, 0::2], offset[:, 1::2] = 1.0, -2.0
+    mask = rng.uniform(0.5, 1.0, (1, 9, h, w), dtype=cupy.float32).astype(cupy.float16)
+    weight = (rng.standard_normal((o, c, 3, 3), dtype=cupy.float32) * 0.1).astype(cupy.float16)
+    grad_output = rng.standard_normal((1, o, h, w), dtype=cupy.float32).astype(cupy.float16)
+    bias = cupy.zeros(o, cupy.float16)
+    with cudcn.workspace_bytes(16 * 2**30), cudcn.deterministic_algorithms(deterministic):
+        grads = cudcn.deform_conv2d_backward(grad_output, x, offset, weight, bias, padding=1, mask=mask)
+    reference = ShiftedGradients(x[0], weight, grad_output[0], mask[0], 1, -2)
+
+    def assert_near(got, expected, what):
+        got, expected = cupy.asnumpy(got).astype(np.float64), cupy.asnumpy(expected)
+        scale = max(float(np.abs(expected).max()), 1e-3)
+        assert np.abs(got - expected).max() <= 2e-2 * scale, what
+
+    assert_near(grads.weight, reference.weight_gradient(), "weight")
+    for y, xx in [(h - 1, w - 1), (h - 1, 0), (h - 2, w - 3), (h // 2, w - 1), (5, 7)]:
+        assert_near(grads.input[0, :, y, xx], reference.input_gradient(y, xx), f"input at {(y, xx)}")
+    # Output pixels whose samples all lie inside the image (h' <= H-3, w' >= 3).
+    for hh, ww in [(h - 3, w - 1), (h - 3, 3), (h // 2, w - 1), (h - 4, w // 2)]:
+        offset_grad, mask_grad = reference.offset_and_mask_gradients(hh, ww)
+        assert_near(grads.offset[0, :, hh, ww].reshape(9, 2), offset_grad, f"offset at {(hh, ww)}")
+        assert_near(grads.mask[0, :, hh, ww], mask_grad, f"mask at {(hh, ww)}")
+    assert_near(grads.bias, grad_output.astype(cupy.float64).sum(axis=(0, 2, 3)), "bias")
+
+
+# ---------------------------------------------------------------------------
+# TF32.
+
+
+def test_tf32_keeps_float32_within_tf32_precision():
+    """With TF32 on, float32 forward and gradients stay within TF32's
+    precision of float64 (about 1e-3 relative); with it off, float32's."""
+    rng = np.random.default_rng(13)
+    args = _fixed_case(rng, n=4, c=32, o=16, h=12, w=11, groups=1, offset_groups=1, dtype="float32")
+    exact = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    reference = cudcn.deform_conv2d(**exact)
+    grad_output = rng.standard_normal(reference.shape).astype(np.float32)
+    reference_grads = cudcn.deform_conv2d_backward(grad_output.astype(np.float64), **exact)
+    dev = to_device(args)
+    for setting, tol in ((False, 1e-5), (True, 5e-3)):
+        with cudcn.tf32(setting):
+            out = cudcn.deform_conv2d(**dev)
+            grads = cudcn.deform_conv2d_backward(cupy.asarray(grad_output), **dev)
+        assert relative_error(out, reference) <= tol, setting
+        for name in NAMES:
+            assert relative_error(getattr(grads, name), getattr(reference_grads, name)) <= tol, (setting, name)

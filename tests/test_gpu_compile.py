@@ -1,16 +1,21 @@
 """``cudcn compile``: every kernel instantiation through NVRTC, with no GPU.
 
 These tests need NVRTC (CuPy plus the NVRTC library), not a device; they are
-skipped only where NVRTC cannot be loaded at all.
+skipped only where NVRTC cannot be loaded at all. The command compiles
+through CuPy's own compile path and options, so it fails where CuPy would.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cudcn import cli
+from cudcn.backends.cuda import compile as compile_module
 from cudcn.backends.cuda import kernels as cuda_kernels
 
 
@@ -67,6 +72,20 @@ def test_source_is_one_translation_unit():
         assert re.search(rf"__global__ void {kernel}\(", text), kernel
 
 
+def test_headers_are_inlined_once_in_order(tmp_path):
+    """A kernel including dcn_mma.cuh (which includes dcn_common.cuh) gets
+    both headers once, the common one first; other includes are refused."""
+    kernel = tmp_path / "k.cu"
+    kernel.write_text('#include "dcn_mma.cuh"\n#include "dcn_common.cuh"\n__global__ void k() {}\n')
+    text = cuda_kernels.translation_unit([kernel], cuda_kernels.kernel_dir())
+    assert not re.search(r"^\s*#\s*include", text, re.MULTILINE)
+    assert text.count("struct ConvShape {") == 1 and text.count("dcn_mma_m16n8k16_f16(float") == 1
+    assert text.index("struct ConvShape {") < text.index("dcn_mma_m16n8k16_f16(float") < text.index("void k()")
+    kernel.write_text('#include "cuda_fp16.h"\n')
+    with pytest.raises(ValueError, match="k.cu includes 'cuda_fp16.h'; only dcn_common.cuh, dcn_mma.cuh"):
+        cuda_kernels.translation_unit([kernel], cuda_kernels.kernel_dir())
+
+
 def test_every_kernel_file_opens_with_its_function_list():
     directory = cuda_kernels.kernel_dir()
     for name in cuda_kernels.SOURCES:
@@ -74,3 +93,74 @@ def test_every_kernel_file_opens_with_its_function_list():
         header = text.split("#include", 1)[0]
         for kernel in re.findall(r"__global__ void (\w+)\(", text):
             assert kernel in header, f"{name}: {kernel} is missing from the opening comment"
+
+
+@needs_nvrtc
+def test_compile_goes_through_cupys_header_lookup():
+    """`cudcn compile` fails where CuPy's RawModule would at run time: here,
+    the CUDA runtime headers cannot be found (CuPy looks them up on every
+    compile, even for source that includes none)."""
+    script = (
+        "import cuda.pathfinder, sys\n"
+        "cuda.pathfinder.find_nvidia_header_directory = lambda name: None\n"
+        "from cudcn.backends.cuda import compile\n"
+        "compile.device_count = lambda: 0\n"
+        "from cudcn import cli\n"
+        "sys.exit(cli.main(['compile', '--arch', 'sm_80', '--dtype', 'float64']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "CuPy cannot compile here: Failed to find CUDA headers" in result.stdout
+
+
+@needs_nvrtc
+def test_compile_uses_cupys_runtime_options():
+    options = compile_module.runtime_options(80)
+    assert options[-3:] == ("-ftz=true", "-arch=sm_80", "--device-as-default-execution-space")
+    assert "--std=c++17" in options
+    assert any(option.startswith("-I") and Path(option[2:], "cuda_runtime.h").is_file() for option in options)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_mma_wrappers_and_cooperative_kernels_compile(arch):
+    """The emulator's test kernels (shared memory, shuffles, votes, every MMA
+    wrapper of kernels/dcn_mma.cuh) through NVRTC: the inline PTX the
+    emulator stands in for is assembled for each architecture."""
+    from emulation import harness
+
+    source = cuda_kernels.translation_unit([harness.COOPERATIVE_SOURCE], cuda_kernels.kernel_dir())
+    module = {}
+    rows = compile_module.compile_names(
+        source, harness.COOPERATIVE_NAMES, compile_module.runtime_options(arch), "cooperative.cu", module
+    )
+    assert all(ok for _, ok, _ in rows), rows[0][2]
+    mmas = set(re.findall(r"mma\.sync\.aligned\.[\w.]+", module["ptx"]))
+    if arch >= 80:
+        assert mmas == {
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+        }
+    else:  # f16 as two k8 steps; bf16 and tf32 have no sm_75 instruction and trap
+        assert mmas == {"mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32"} and "trap;" in module["ptx"]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype, vectors", [
+    ("float32", {"ld.global.nc.v4.f32", "st.global.v4.f32"}),
+    ("float64", {"ld.global.nc.v2.f64", "st.global.v2.f64"}),
+    ("float16", {"ld.global.nc.v4.u32", "st.global.v4.u32"}),
+    ("bfloat16", {"ld.global.nc.v4.u32", "st.global.v4.u32"}),
+])
+def test_sampling_kernels_move_16_byte_vectors_and_reduce_by_shuffles(dtype, vectors):
+    names = [cuda_kernels.name_expression(k, dtype, "int")
+             for k in ("deform_im2col", "deform_col2im", "deform_col2im_coord")]
+    module = {}
+    rows = compile_module.compile_names(
+        cuda_kernels.source(), names, compile_module.runtime_options(80), "sampling.cu", module
+    )
+    assert all(ok for _, ok, _ in rows), rows[0][2]
+    assert vectors <= set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.v\d\.\w+", module["ptx"]))
+    assert "shfl.sync.bfly.b32" in module["ptx"]

@@ -184,7 +184,7 @@ def test_half_precision_on_cpu(dtype):
         (dict(weight=lambda t: t.astype("float32")), TypeError, r"weight.dtype must equal x.dtype = float64, got float32"),
         (dict(weight=lambda t: t.astype("bfloat16")), TypeError, r"weight.dtype must equal x.dtype = float64, got bfloat16"),
         (dict(x=lambda t: t.astype("int64")), TypeError, r"x.dtype must be one of float16, bfloat16, float32, float64, got int64"),
-        (dict(bias=lambda t: t.numpy()), TypeError, r"bias must be a paddle.Tensor, got ndarray"),
+        (dict(bias=lambda t: t.numpy()), TypeError, r"bias must be a paddle.Tensor \(C_out,\), got ndarray"),
         (dict(deformable_groups=lambda v: 1), ValueError, r"offset.shape\[1\] must be 2\*deformable_groups\*kh\*kw = 18 \(deformable_groups = 1, kernel 3x3\), got 36"),
         (dict(groups=lambda v: 1), ValueError, r"weight.shape\[1\] must be x.shape\[1\] / groups = 4 / 1 \(groups = 1\), got 2"),
         (dict(stride=lambda v: 0), ValueError, r"stride must be >= 1, got 0"),

@@ -7,7 +7,11 @@ logic (references, error bounds) runs in every CI job, GPU or not.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +60,19 @@ def forward_backward(fn, leaves, conv, grad_output=None):
     return out.detach(), [t.grad for t in leaves], grad_output
 
 
+def skip_without_cupy_bfloat16() -> None:
+    """Skip, naming the cause, where CuPy cannot hold bfloat16 (probed on the GPU)."""
+    try:
+        import cupy
+        import ml_dtypes
+
+        cupy.empty(1, ml_dtypes.bfloat16)
+    except Exception as error:
+        from cudcn.backends.cuda.engine import cupy_bfloat16_problem
+
+        pytest.skip(f"CuPy has no bfloat16 here: {cupy_bfloat16_problem() or error}")
+
+
 def plain_deform_conv2d(input, offset, weight, bias, mask, padding):
     """DCNv2 composed of grid_sample and einsum, in the tensors' own dtype.
 
@@ -95,7 +112,7 @@ def test_plain_reference_is_deform_conv2d():
 def test_low_precision_error_at_most_twice_a_plain_implementation(device, dtype):
     """Output and every gradient, against float64 from the same rounded inputs."""
     if device == "cuda" and dtype == torch.bfloat16:
-        pytest.importorskip("ml_dtypes", reason="CuPy's bfloat16 (and its DLPack import) needs ml_dtypes")
+        skip_without_cupy_bfloat16()
     leaves, conv = make_args(device, dtype, c=8, h=12, w=12, o=16, groups=1, offset_groups=1)
     exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
     plain_leaves = [t.detach().clone().requires_grad_() for t in leaves]
@@ -268,3 +285,33 @@ def test_autocast_and_compile_on_cuda():
     x = leaves[0].detach()
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+PER_THREAD_SCRIPT = """
+import torch
+import cudcn.torch as ct
+
+torch.manual_seed(0)
+cpu = [torch.randn(2, 4, 9, 8, dtype=torch.float64), torch.randn(2, 18, 9, 8, dtype=torch.float64),
+       torch.randn(6, 4, 3, 3, dtype=torch.float64)]
+cuda = [t.cuda().requires_grad_() for t in cpu]
+cpu = [t.requires_grad_() for t in cpu]
+assert torch.cuda.current_stream().cuda_stream == 0  # torch's default (legacy) stream
+for leaves in (cpu, cuda):
+    ct.deform_conv2d(*leaves, padding=1).square().sum().backward()
+for a, b in zip(cpu, cuda):
+    torch.testing.assert_close(b.grad.cpu(), a.grad)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch without CUDA")
+def test_default_stream_under_cupys_per_thread_default_stream():
+    """With CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 and torch on its default
+    stream, the op runs on torch's stream and the DLPack handshake passes
+    (CuPy's stream 0 would be its per-thread stream, which torch rejects)."""
+    environment = {**os.environ, "CUPY_CUDA_PER_THREAD_DEFAULT_STREAM": "1"}
+    result = subprocess.run([sys.executable, "-c", PER_THREAD_SCRIPT], env=environment, capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Everything the CUDA backend needs checked on a GPU, in one run:
-#   environment, `cudcn compile` for this GPU (also warms the kernel cache),
-#   the gpu / emulated / compile tests, `cudcn check`, compute-sanitizer
-#   memcheck + racecheck, and the benchmark against torchvision.
+# Everything the CUDA backend needs checked on a GPU, in one call:
+#   environment      GPU, driver, CUDA runtime, library versions, commit;
+#   compile          `cudcn compile` for this GPU through CuPy's compile path (also warms its kernel cache);
+#   gpu-tests        every test marked gpu: the CUDA backend against NumPy and torchvision (forward and all
+#                    five gradients, tests/test_torchvision.py's cuda cases too), float16/bfloat16 error
+#                    bounds, TF32, no host synchronisation, streams, deterministic backward, 64-bit indexing
+#                    at real size (forward and backward);
+#   precision        measured error of float32 (TF32 off/on), float16 and bfloat16 against float64, beside
+#                    torchvision's (tools/precision_report.py);
+#   check            `cudcn check`;
+#   sanitizer        compute-sanitizer memcheck + initcheck (racecheck + synccheck once kernels use shared
+#                    memory) on tools/sanitize_case.py;
+#   benchmark        benchmarks/bench_gpu.py: the three shapes in float32 (TF32 off and on), float16 and
+#                    bfloat16, forward, backward and peak memory against torchvision.
 # From a plain checkout (no install, no network needed):
 #   PYTHONPATH=. bash tools/gpu_validation.sh
-# Logs and the benchmark table go to ${OUT:-gpu-validation}/; a summary table
-# (step, exit code, seconds, last log line) is printed last. Exits 1 if a step
-# other than the sanitizer's "not installed" (exit 2) failed.
+# Logs go to ${OUT:-gpu-validation}/<step>.log (and the benchmark's bench_gpu.md/.json there). Printed
+# last: the benchmark and precision tables, then a table of step / exit code / seconds / last log line.
+# Exits 1 if a step failed (the sanitizer's "not found", exit 2, does not count).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,13 +33,13 @@ step() {
   local start=$SECONDS
   "$@" >"$out/$name.log" 2>&1
   local code=$?
-  rows+=("$name|$code|$((SECONDS - start))|$(grep -v '^\s*$' "$out/$name.log" | tail -1 | cut -c1-100)")
+  rows+=("$name|$code|$((SECONDS - start))|$(grep -v '^\s*$' "$out/$name.log" | tail -1 | cut -c1-110)")
   if [[ $code -ne 0 && ! ($name == sanitizer && $code -eq 2) ]]; then failed=1; fi
   echo "== $name: exit $code ($((SECONDS - start)) s)"
 }
 
 step environment bash -c '
-  nvidia-smi -L || true
+  nvidia-smi || true
   git log -1 --format="commit %H %s" 2>/dev/null || true
   python - <<PY
 import platform, numpy
@@ -37,6 +47,8 @@ print("python", platform.python_version(), "numpy", numpy.__version__)
 import cupy
 print("cupy", cupy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(),
       "driver", cupy.cuda.runtime.driverGetVersion(), "devices", cupy.cuda.runtime.getDeviceCount())
+from cudcn.backends.cuda.engine import cupy_bfloat16_problem
+print("CuPy bfloat16:", cupy_bfloat16_problem() or "available")
 for name in ("torch", "torchvision", "ml_dtypes", "hypothesis", "pytest"):
     try:
         module = __import__(name)
@@ -46,14 +58,16 @@ for name in ("torch", "torchvision", "ml_dtypes", "hypothesis", "pytest"):
 PY'
 arch="sm_$(python -c 'import cupy; print(cupy.cuda.Device().compute_capability)' 2>/dev/null || echo 80)"
 step compile python -m cudcn compile --arch "$arch"
-step tests python -m pytest -p no:cacheprovider -q -rs --junitxml "$out/pytest.xml" \
-  tests/test_gpu.py tests/test_torch_gpu.py tests/test_gpu_compile.py tests/test_emulated.py
+step gpu-tests python -m pytest -p no:cacheprovider -q -rs -m gpu --junitxml "$out/pytest.xml" tests
+step precision python tools/precision_report.py
 step check python -m cudcn check
 step sanitizer bash tools/gpu_sanitize.sh
 step benchmark python benchmarks/bench_gpu.py --output "$out"
 
 echo
 cat "$out/bench_gpu.md" 2>/dev/null || echo "(no benchmark table)"
+echo
+grep -E '^(\||max )' "$out/precision.log" 2>/dev/null || echo "(no precision table)"
 echo
 printf '%-12s %5s %6s  %s\n' step exit sec "last line of log"
 for row in "${rows[@]}"; do

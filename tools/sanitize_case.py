@@ -1,9 +1,11 @@
 """A small CUDA-backend run for compute-sanitizer (tools/gpu_sanitize.sh).
 
 Every dtype, with and without mask, with convolution and offset groups, the
-building blocks, a chunked batch, a non-default stream, and far-outside and
-NaN offsets. CuPy's memory pool is switched off so that every array is its
-own allocation and memcheck sees any access past its end.
+building blocks, a chunked batch, a non-default stream, far-outside and NaN
+offsets, the deterministic (sorted) backward, and float32 with TF32. CuPy's
+memory pool is switched off so that every array is its own allocation:
+memcheck then sees any access past its end, and initcheck any read of
+memory that nothing wrote since it was allocated.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ def main() -> int:
 
     cupy.cuda.set_allocator(None)
     cudcn.set_workspace_bytes(20_000)  # several chunks
-    dtypes = ["float64", "float32", "float16"]
+    runs = [("float64", False), ("float32", False), ("float32", True), ("float16", False)]  # (dtype, TF32)
     try:
         import ml_dtypes
 
-        dtypes.append(np.dtype(ml_dtypes.bfloat16))
-    except ImportError:
-        pass
+        cupy.empty(1, ml_dtypes.bfloat16)
+        runs.append((np.dtype(ml_dtypes.bfloat16), False))
+    except Exception as error:  # no ml_dtypes, or CuPy without bfloat16 (NumPy < 2.1.2)
+        print(f"bfloat16 left out: {error}")
     rng = np.random.default_rng(0)
     n, c, o, h, w, kh, kw, groups, offset_groups = 5, 6, 4, 7, 9, 3, 2, 2, 3
     ho, wo = h, (w + 2 - 1 * (kw - 1) - 1) // 2 + 1
     stream = cupy.cuda.Stream(non_blocking=True)
-    for dtype in dtypes:
+    for dtype, tf32 in runs:
         for with_mask in (True, False):
             offset = rng.uniform(-4, 4, (n, 2 * offset_groups * kh * kw, ho, wo))
             offset.flat[::7] = np.nan
@@ -43,14 +46,16 @@ def main() -> int:
             )
             dev = {k: None if v is None else cupy.asarray(v.astype(dtype)) for k, v in args.items()}
             geometry = dict(stride=(1, 2), padding=(1, 1), dilation=(1, 1))
-            with stream:
+            with stream, cudcn.tf32(tf32):
                 out = cudcn.deform_conv2d(**dev, **geometry)
                 cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev, **geometry)
+                with cudcn.deterministic_algorithms():
+                    cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev, **geometry)
                 columns = cudcn.deform_im2col(dev["input"], dev["offset"], (kh, kw), mask=dev["mask"], **geometry)
                 cudcn.deform_col2im(columns, dev["offset"], (n, c, h, w), (kh, kw), mask=dev["mask"], **geometry)
                 cudcn.deform_col2im_coord(columns, dev["input"], dev["offset"], (kh, kw), mask=dev["mask"], **geometry)
             stream.synchronize()
-            print(f"{np.dtype(dtype).name:9} mask={with_mask!s:5} ok")
+            print(f"{np.dtype(dtype).name:9} tf32={tf32!s:5} mask={with_mask!s:5} ok")
     return 0
 
 

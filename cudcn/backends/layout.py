@@ -51,8 +51,9 @@ def ungrouped_columns(geom: Geometry, grouped: np.ndarray, n: int) -> np.ndarray
     return cols.reshape(n, geom.out_pixels, K, C)
 
 
-def chunks(geom: Geometry, dtype: np.dtype):
-    """Slices of the batch whose column buffer fits the workspace budget."""
-    per_image = geom.out_pixels * geom.kernel_points * geom.in_channels * dtype.itemsize
+def chunks(geom: Geometry, dtype: np.dtype, extra_bytes_per_image: int = 0):
+    """Slices of the batch whose column buffer (plus any other workspace a
+    backend counts, per image) fits the workspace budget."""
+    per_image = geom.out_pixels * geom.kernel_points * geom.in_channels * dtype.itemsize + extra_bytes_per_image
     step = images_per_chunk(per_image, geom.batch)
     return [slice(s, s + step) for s in range(0, geom.batch, step)]

@@ -1,8 +1,10 @@
 """``cudcn compile``: compile every kernel instantiation through NVRTC.
 
-Runs with no GPU (:mod:`cudcn.backends.cuda.compile`). Prints one line per
-instantiation and architecture, naming kernel and dtype, and exits 1 on any
-failure. Where CuPy sees a device, the command then loads every dtype's
+Runs with no GPU, through CuPy's own compile path and options
+(:mod:`cudcn.backends.cuda.compile`), so it fails where the kernels would
+not compile at run time (no CUDA headers, say). Prints the options and one
+line per instantiation and architecture, naming kernel and dtype, and exits
+1 on any failure. Where CuPy sees a device, the command then loads every dtype's
 module on it, which fills CuPy's on-disk kernel cache.
 """
 
@@ -63,9 +65,15 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             total += 1
             continue
+        try:
+            options = nvrtc_compile.runtime_options(arch)
+        except RuntimeError as error:  # what CuPy would raise at run time, e.g. no CUDA headers
+            print(f"sm_{arch}  CuPy cannot compile here: {error}  FAIL")
+            return 1
+        print(f"sm_{arch}  NVRTC options: {' '.join(options)}")
         for dtype in args.dtype:
             start = time.perf_counter()
-            rows = nvrtc_compile.compile_dtype(source, dtype, arch)
+            rows = nvrtc_compile.compile_dtype(source, dtype, options)
             seconds = time.perf_counter() - start
             for name, ok, detail in rows:
                 total += 1

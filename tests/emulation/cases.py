@@ -2,7 +2,8 @@
 
 :func:`cases` draws one call's arguments (geometry, seeded arrays, dtype):
 batch 0 to 3, convolution and offset groups that split the channels
-independently, rectangular kernels, stride/padding/dilation pairs, mask and
+independently, 1 to 66 channels (so that the sampling kernels give a point
+one lane or several), rectangular kernels, stride/padding/dilation pairs, mask and
 bias present or not, offsets that include exact integers (points on pixel
 rows and on the -1 / H edges) and, half of the time, NaN, infinite and huge
 values.
@@ -36,7 +37,8 @@ def cases(draw, with_weight: bool = True, dtypes=("float32", "float64")):
     offset_groups = draw(st.sampled_from([1, 2, 3]))
     groups = draw(st.sampled_from([1, 2])) if with_weight else 1
     base = offset_groups * groups // math.gcd(offset_groups, groups)
-    channels = base * draw(st.integers(1, 2))
+    # Also channel counts that give a point several lanes, none a multiple of 32.
+    channels = base * draw(st.sampled_from([1, 2, 5, 11]))
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))

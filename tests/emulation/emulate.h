@@ -1,35 +1,728 @@
-// emulate.h: just enough of CUDA to run kernels/*.cu on the CPU.
+// emulate.h: CUDA's execution model on the CPU, for kernels/*.cu and the
+// emulator's own test kernels (cooperative_kernels.cu beside this file).
 //
-//   qualifiers       __global__, __device__, __host__, __forceinline__, __restrict__
-//   dim3, threadIdx, blockIdx, blockDim, gridDim
-//   atomicAdd        a plain add (one thread runs at a time)
-//   __float_as_uint, __uint_as_float
+// What it provides
+//   qualifiers         __global__, __device__, __host__, __forceinline__, __restrict__, __align__
+//   dim3, threadIdx, blockIdx, blockDim, gridDim, warpSize (x, y and z)
+//   __syncthreads()    a barrier of the block
+//   __syncwarp, __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync,
+//   __ballot_sync, __all_sync, __any_sync      warp collectives, with mask and width semantics
+//   DCN_SHARED(type, name, count)              static shared memory (per block)
+//   DCN_SHARED_DYNAMIC(type, name)             dynamic shared memory, sized at launch
+//   DCN_SHARED_PTR(type)                       the type of a pointer into shared memory
+//   atomicAdd, __float_as_uint, __uint_as_float, __popc, __ffs
 //   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU)
-//   run_grid(kernel, grid, block, argv)              every thread of every block, in turn
+//   dcn_emu::warp_collective                   building block of the MMA wrappers (kernels/dcn_mma.cuh)
+//   dcn_emu::launch(kernel, name, grid, block, shared_bytes, argv)
 //
-// The kernels use no shared memory, no __syncthreads and no warp intrinsics,
-// so running threads one after the other is an exact emulation of any
-// schedule. argv follows cuLaunchKernel: argv[i] points to the i-th argument.
+// Design
+//   Every CUDA thread of a block is a fiber (ucontext: makecontext/swapcontext,
+//   a 256 KiB stack each with a guard page). One OS thread runs them
+//   round-robin in linear thread order (x fastest, then y, then z, as CUDA
+//   numbers threads into warps of 32), and a fiber runs until it exits or
+//   reaches a barrier or a warp collective; nothing else switches. So a launch
+//   always runs the same schedule (deterministic), and between two
+//   synchronisation points a thread runs alone, which is one valid
+//   interleaving; the race detector below catches kernels whose result
+//   would depend on the interleaving. Blocks run one after another.
+//   - __syncthreads: a thread waits until every thread of the block has
+//     arrived. It is an error (the launch fails, naming kernel, threads and
+//     line) when threads of a block wait at different __syncthreads calls,
+//     or when some threads exited while others wait.
+//   - Warp collectives rendezvous per warp: a lane posts its operation and
+//     operand, and when every lane named in `mask` has posted the same
+//     operation with the same mask (and width), the last to arrive computes
+//     every lane's result. It is an error when the mask does not name the
+//     calling lane, names a lane that has exited or does not exist, when two
+//     lanes wait for each other in different operations (or masks), or when
+//     a named lane waits at __syncthreads instead; a schedule in which no
+//     thread can go on is reported as a deadlock. A value read from a lane
+//     outside the mask is undefined on a GPU: here it is all one bits (NaN,
+//     or -1).
+//   - Shared memory lives in a per-block arena filled with 0xFF bytes (NaN in
+//     every float type) at the start of each block. Kernels declare it with
+//     DCN_SHARED / DCN_SHARED_DYNAMIC (kernels/dcn_common.cuh makes them
+//     plain __shared__ arrays on the device); here a declaration is a checked
+//     proxy: every index is bounds-checked against its array (an error names
+//     kernel, array, index and thread), and every byte read or written is
+//     recorded for the race detector.
+//   - Race detector: two accesses to one shared byte by different threads, at
+//     least one a write, race unless a barrier orders them: a __syncthreads
+//     between them, or, for two lanes of one warp, a __syncwarp that both
+//     joined between them. (Vector clocks per warp; __syncthreads starts a
+//     new epoch for the whole block.) Shuffles, votes and MMAs order nothing,
+//     as in CUDA's memory model. The first race fails the launch with kernel,
+//     array, element, block and both threads.
+//   - Global memory is plain host memory: atomicAdd is a plain add (no fiber
+//     switches inside it), and races on global memory are not detected (the
+//     harness's guard bytes catch out-of-range indices there).
+//   Not emulated: atomics on shared memory (a compile error: the proxy is no
+//   pointer), __threadfence, cooperative groups, clusters, asynchronous copies.
+//   Cost: a fiber switch takes a few hundred nanoseconds (swapcontext saves
+//   the signal mask with a system call) and a warp collective 32 of them,
+//   so emulated launches should stay tiny (a few thousand warp steps).
+//
+// Writing a cooperative kernel that runs both here and on a GPU
+//   - Declare shared memory with DCN_SHARED(float, tile, 256) or
+//     DCN_SHARED_DYNAMIC(float, tile) (size: the launch's shared_bytes), never
+//     with a bare __shared__. Index it (`tile[i] = v; float w = tile[j];`),
+//     pass it on as DCN_SHARED_PTR(float), do pointer arithmetic on it
+//     (`tile + 16`); name the element type when reading (`float v = tile[i]`,
+//     never `auto`: a host proxy would read later; reading a proxy made
+//     before a __syncthreads is reported as an error).
+//   - Use __syncthreads / __syncwarp / __shfl_*_sync / __ballot_sync as usual,
+//     with explicit masks; lane = dcn_lane() (kernels/dcn_common.cuh).
+//   - Tensor cores only through kernels/dcn_mma.cuh (fragment layouts and MMA
+//     wrappers, exact per the PTX ISA on the host).
+//   - Test it (tests/emulation/harness.py): `library = harness.build(names,
+//     [source])` compiles its name expressions under this emulator, and
+//     `library.launch(name, Launch(grid, block, shared_bytes), args)` runs one
+//     on NumPy arrays (guard bytes around each); compare with NumPy. A broken
+//     barrier, shared index or collective raises harness.EmulationError.
+//     Plant each bug the kernel could have and watch it caught, as
+//     tests/test_emulator.py does; tests/test_gpu_compile.py compiles such
+//     kernels through NVRTC for every architecture.
 #pragma once
 
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-
+#define __align__(n) alignas(n)
 
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
 };
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+constexpr int warpSize = 32;
+
+namespace dcn_emu {
+
+constexpr int kWarp = 32;
+constexpr std::size_t kStackBytes = 256 * 1024;
+constexpr std::size_t kSlotBytes = 128;                       // a lane's operand of a collective
+constexpr std::size_t kMaxSharedBytes = 227 * 1024;           // per block, sm_90's opt-in maximum
+constexpr std::size_t kMaxStaticSharedBytes = 48 * 1024;      // CUDA's limit for __shared__ arrays
+
+enum class Wait : unsigned char { running, barrier, collective, exited };
+
+/// One CUDA thread.
+struct Fiber {
+  ucontext_t context;  // not movable (glibc points into it): fibers live behind unique_ptr
+  char* stack = nullptr;
+  dim3 thread;
+  Wait wait = Wait::exited;
+  const char* barrier_file = nullptr;
+  int barrier_line = 0;
+  const char* op = nullptr;  // the collective it waits in
+  unsigned op_mask = 0;
+  long long op_key = 0;
+  alignas(16) unsigned char in[kSlotBytes];
+  alignas(16) unsigned char out[kSlotBytes];
+};
+
+/// A shared-memory access: the thread (linear index in its block) and its
+/// own vector-clock entry at the time.
+struct Access {
+  int thread;
+  std::uint32_t clock;
+};
+
+/// Race-detector state of one byte of shared memory.
+struct ByteState {
+  std::uint32_t write_epoch = 0;
+  Access writer{};
+  std::uint32_t read_epoch = 0;
+  std::vector<Access> readers;  // since the last write, in read_epoch
+};
+
+struct Declaration {
+  const void* site;
+  std::size_t offset;
+};
+
+/// Everything about the launch in progress.
+struct Emulator {
+  std::string kernel;
+  std::string error;
+  ucontext_t scheduler;
+  std::vector<std::unique_ptr<Fiber>> fibers;
+  int threads = 0;  // of the current block
+  int current = -1;  // linear index of the running thread, -1 in the scheduler
+  int arrived = 0;  // threads waiting at __syncthreads
+  int exited = 0;
+  std::uint32_t epoch = 0;  // barrier intervals, never reused within a process
+  std::vector<std::array<std::uint32_t, kWarp>> clocks;  // per thread, over its warp's lanes
+  std::vector<unsigned char> shared;
+  std::vector<ByteState> bytes;
+  std::size_t dynamic_bytes = 0;
+  std::size_t shared_end = 0;  // dynamic memory first, then static arrays
+  std::vector<Declaration> declarations;
+  void (*body)(void*) = nullptr;
+  void* body_argument = nullptr;
+};
+
+inline Emulator g;
+
+inline std::string describe(const dim3& d) {
+  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+}
+
+inline std::string thread_name(int linear) {
+  return "thread " + describe(g.fibers[linear]->thread) + " of block " + describe(blockIdx);
+}
+
+/// Record the launch's first error and abandon it (called from a fiber:
+/// switches to the scheduler, which stops the launch).
+[[noreturn]] inline void fail(const std::string& what) {
+  if (g.error.empty()) g.error = g.kernel + ": " + what;
+  swapcontext(&g.fibers[g.current]->context, &g.scheduler);
+  std::abort();  // an abandoned fiber is never resumed
+}
+
+inline Fiber& me() { return *g.fibers[g.current]; }
+
+/// Give the CPU to the next thread; returns once this one may go on.
+inline void yield() { swapcontext(&me().context, &g.scheduler); }
+
+inline int lane_of(int linear) { return linear % kWarp; }
+
+inline std::string hex(unsigned mask) {
+  char text[16];
+  std::snprintf(text, sizeof text, "0x%08x", mask);
+  return text;
+}
+
+/// Fail if a warp-mate waits in a collective whose mask names thread `linear`.
+inline void check_nobody_waits_for(int linear, const char* doing) {
+  const int base = linear - lane_of(linear);
+  for (int t = base; t < base + kWarp && t < g.threads; ++t) {
+    const Fiber& f = *g.fibers[t];
+    if (t != linear && f.wait == Wait::collective && ((f.op_mask >> lane_of(linear)) & 1u))
+      fail(thread_name(linear) + " " + doing + " while lane " + std::to_string(lane_of(t)) +
+           " waits for it in " + f.op + " with mask " + hex(f.op_mask));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Barriers and warp collectives.
+
+inline void sync_threads(const char* file, int line) {
+  Fiber& f = me();
+  check_nobody_waits_for(g.current, "reached __syncthreads");
+  if (g.exited > 0)
+    fail(thread_name(g.current) + " reached __syncthreads (line " + std::to_string(line) + ") after " +
+         std::to_string(g.exited) + " threads of its block exited: every thread must reach it");
+  f.wait = Wait::barrier;
+  f.barrier_file = file;
+  f.barrier_line = line;
+  if (++g.arrived < g.threads) {
+    yield();
+    return;
+  }
+  for (int t = 0; t < g.threads; ++t) {
+    const Fiber& other = *g.fibers[t];
+    if (other.barrier_line != line || std::strcmp(other.barrier_file, file) != 0)
+      fail("threads of block " + describe(blockIdx) + " wait at different __syncthreads: " +
+           thread_name(t) + " at line " + std::to_string(other.barrier_line) + ", " +
+           thread_name(g.current) + " at line " + std::to_string(line));
+  }
+  g.arrived = 0;
+  ++g.epoch;  // every earlier shared-memory access is now ordered before every later one
+  for (int t = 0; t < g.threads; ++t) g.fibers[t]->wait = Wait::running;
+}
+
+/// A warp collective. Every lane named in `mask` posts `in`; once all have
+/// posted the same `op` with the same mask and key, `combine(ins, outs, mask)`
+/// runs once (in the last lane to arrive) with arrays indexed by lane, and
+/// each lane returns its `outs[lane]`. Lanes outside the mask are left alone.
+template <typename Out, typename In, typename Combine>
+Out warp_collective(const char* op, unsigned mask, long long key, const In& in, Combine combine) {
+  static_assert(sizeof(In) <= kSlotBytes && sizeof(Out) <= kSlotBytes, "collective operand too large");
+  static_assert(std::is_trivially_copyable<In>::value && std::is_trivially_copyable<Out>::value, "");
+  const int linear = g.current;
+  const int lane = lane_of(linear), base = linear - lane;
+  if (!((mask >> lane) & 1u))
+    fail(thread_name(linear) + " calls " + op + " with a mask that does not name its own lane " +
+         std::to_string(lane));
+  Fiber& self = me();
+  self.op = op;
+  self.op_mask = mask;
+  self.op_key = key;
+  std::memcpy(self.in, &in, sizeof in);
+  self.wait = Wait::collective;
+  bool complete = true;
+  for (int l = 0; l < kWarp; ++l) {
+    const bool named = (mask >> l) & 1u;
+    const int t = base + l;
+    if (t >= g.threads) {
+      if (named)
+        fail(thread_name(linear) + " calls " + op + " naming lane " + std::to_string(l) +
+             ", which does not exist (the block has " + std::to_string(g.threads) + " threads)");
+      continue;
+    }
+    const Fiber& other = *g.fibers[t];
+    const bool names_me = other.wait == Wait::collective && ((other.op_mask >> lane) & 1u);
+    const bool same = other.wait == Wait::collective && std::strcmp(other.op, op) == 0 &&
+                      other.op_mask == mask && other.op_key == key;
+    if (named && other.wait == Wait::exited)
+      fail(thread_name(linear) + " calls " + op + " naming lane " + std::to_string(l) + ", which has exited");
+    if (named && other.wait == Wait::barrier)
+      fail(thread_name(linear) + " calls " + op + " naming lane " + std::to_string(l) +
+           ", which waits at __syncthreads");
+    // Two lanes that each wait for the other in different collectives never
+    // meet. (One that waits elsewhere without naming this lane may still come.)
+    if (named && names_me && !same)
+      fail("lanes " + std::to_string(l) + " and " + std::to_string(lane) + " of a warp of block " +
+           describe(blockIdx) + " disagree: " + other.op + " with mask " + hex(other.op_mask) +
+           " against " + op + " with mask " + hex(mask) +
+           " (every lane named must make the same call with the same mask)");
+    if (named && !same) complete = false;
+  }
+  if (!complete) {
+    yield();
+  } else {
+    In ins[kWarp];
+    Out outs[kWarp];
+    std::memset(static_cast<void*>(ins), 0xFF, sizeof ins);
+    std::memset(static_cast<void*>(outs), 0xFF, sizeof outs);
+    for (int l = 0; l < kWarp; ++l)
+      if ((mask >> l) & 1u) std::memcpy(&ins[l], g.fibers[base + l]->in, sizeof(In));
+    combine(ins, outs, mask);
+    for (int l = 0; l < kWarp; ++l)
+      if ((mask >> l) & 1u) {
+        Fiber& other = *g.fibers[base + l];
+        std::memcpy(other.out, &outs[l], sizeof(Out));
+        other.wait = Wait::running;
+      }
+  }
+  Out out;
+  std::memcpy(&out, self.out, sizeof out);
+  return out;
+}
+
+struct Nothing {};
+
+/// __syncwarp's effect on the race detector: the lanes in mask learn each
+/// other's clocks, then each starts a new interval of its own.
+inline void sync_warp(unsigned mask) {
+  const int base = g.current - lane_of(g.current);
+  warp_collective<Nothing>("__syncwarp", mask, 0, Nothing{}, [base](const Nothing*, Nothing*, unsigned m) {
+    std::array<std::uint32_t, kWarp> joined{};
+    for (int l = 0; l < kWarp; ++l)
+      if ((m >> l) & 1u)
+        for (int k = 0; k < kWarp; ++k) joined[k] = std::max(joined[k], g.clocks[base + l][k]);
+    for (int l = 0; l < kWarp; ++l)
+      if ((m >> l) & 1u) {
+        g.clocks[base + l] = joined;
+        ++g.clocks[base + l][l];
+      }
+  });
+}
+
+enum class Shuffle { idx, up, down, bfly };
+
+/// shfl.sync as the PTX ISA defines it, with CUDA's encoding of `width`
+/// into the clamp/segment operand: a lane outside the segment (or beyond the
+/// clamp) reads its own value; a source lane outside the mask gives all one bits.
+template <typename T>
+T shuffle(const char* op, Shuffle mode, unsigned mask, T value, int b, int width) {
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of an unsupported type");
+  if (width < 1 || width > kWarp || (width & (width - 1)) != 0)
+    fail(thread_name(g.current) + " calls " + op + " with width " + std::to_string(width) +
+         ", not a power of two up to 32");
+  struct Operand {
+    T value;
+    int b;
+  };
+  return warp_collective<T>(op, mask, width, Operand{value, b}, [mode, width](const Operand* ins, T* outs, unsigned m) {
+    const int segment = kWarp - width;  // c[12:8]
+    const int clamp = mode == Shuffle::up ? 0 : kWarp - 1;  // c[4:0]
+    for (int lane = 0; lane < kWarp; ++lane) {
+      if (!((m >> lane) & 1u)) continue;
+      const int b = ins[lane].b;
+      const int min_lane = lane & segment;
+      const int max_lane = min_lane | (clamp & ~segment);
+      int j;
+      bool inside;
+      switch (mode) {
+        case Shuffle::up: j = lane - b; inside = j >= max_lane; break;
+        case Shuffle::down: j = lane + b; inside = j <= max_lane; break;
+        case Shuffle::bfly: j = lane ^ b; inside = j <= max_lane; break;
+        default: j = min_lane | (b & (kWarp - 1) & ~segment); inside = j <= max_lane; break;
+      }
+      if (!inside) j = lane;
+      if ((m >> j) & 1u)
+        outs[lane] = ins[j].value;
+      else
+        std::memset(&outs[lane], 0xFF, sizeof(T));
+    }
+  });
+}
+
+inline unsigned vote(const char* op, unsigned mask, int predicate) {
+  return warp_collective<unsigned>(op, mask, 0, predicate, [](const int* ins, unsigned* outs, unsigned m) {
+    unsigned ballot = 0;
+    for (int l = 0; l < kWarp; ++l)
+      if (((m >> l) & 1u) && ins[l]) ballot |= 1u << l;
+    for (int l = 0; l < kWarp; ++l) outs[l] = ballot;
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Shared memory.
+
+[[noreturn]] inline void race(const char* name, long long index, std::size_t byte, const Access& earlier,
+                             const char* earlier_did, const char* now_does) {
+  fail("shared-memory race on " + std::string(name) + "[" + std::to_string(index) + "] (byte " +
+       std::to_string(byte) + " of block " + describe(blockIdx) + "'s shared memory): " +
+       thread_name(g.current) + " " + now_does + " it after thread " +
+       describe(g.fibers[earlier.thread]->thread) + " " + earlier_did +
+       " it, with no barrier between (__syncthreads, or __syncwarp for lanes of one warp)");
+}
+
+/// Whether `earlier` (an access by another thread) happens before the
+/// current thread's next access, within one barrier epoch: only for lanes of
+/// one warp, through a __syncwarp both joined since.
+inline bool ordered(const Access& earlier) {
+  return earlier.thread / kWarp == g.current / kWarp &&
+         g.clocks[g.current][lane_of(earlier.thread)] >= earlier.clock;
+}
+
+/// Check and record an access of `size` bytes at `offset` of the arena.
+inline void access_shared(std::size_t offset, std::size_t size, bool write, const char* name, long long index) {
+  const Access now{g.current, g.clocks[g.current][lane_of(g.current)]};
+  for (std::size_t at = offset; at < offset + size; ++at) {
+    ByteState& s = g.bytes[at];
+    if (s.write_epoch == g.epoch && s.writer.thread != now.thread && !ordered(s.writer))
+      race(name, index, at, s.writer, "wrote", write ? "writes" : "reads");
+    if (write) {
+      if (s.read_epoch == g.epoch)
+        for (const Access& r : s.readers)
+          if (r.thread != now.thread && !ordered(r)) race(name, index, at, r, "read", "writes");
+      s.write_epoch = g.epoch;
+      s.writer = now;
+      s.readers.clear();
+    } else {
+      if (s.read_epoch != g.epoch) {
+        s.readers.clear();
+        s.read_epoch = g.epoch;
+      }
+      bool seen = false;
+      for (Access& r : s.readers)
+        if (r.thread == now.thread) {
+          r.clock = now.clock;  // its latest read is the one a later write must follow
+          seen = true;
+        }
+      if (!seen) s.readers.push_back(now);
+    }
+  }
+}
+
+template <typename T>
+class SharedArray;
+
+/// One element of a shared array: reads and writes go through the checks.
+template <typename T>
+class SharedRef {
+ public:
+  SharedRef(std::size_t offset, const char* name, long long index, std::size_t count)
+      : offset_(offset), name_(name), index_(index), count_(count), epoch_(g.epoch) {}
+
+  operator T() const {
+    check();
+    access_shared(offset_, sizeof(T), false, name_, index_);
+    T value;
+    std::memcpy(&value, &g.shared[offset_], sizeof(T));
+    return value;
+  }
+  const SharedRef& operator=(const T& value) const {
+    check();
+    access_shared(offset_, sizeof(T), true, name_, index_);
+    std::memcpy(&g.shared[offset_], &value, sizeof(T));
+    return *this;
+  }
+  const SharedRef& operator=(const SharedRef& other) const { return *this = static_cast<T>(other); }
+  template <typename U>
+  const SharedRef& operator+=(const U& u) const { return *this = static_cast<T>(static_cast<T>(*this) + u); }
+  template <typename U>
+  const SharedRef& operator-=(const U& u) const { return *this = static_cast<T>(static_cast<T>(*this) - u); }
+  template <typename U>
+  const SharedRef& operator*=(const U& u) const { return *this = static_cast<T>(static_cast<T>(*this) * u); }
+  /// &tile[i]: a pointer to this element.
+  SharedArray<T> operator&() const;
+
+ private:
+  void check() const {
+    if (epoch_ != g.epoch)
+      fail(thread_name(g.current) + " uses a reference to " + name_ + "[" + std::to_string(index_) +
+           "] taken before a __syncthreads (an `auto` copy of a shared element?)");
+  }
+  std::size_t offset_;
+  const char* name_;
+  long long index_;
+  std::size_t count_;
+  std::uint32_t epoch_;
+};
+
+/// A pointer into a shared array (the array and a position in it): indexing
+/// is bounds-checked against the whole array, pointer arithmetic is free.
+template <typename T>
+class SharedArray {
+ public:
+  SharedArray(std::size_t offset, long long count, long long position, const char* name)
+      : offset_(offset), count_(count), position_(position), name_(name) {}
+
+  template <typename I>
+  SharedRef<T> operator[](I i) const {
+    static_assert(std::is_integral<I>::value, "shared arrays are indexed by integers");
+    const long long index = position_ + static_cast<long long>(i);
+    if (index < 0 || index >= count_ || (std::is_unsigned<I>::value && static_cast<long long>(i) < 0))
+      fail(thread_name(g.current) + " indexes shared array " + name_ + " at " + std::to_string(index) +
+           ", outside [0, " + std::to_string(count_) + ")");
+    return SharedRef<T>(offset_ + static_cast<std::size_t>(index) * sizeof(T), name_, index,
+                        static_cast<std::size_t>(count_));
+  }
+  SharedRef<T> operator*() const { return (*this)[0]; }
+  template <typename I>
+  SharedArray operator+(I k) const { return SharedArray(offset_, count_, position_ + static_cast<long long>(k), name_); }
+  template <typename I>
+  SharedArray operator-(I k) const { return SharedArray(offset_, count_, position_ - static_cast<long long>(k), name_); }
+
+ private:
+  std::size_t offset_;
+  long long count_;
+  long long position_;
+  const char* name_;
+};
+
+template <typename T>
+SharedArray<T> SharedRef<T>::operator&() const {
+  const std::size_t first = offset_ - static_cast<std::size_t>(index_) * sizeof(T);
+  return SharedArray<T>(first, static_cast<long long>(count_), index_, name_);
+}
+
+inline void grow_shared(std::size_t end) {
+  if (end > g.shared.size()) {
+    g.shared.resize(end, 0xFF);
+    g.bytes.resize(end);
+  }
+}
+
+/// A static shared array: one per declaration site and block.
+template <typename T>
+SharedArray<T> declare_static(const void* site, const char* name, long long count) {
+  for (const Declaration& d : g.declarations)
+    if (d.site == site) return SharedArray<T>(d.offset, count, 0, name);
+  const std::size_t offset = (g.shared_end + 15) / 16 * 16;
+  const std::size_t end = offset + static_cast<std::size_t>(count) * sizeof(T);
+  if (end - g.dynamic_bytes > kMaxStaticSharedBytes + 15 || end > kMaxSharedBytes)
+    fail("shared array " + std::string(name) + " takes the block's static shared memory past " +
+         std::to_string(kMaxStaticSharedBytes) + " bytes (or all of it past " + std::to_string(kMaxSharedBytes) + ")");
+  grow_shared(end);
+  std::memset(&g.shared[offset], 0xFF, end - offset);
+  g.shared_end = end;
+  g.declarations.push_back({site, offset});
+  return SharedArray<T>(offset, count, 0, name);
+}
+
+/// The dynamic shared memory of the launch, seen as an array of T.
+template <typename T>
+SharedArray<T> declare_dynamic(const char* name) {
+  return SharedArray<T>(0, static_cast<long long>(g.dynamic_bytes / sizeof(T)), 0, name);
+}
+
+// ---------------------------------------------------------------------------
+// Launch.
+
+inline void fiber_entry() {
+  g.body(g.body_argument);
+  Fiber& f = me();
+  f.wait = Wait::exited;
+  ++g.exited;
+  check_nobody_waits_for(g.current, "exited");
+  if (g.arrived > 0)
+    fail(thread_name(g.current) + " exited while " + std::to_string(g.arrived) +
+         " threads of its block wait at __syncthreads: every thread must reach it");
+  swapcontext(&f.context, &g.scheduler);
+  std::abort();
+}
+
+inline Fiber& fiber(int t) {
+  while (static_cast<int>(g.fibers.size()) <= t) {
+    auto f = std::make_unique<Fiber>();
+    const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    void* memory = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (memory == MAP_FAILED) std::abort();
+    mprotect(memory, page, PROT_NONE);  // a stack overflow faults instead of corrupting a neighbour
+    f->stack = static_cast<char*>(memory) + page;
+    g.fibers.push_back(std::move(f));
+  }
+  return *g.fibers[t];
+}
+
+inline std::string deadlock() {
+  std::string s = "deadlock in block " + describe(blockIdx) + ":";
+  for (int t = 0; t < g.threads && t < 64; ++t) {
+    const Fiber& f = *g.fibers[t];
+    if (f.wait == Wait::barrier) s += " " + describe(f.thread) + " at __syncthreads;";
+    if (f.wait == Wait::collective) s += " " + describe(f.thread) + " in " + f.op + " with mask " + hex(f.op_mask) + ";";
+  }
+  return s;
+}
+
+/// Run one block to completion; false on an error.
+inline bool run_block() {
+  for (int t = 0; t < g.threads; ++t) {
+    Fiber& f = fiber(t);
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_entry, 0);
+    f.thread = dim3{t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
+    f.wait = Wait::running;
+    g.clocks[t].fill(0);
+    g.clocks[t][lane_of(t)] = 1;
+  }
+  g.arrived = g.exited = 0;
+  ++g.epoch;
+  g.declarations.clear();
+  g.shared_end = g.dynamic_bytes;
+  if (g.dynamic_bytes) std::memset(g.shared.data(), 0xFF, g.dynamic_bytes);
+  while (g.exited < g.threads) {
+    bool ran = false;
+    for (int t = 0; t < g.threads; ++t) {
+      Fiber& f = *g.fibers[t];
+      if (f.wait != Wait::running) continue;
+      g.current = t;
+      threadIdx = f.thread;
+      swapcontext(&g.scheduler, &f.context);
+      g.current = -1;
+      ran = true;
+      if (!g.error.empty()) return false;
+    }
+    if (!ran) {
+      g.error = g.kernel + ": " + deadlock();
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename... Args, std::size_t... I>
+void call_with_argv(void (*kernel)(Args...), void** argv, std::index_sequence<I...>) {
+  kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<Args>>*>(argv[I])...);
+}
+
+template <typename... Args>
+struct Invocation {
+  void (*kernel)(Args...);
+  void** argv;
+  static void run(void* self) {
+    auto* call = static_cast<Invocation*>(self);
+    call_with_argv(call->kernel, call->argv, std::index_sequence_for<Args...>{});
+  }
+};
+
+/// kernel<<<grid, block, shared_bytes>>>(argv...), argv as for cuLaunchKernel
+/// (argv[i] points to the i-th argument). Returns 0, or 1 with the first
+/// error in g.error.
+template <typename... Args>
+int launch(void (*kernel)(Args...), const char* name, dim3 grid, dim3 block, std::size_t shared_bytes,
+           void** argv) {
+  g.kernel = name;
+  g.error.clear();
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535 || shared_bytes > kMaxSharedBytes) {
+    g.error = std::string(name) + ": invalid launch: grid " + describe(grid) + ", block " + describe(block) +
+              ", " + std::to_string(shared_bytes) + " bytes of dynamic shared memory";
+    return 1;
+  }
+  Invocation<Args...> call{kernel, argv};
+  g.body = &Invocation<Args...>::run;
+  g.body_argument = &call;
+  g.threads = static_cast<int>(threads);
+  g.clocks.resize(threads);
+  g.dynamic_bytes = shared_bytes;
+  grow_shared(shared_bytes);
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3{x, y, z};
+        if (!run_block()) return 1;
+      }
+  return 0;
+}
+
+}  // namespace dcn_emu
+
+// ---------------------------------------------------------------------------
+// CUDA's names.
+
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  dcn_emu::sync_threads(file, line);
+}
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) { dcn_emu::sync_warp(mask); }
+
+template <typename T>
+T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
+  return dcn_emu::shuffle("__shfl_sync", dcn_emu::Shuffle::idx, mask, var, src_lane, width);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  return dcn_emu::shuffle("__shfl_up_sync", dcn_emu::Shuffle::up, mask, var, static_cast<int>(delta), width);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+  return dcn_emu::shuffle("__shfl_down_sync", dcn_emu::Shuffle::down, mask, var, static_cast<int>(delta), width);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
+  return dcn_emu::shuffle("__shfl_xor_sync", dcn_emu::Shuffle::bfly, mask, var, lane_mask, width);
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  return dcn_emu::vote("__ballot_sync", mask, predicate != 0);
+}
+inline int __all_sync(unsigned mask, int predicate) {
+  return dcn_emu::vote("__all_sync", mask, predicate != 0) == mask;
+}
+inline int __any_sync(unsigned mask, int predicate) {
+  return dcn_emu::vote("__any_sync", mask, predicate != 0) != 0;
+}
+
+#define DCN_SHARED(type, name, count)      \
+  static const char name##_dcn_site = 0; \
+  const ::dcn_emu::SharedArray<type> name = ::dcn_emu::declare_static<type>(&name##_dcn_site, #name, (count))
+#define DCN_SHARED_DYNAMIC(type, name) \
+  const ::dcn_emu::SharedArray<type> name = ::dcn_emu::declare_dynamic<type>(#name)
+#define DCN_SHARED_PTR(type) ::dcn_emu::SharedArray<type>
 
 template <typename T>
 inline T atomicAdd(T* address, T value) {
@@ -37,6 +730,9 @@ inline T atomicAdd(T* address, T value) {
   *address = old + value;
   return old;
 }
+
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 inline float __uint_as_float(unsigned int u) {
   float f;
@@ -62,23 +758,4 @@ inline unsigned short dcn_host_float_to_half(float v) {
   unsigned short bits;
   std::memcpy(&bits, &h, sizeof bits);
   return bits;
-}
-
-template <typename... Args, std::size_t... I>
-void call_with_argv(void (*kernel)(Args...), void** argv, std::index_sequence<I...>) {
-  kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<Args>>*>(argv[I])...);
-}
-
-/// Run kernel<<<grid, block>>>(argv...) thread by thread.
-template <typename... Args>
-void run_grid(void (*kernel)(Args...), unsigned int grid, unsigned int block, void** argv) {
-  gridDim = dim3{grid, 1, 1};
-  blockDim = dim3{block, 1, 1};
-  for (unsigned int b = 0; b < grid; ++b) {
-    for (unsigned int t = 0; t < block; ++t) {
-      blockIdx = dim3{b, 1, 1};
-      threadIdx = dim3{t, 1, 1};
-      call_with_argv(kernel, argv, std::index_sequence_for<Args...>{});
-    }
-  }
 }

@@ -9,7 +9,8 @@ The package, from the bottom up:
 - :mod:`~cudcn.backends.cuda.engine`: where steps run (CuPy on a GPU; NumPy
   and host-compiled kernels in the test suite);
 - :mod:`~cudcn.backends.cuda.launchers`: one launcher per kernel family;
-- :mod:`~cudcn.backends.cuda.im2col_gemm`: the algorithm, im2col + cuBLAS GEMM.
+- :mod:`~cudcn.backends.cuda.im2col_gemm`: the reference algorithm, im2col + cuBLAS GEMM;
+- :mod:`~cudcn.backends.cuda.algorithms`: which algorithm runs a call ("auto" measures).
 
 This module is the backend interface of :mod:`cudcn.backends`: CuPy arrays,
 run on their own device and CuPy's current stream there.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cudcn.backends.cuda import im2col_gemm
+from cudcn.backends.cuda import algorithms, im2col_gemm
 from cudcn.backends.cuda.engine import cupy_engine
 from cudcn.geometry import Geometry
 
@@ -27,13 +28,13 @@ from cudcn.geometry import Geometry
 def forward(geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
     """Output (N, C_out, Ho, Wo) in the input's dtype."""
     with input.device:
-        return im2col_gemm.forward(cupy_engine(), geom, input, offset, weight, bias, mask)
+        return algorithms.run("forward", cupy_engine(), geom, input, offset, weight, bias, mask)
 
 
 def backward(geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
     """Gradients (input, offset, weight, bias or None, mask or None)."""
     with input.device:
-        return im2col_gemm.backward(cupy_engine(), geom, grad_output, input, offset, weight, mask)
+        return algorithms.run("backward", cupy_engine(), geom, grad_output, input, offset, weight, mask)
 
 
 def im2col(geom: Geometry, input: Any, offset: Any, mask: Any) -> Any:

@@ -1,14 +1,20 @@
-"""Compile kernel instantiations through NVRTC, with no GPU.
+"""Compile kernel instantiations through NVRTC, the way CuPy does at run time, with no GPU.
 
-NVRTC is driven directly with an explicit architecture (CuPy's usual compile
-path asks the device for its architecture), with the options CuPy compiles
-with at run time (:data:`cudcn.backends.cuda.kernels.NVRTC_OPTIONS`). The
-``cudcn compile`` command (:mod:`cudcn.cli.compile`) prints what this returns.
+At run time ``cupy.RawModule`` assembles its NVRTC options itself (its
+bundled CCCL and header directories, and the directory of the CUDA runtime
+headers, which CuPy 14 looks up on every compile and fails without, even for
+source that includes none), adds ``-ftz=true``, the architecture and
+``--device-as-default-execution-space``, and compiles through its NVRTC
+program class. This module does the same, with CuPy's own functions, except
+that the architecture is given (CuPy asks the device for it): so a machine
+where the kernels would not compile at run time, for want of headers or
+anything else, fails here too. The ``cudcn compile`` command
+(:mod:`cudcn.cli.compile`) prints what this returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from cudcn.backends.cuda import kernels
 
@@ -20,30 +26,48 @@ def nvrtc():
     return nvrtc
 
 
-def compile_dtype(source: str, dtype: str, arch: int) -> list[tuple[str, bool, str]]:
-    """Compile one dtype's instantiations for sm_<arch>.
+def runtime_options(arch: int) -> tuple[str, ...]:
+    """NVRTC's options for cudcn's module on sm_<arch>, in CuPy 14's order.
 
-    Returns (name expression, ok, detail) per instantiation: the lowered
-    (mangled) name and the cubin size when it compiled, else the NVRTC log.
+    Raises RuntimeError where CuPy would at run time, e.g. "Failed to find
+    CUDA headers" when no CUDA runtime headers can be found.
     """
-    lib = nvrtc()
-    names = kernels.name_expressions(dtype)
-    program = lib.createProgram(source, f"cudcn_{dtype}.cu", (), ())
+    from cupy._core import core
+
+    return (
+        *core.assemble_cupy_compiler_options(kernels.MODULE_OPTIONS),
+        "-ftz=true",  # added to every module (_compile_with_cache_cuda)
+        f"-arch=sm_{arch}",
+        "--device-as-default-execution-space",  # added to every NVRTC compile without jitify
+    )
+
+
+def compile_names(source: str, names: Sequence[str], options: tuple[str, ...], label: str = "cudcn.cu",
+                  ptx: dict[str, str] | None = None) -> list[tuple[str, bool, str]]:
+    """Compile the instantiations ``names`` of ``source`` with ``options``
+    (see :func:`runtime_options`).
+
+    Returns (name expression, ok, detail) per instantiation: the cubin size
+    when it compiled, else CuPy's compile error with the NVRTC log. With
+    ``ptx`` (a dict), the module's PTX is also stored there under "ptx" (to
+    check which instructions the kernels use).
+    """
+    from cupy.cuda import compiler
+
+    program = compiler._NVRTCProgram(source, label, name_expressions=list(names), method="cubin")
     try:
-        for name in names:
-            lib.addNameExpression(program, name)
-        options = [f"--gpu-architecture=sm_{arch}", *kernels.NVRTC_OPTIONS]
-        try:
-            lib.compileProgram(program, options)
-        except lib.NVRTCError:
-            log = lib.getProgramLog(program).strip()
-            return [(name, False, log) for name in names]
-        size = len(lib.getCUBIN(program))
-        for name in names:  # raises if an instantiation is missing from the module
-            lib.getLoweredName(program, name)
-        return [(name, True, f"module {size} bytes") for name in names]
-    finally:
-        lib.destroyProgram(program)
+        cubin, mapping = program.compile(options)
+    except compiler.CompileException as error:
+        return [(name, False, str(error)) for name in names]
+    if ptx is not None:
+        text, _ = compiler._NVRTCProgram(source, label, name_expressions=list(names), method="ptx").compile(options)
+        ptx["ptx"] = text.decode() if isinstance(text, bytes) else text
+    return [(name, bool(mapping.get(name)), f"module {len(cubin)} bytes") for name in names]
+
+
+def compile_dtype(source: str, dtype: str, options: tuple[str, ...]) -> list[tuple[str, bool, str]]:
+    """Compile one dtype's instantiations (see :func:`compile_names`)."""
+    return compile_names(source, kernels.name_expressions(dtype), options, f"cudcn_{dtype}.cu")
 
 
 def device_count() -> int:

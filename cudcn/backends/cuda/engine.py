@@ -1,11 +1,14 @@
 """Where the CUDA backend's steps run: an *engine*.
 
 An engine is an array module ``xp`` plus ``launch`` (run a named kernel
-instantiation over a number of elements) and ``gemm`` (one strided batched
-cuBLAS GEMM, :class:`Gemm`). On a GPU it is :class:`CupyEngine`; the test
-suite runs the very same launchers and algorithms with an engine of NumPy
-arrays and the kernels compiled for the host (tests/emulation), so layouts,
-chunking and GEMM arguments are checked without a GPU too.
+instantiation with a :class:`Launch` shape: grid, block, dynamic shared
+memory) and ``gemm`` (one strided batched cuBLAS GEMM, :class:`Gemm`).
+:func:`grid_stride` is the one policy for the grid-stride launches of the
+sampling and layout kernels (the engine's block size and block cap). On a
+GPU the engine is :class:`CupyEngine`; the test suite runs the very same
+launchers and algorithms with an engine of NumPy arrays and the kernels
+compiled for the host (tests/emulation), so layouts, chunking and GEMM
+arguments are checked without a GPU too.
 """
 
 from __future__ import annotations
@@ -19,16 +22,31 @@ import numpy as np
 from cudcn.backends.cuda import kernels
 
 
+#: What one GEMM may combine: (A and B dtype, C dtype), each a cuBLAS
+#: GemmEx combination with float32 (float64) compute and scale types.
+GEMM_TYPES = frozenset({
+    ("float16", "float16"), ("float16", "float32"),
+    ("bfloat16", "bfloat16"), ("bfloat16", "float32"),
+    ("float32", "float32"), ("float64", "float64"),
+})
+
+
 @dataclass(frozen=True)
 class Gemm:
     """One strided batched GEMM in cuBLAS's column-major terms.
 
     For each of ``batch`` matrices: C = op(A) @ op(B) + beta * C, with
     op(A) (m, k), op(B) (k, n) and C (m, n); a matrix X with leading dimension
-    ld has element (i, j) at X[i + j*ld]; matrix b of a batch starts at
-    b * stride. ``trans_a`` means A is stored (k, m) and op(A) is its
-    transpose (likewise B). A and B share one dtype; C is float32 (float64 for
-    float64) and the products are summed in C's dtype.
+    ld has element (i, j) at X[offset + i + j*ld] of the flat, C-contiguous
+    array X, and matrix b of a batch starts ``b * stride`` elements further
+    (a stride of 0 reuses one matrix). ``trans_a`` means A is stored (k, m)
+    and op(A) is its transpose (likewise B).
+
+    A and B share one dtype; (A's dtype, C's dtype) is one of
+    :data:`GEMM_TYPES`. The products are summed in float32 (float64 for
+    float64) and C is rounded once to its dtype: C = alpha*AB + beta*C in
+    one pass. ``tf32`` (float32 operands only) lets cuBLAS round A and B to
+    TF32 and use tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32).
     """
 
     trans_a: bool
@@ -47,16 +65,69 @@ class Gemm:
     ldc: int
     stride_c: int
     batch: int
+    offset_a: int = 0
+    offset_b: int = 0
+    offset_c: int = 0
+    tf32: bool = False
+
+    def __post_init__(self) -> None:
+        types = (self.a.dtype.name, self.c.dtype.name)
+        if self.b.dtype != self.a.dtype or types not in GEMM_TYPES:
+            raise TypeError(f"no cuBLAS GEMM takes A {self.a.dtype}, B {self.b.dtype}, C {self.c.dtype}")
+        if self.tf32 and types != ("float32", "float32"):
+            raise TypeError(f"TF32 applies to float32 GEMMs only, got A {self.a.dtype}")
+        if max(self.m, self.n, self.k, self.batch, self.lda, self.ldb, self.ldc) >= 2**31:
+            raise ValueError(f"GEMM sizes must stay below 2^31, got m, n, k, batch = "
+                             f"{(self.m, self.n, self.k, self.batch)}")
+
+
+#: CUDA's limits on a launch (compute capability 7.5 and newer): threads per
+#: block, block and grid extents in (x, y, z), and the most dynamic shared
+#: memory a block can have (sm_90's opt-in maximum; smaller GPUs refuse less).
+MAX_BLOCK_THREADS = 1024
+MAX_BLOCK = (1024, 1024, 64)
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_SHARED_BYTES = 227 * 1024
+#: Dynamic shared memory a kernel may use without opting in.
+DEFAULT_SHARED_BYTES = 48 * 1024
+WARP = 32
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The shape of one kernel launch: kernel<<<grid, block, shared_bytes>>>.
+
+    grid and block are (x, y, z); shared_bytes is the dynamic shared memory
+    of each block (``DCN_SHARED_DYNAMIC`` in the kernels). Checked against
+    CUDA's limits here, so that the GPU and the emulator refuse the same
+    launches.
+    """
+
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for name, dims, limits in (("grid", self.grid, MAX_GRID), ("block", self.block, MAX_BLOCK)):
+            if len(dims) != 3 or any(not 1 <= int(d) <= m for d, m in zip(dims, limits)):
+                raise ValueError(f"launch {name} must be three extents within {limits}, got {dims}")
+        threads = self.block[0] * self.block[1] * self.block[2]
+        if threads > MAX_BLOCK_THREADS:
+            raise ValueError(f"a block has at most {MAX_BLOCK_THREADS} threads, got {self.block} = {threads}")
+        if not 0 <= self.shared_bytes <= MAX_SHARED_BYTES:
+            raise ValueError(f"shared_bytes must be in [0, {MAX_SHARED_BYTES}], got {self.shared_bytes}")
 
 
 class Engine(Protocol):
     """Where the steps run: an array module, a kernel launcher and a GEMM."""
 
     xp: Any  # cupy (or numpy under host emulation)
-    threads: int  # the most threads one launch starts (block size * block cap)
+    block: int  # threads per block of a grid-stride launch
+    max_blocks: int  # the cap on its blocks (the kernels loop over the rest)
+    threads: int  # the most threads a grid-stride launch starts (index-type choice)
 
-    def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
-        """Run instantiation (kernel, dtype, index) over ``total`` elements.
+    def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
+        """Run instantiation (kernel, dtype, index) with the given launch shape.
 
         ``args`` are the kernel's arguments in order: contiguous arrays,
         ``numpy.int32`` and ``numpy.int64`` scalars.
@@ -66,10 +137,24 @@ class Engine(Protocol):
         """Run one strided batched GEMM (see :class:`Gemm`)."""
 
 
+def grid_stride(engine: Engine, threads: int, whole_warps: bool = False) -> Launch:
+    """A 1-D launch of the engine's blocks for a grid-stride loop wanting
+    ``threads`` threads, capped at ``engine.max_blocks`` blocks.
+
+    whole_warps: kernels that give a warp's lanes to one task (their loops
+    are warp-uniform) need blocks of whole warps; the block is then rounded
+    up to a multiple of 32.
+    """
+    block = -(-engine.block // WARP) * WARP if whole_warps else engine.block
+    return Launch(grid=(min(max(-(-threads // block), 1), engine.max_blocks), 1, 1), block=(block, 1, 1))
+
+
 class CupyEngine:
     """Launch through the per-device cupy.RawModule on the current stream."""
 
-    threads = kernels.BLOCK * kernels.MAX_BLOCKS
+    block = kernels.BLOCK
+    max_blocks = kernels.MAX_BLOCKS
+    threads = kernels.BLOCK * kernels.MAX_BLOCKS  # BLOCK is a whole number of warps
 
     def __init__(self) -> None:
         import cupy
@@ -78,39 +163,114 @@ class CupyEngine:
         # (device id, name expression) -> kernel: looked up once, not per launch.
         self._functions: dict[tuple[int, str], Any] = {}
 
-    def launch(self, kernel: str, dtype: str, index: str, total: int, args: Sequence[Any]) -> None:
+    def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
         name = kernels.name_expression(kernel, dtype, index)
         key = (self.xp.cuda.runtime.getDevice(), name)
         function = self._functions.get(key)
         if function is None:
             function = self._functions[key] = kernels.module(dtype).get_function(name)
-        blocks = min(-(-total // kernels.BLOCK), kernels.MAX_BLOCKS)
-        function((blocks,), (kernels.BLOCK,), tuple(args))
+        if launch.shared_bytes > DEFAULT_SHARED_BYTES and function.max_dynamic_shared_size_bytes < launch.shared_bytes:
+            # Above 48 KiB a kernel must opt in (a function attribute, kept
+            # per device by the cached RawKernel); the driver refuses the launch
+            # if the device has less.
+            function.max_dynamic_shared_size_bytes = launch.shared_bytes
+        function(launch.grid, launch.block, tuple(args), shared_mem=launch.shared_bytes)
 
     def gemm(self, call: Gemm) -> None:
-        # cupy.matmul cannot do this: it rounds a float16 product to float16
-        # and copies non-contiguous operands. cuBLAS's GemmEx family takes
-        # float16 A and B with a float32 C directly, and beta = 1 adds into C.
+        # cupy.matmul cannot do this: for 3-D float16 arrays it computes in
+        # float32 copies without tensor cores, and it copies non-contiguous
+        # operands. cuBLAS's GemmEx family takes half A and B with a float32
+        # or half C directly, sums in float32 and rounds C once.
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
 
-        data_type = {"float16": runtime.CUDA_R_16F, "float32": runtime.CUDA_R_32F, "float64": runtime.CUDA_R_64F}
+        data_type = {
+            "float16": runtime.CUDA_R_16F, "bfloat16": runtime.CUDA_R_16BF,
+            "float32": runtime.CUDA_R_32F, "float64": runtime.CUDA_R_64F,
+        }
         double = call.c.dtype == np.float64
+        if double:
+            compute = cublas.CUBLAS_COMPUTE_64F
+        else:
+            compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if call.tf32 else cublas.CUBLAS_COMPUTE_32F
         scale = np.float64 if double else np.float32
         alpha, beta = np.array(1, scale), np.array(call.beta, scale)  # host scalars, read during the call
         operation = {False: cublas.CUBLAS_OP_N, True: cublas.CUBLAS_OP_T}
+
+        def pointer(array: Any, offset: int) -> int:
+            return array.data.ptr + offset * array.itemsize
+
         cublas.gemmStridedBatchedEx(
             self.xp.cuda.device.get_cublas_handle(),  # bound to the current stream by the call
             operation[call.trans_a], operation[call.trans_b], call.m, call.n, call.k,
             alpha.ctypes.data,
-            call.a.data.ptr, data_type[call.a.dtype.name], call.lda, call.stride_a,
-            call.b.data.ptr, data_type[call.b.dtype.name], call.ldb, call.stride_b,
+            pointer(call.a, call.offset_a), data_type[call.a.dtype.name], call.lda, call.stride_a,
+            pointer(call.b, call.offset_b), data_type[call.b.dtype.name], call.ldb, call.stride_b,
             beta.ctypes.data,
-            call.c.data.ptr, data_type[call.c.dtype.name], call.ldc, call.stride_c,
-            call.batch,
-            cublas.CUBLAS_COMPUTE_64F if double else cublas.CUBLAS_COMPUTE_32F,
-            cublas.CUBLAS_GEMM_DEFAULT,
+            pointer(call.c, call.offset_c), data_type[call.c.dtype.name], call.ldc, call.stride_c,
+            call.batch, compute, cublas.CUBLAS_GEMM_DEFAULT,
         )
+
+
+#: CUDA's explicit handle of the legacy default stream (cudaStreamLegacy),
+#: which is also DLPack's stream value for it.
+LEGACY_DEFAULT_STREAM = 1
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle in the CUDA stream protocol (for ``Stream.from_external``)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.handle
+
+
+def external_stream(cupy: Any, handle: int, device_id: int) -> Any:
+    """A CuPy stream on a framework's raw CUDA stream ``handle`` of GPU ``device_id``.
+
+    torch and paddle show their default stream, CUDA's legacy default
+    stream, as handle 0. To CuPy 0 means "no stream chosen": under
+    CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 it runs on the per-thread default
+    stream instead and offers that stream (2) in the DLPack handshake, which
+    torch and paddle reject. So 0 becomes cudaStreamLegacy (1): the same
+    stream to CUDA, and DLPack's value for it. ``Stream.from_external``
+    (CuPy >= 14) leaves the device unknown (-1); it is set here. Older CuPy
+    takes handle and device as an ExternalStream.
+    """
+    handle = handle or LEGACY_DEFAULT_STREAM
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        stream = cupy.cuda.Stream.from_external(_StreamHandle(handle))
+        stream.device_id = device_id
+        return stream
+    return cupy.cuda.ExternalStream(handle, device_id)
+
+
+def cupy_bfloat16_problem() -> str | None:
+    """Why CuPy cannot hold bfloat16 arrays in this environment, or None if it can.
+
+    CuPy 14 enables bfloat16 (ml_dtypes' type) when it is imported, and only
+    with ml_dtypes installed and NumPy >= 2.1.2 (older NumPy crashes on
+    bfloat16 loops). Needs no GPU; where one is present,
+    ``cupy.empty(1, ml_dtypes.bfloat16)`` is the definitive probe.
+    """
+    import importlib.util
+
+    from numpy.lib import NumpyVersion
+
+    try:
+        import cupy
+    except ImportError as error:
+        return f"CuPy cannot be imported ({error})"
+    major = cupy.__version__.split(".")[0]
+    if not major.isdigit() or int(major) < 14:
+        return f"CuPy {cupy.__version__} has no bfloat16; it needs CuPy 14 or newer"
+    if importlib.util.find_spec("ml_dtypes") is None:
+        return "ml_dtypes is not installed; CuPy's bfloat16 is ml_dtypes.bfloat16 (pip install ml_dtypes)"
+    if NumpyVersion(np.__version__) < "2.1.2":
+        return f"CuPy enables bfloat16 only with NumPy >= 2.1.2, this is NumPy {np.__version__}"
+    return None
 
 
 _engine: CupyEngine | None = None

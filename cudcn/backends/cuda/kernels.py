@@ -21,6 +21,7 @@ This module imports no CuPy until :func:`module` is called.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from typing import Any
 #: Kernel sources, in the order they are joined into one module.
 SOURCES = ("dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu")
 COMMON_HEADER = "dcn_common.cuh"
+#: The headers a kernel may include, in the order they are inlined:
+#: what every kernel shares, and the tensor-core MMA wrappers.
+HEADERS = (COMMON_HEADER, "dcn_mma.cuh")
 
 #: The index types, narrow first.
 INDEX_TYPES = ("int", "long long")
@@ -49,15 +53,25 @@ class KernelTypes:
     accum_dtype: str
 
 
-#: dtype name -> kernel types. bfloat16 columns are float32 so that the GEMM
-#: runs in a type every cuBLAS build has; float16 columns stay float16
-#: (cuBLAS accumulates them in float32) to halve the column traffic.
+#: dtype name -> kernel types. Columns keep the dtype: float16 and bfloat16
+#: columns halve the column traffic, and cuBLAS multiplies them on tensor
+#: cores, summing in float32.
 TYPES = {
     "float16": KernelTypes("dcn_half", "dcn_half", "float", "float16", "float32"),
-    "bfloat16": KernelTypes("dcn_bfloat16", "float", "float", "float32", "float32"),
+    "bfloat16": KernelTypes("dcn_bfloat16", "dcn_bfloat16", "float", "bfloat16", "float32"),
     "float32": KernelTypes("float", "float", "float", "float32", "float32"),
     "float64": KernelTypes("double", "double", "double", "float64", "float64"),
 }
+
+
+def channels_per_lane(dtype: str) -> int:
+    """Channels one lane moves per step in the sampling kernels: 16 bytes of
+    the wider of the input and column types (``ChannelsPerLane`` in
+    kernels/dcn_common.cuh)."""
+    def bits(name: str) -> int:  # float16, bfloat16, float32, float64
+        return int(name.removeprefix("b").removeprefix("float"))
+
+    return 128 // max(bits(dtype), bits(TYPES[dtype].column_dtype))
 
 
 def name_expression(kernel: str, dtype: str, index: str) -> str:
@@ -101,34 +115,47 @@ def kernel_dir() -> Path:
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 
-def source(directory: Path | None = None) -> str:
-    """All kernels as one translation unit, the common header inlined once.
+def translation_unit(files: Iterable[Path], headers: Path) -> str:
+    """Kernel files as one text, each header they include inlined once, first.
 
-    Inlining (rather than an include path) makes the text CuPy hashes for its
-    on-disk cache cover every line that is compiled, so editing the header
-    can never leave a stale kernel in the cache.
+    ``headers`` is the directory of :data:`HEADERS`; a file may include those
+    alone. Inlining (rather than an include path) makes the text CuPy hashes
+    for its on-disk cache cover every line that is compiled, so editing a
+    header can never leave a stale kernel in the cache.
     """
+    texts = {path.name: path.read_text() for path in files}
+    needed: set[str] = set()
+
+    def inline(match: re.Match, where: str) -> str:
+        name = match.group(1)
+        if name not in HEADERS:
+            raise ValueError(f"{where} includes {name!r}; only {', '.join(HEADERS)} may be included")
+        needed.add(name)
+        return f"// (#include \"{name}\": inlined above)"
+
+    bodies = [
+        f"// ---- {name}\n" + _LOCAL_INCLUDE.sub(lambda m, n=name: inline(m, n), text)
+        for name, text in texts.items()
+    ]
+    parts: list[str] = []
+    for header in reversed(HEADERS):  # a header may include only those before it
+        if header in needed:
+            text = (headers / header).read_text()
+            parts.insert(0, _LOCAL_INCLUDE.sub(lambda m, n=header: inline(m, n), text))
+    return "\n".join(parts + bodies)
+
+
+def source(directory: Path | None = None) -> str:
+    """All kernels of :data:`SOURCES` as one translation unit."""
     directory = directory or kernel_dir()
-    parts = [(directory / COMMON_HEADER).read_text()]
-    for name in SOURCES:
-        text = (directory / name).read_text()
-
-        def inline(match: re.Match) -> str:
-            if match.group(1) != COMMON_HEADER:
-                raise ValueError(f"{name} includes {match.group(1)!r}; only {COMMON_HEADER} may be included")
-            return f"// (#include \"{COMMON_HEADER}\": inlined above)"
-
-        parts.append(f"// ---- {name}\n" + _LOCAL_INCLUDE.sub(inline, text))
-    return "\n".join(parts)
+    return translation_unit([directory / name for name in SOURCES], directory)
 
 
-#: The options cudcn hands to ``cupy.RawModule``.
+#: The options cudcn hands to ``cupy.RawModule``. CuPy adds its own (header
+#: directories, ``-ftz=true``: float32 subnormals flush to zero, the
+#: architecture); ``cudcn compile`` compiles with all of them
+#: (:func:`cudcn.backends.cuda.compile.runtime_options`).
 MODULE_OPTIONS = ("--std=c++17",)
-
-#: What NVRTC actually compiles with at run time: CuPy appends ``-ftz=true``
-#: to every RawModule compile (float32 subnormals flush to zero). ``cudcn
-#: compile`` passes exactly these, so that it checks the code that runs.
-NVRTC_OPTIONS = MODULE_OPTIONS + ("-ftz=true",)
 
 _loader = None
 

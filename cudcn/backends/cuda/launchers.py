@@ -1,11 +1,17 @@
 """Launchers: each allocates its outputs and launches one kernel family.
 
 One function per kernel family of ``kernels/`` (layout passes, im2col,
-col2im and its deterministic sorted variant, col2im_coord) plus the one
-cuBLAS product the backward needs. They take an engine
+col2im and its deterministic sorted variant, col2im_coord); the cuBLAS
+products are in :mod:`cudcn.backends.cuda.gemms`. They take an engine
 (:mod:`cudcn.backends.cuda.engine`) and a validated geometry, pass shapes as
 kernel arguments in the order of ``DCN_SHAPE_PARAMS`` (kernels/dcn_common.cuh),
 and choose 32- or 64-bit indexing per launch from the sizes involved.
+
+The sampling kernels (im2col, col2im, col2im_coord) give each sampling point
+a group of lanes (:func:`lanes_per_point`) and run over whole warps; the
+layout passes and the sorted col2im run one thread per element. All are
+grid-stride launches of the engine's block size and block cap
+(:func:`cudcn.backends.cuda.engine.grid_stride`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 
 from cudcn import config
 from cudcn.backends.cuda import kernels
-from cudcn.backends.cuda.engine import Engine, Gemm
+from cudcn.backends.cuda.engine import WARP, Engine, grid_stride
 from cudcn.geometry import Geometry
 
 
@@ -25,6 +31,27 @@ def index_type(engine: Engine, *sizes: int) -> tuple[str, type]:
     if max(sizes) + engine.threads < 2**31:
         return "int", np.int32
     return "long long", np.int64
+
+
+def sampling_points(geom: Geometry, n: int) -> int:
+    """Sampling points of n images: (image, output pixel, kernel point, offset group)."""
+    return n * geom.out_pixels * geom.kernel_points * geom.offset_groups
+
+
+def lanes_per_point(geom: Geometry) -> int:
+    """Lanes of a warp given to one sampling point by the sampling kernels:
+    enough for one block of channels each (``ChannelsPerLane``) across the
+    offset group's channels, a power of two up to 32."""
+    blocks = -(-(geom.in_channels // geom.offset_groups) // kernels.channels_per_lane(geom.dtype.name))
+    return min(WARP, 1 << (blocks - 1).bit_length())
+
+
+def _sampling_launch(engine: Engine, geom: Geometry, n: int):
+    """(points, lanes per point, launch) of a sampling kernel over n images."""
+    points = sampling_points(geom, n)
+    lanes = lanes_per_point(geom)
+    warps = -(-points * lanes // WARP)
+    return points, lanes, grid_stride(engine, warps * WARP, whole_warps=True)
 
 
 def shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
@@ -55,7 +82,7 @@ def channels_last(engine: Engine, geom: Geometry, input: Any) -> Any:
     if out.size:
         index, itype = index_type(engine, out.size)
         engine.launch(
-            "to_channels_last", geom.dtype.name, index, out.size,
+            "to_channels_last", geom.dtype.name, index, grid_stride(engine, out.size),
             [input, itype(out.size), np.int32(geom.in_channels), np.int32(pixels), out],
         )
     return out
@@ -73,11 +100,12 @@ def im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any, 
         (groups, n * geom.out_pixels, per_group), kernels.TYPES[geom.dtype.name].column_dtype
     )
     if columns.size:
+        points, lanes, launch = _sampling_launch(engine, geom, n)
         index, itype = index_type(engine, columns.size, pixels.size, offset.size)
         engine.launch(
-            "deform_im2col", geom.dtype.name, index, columns.size,
+            "deform_im2col", geom.dtype.name, index, launch,
             [pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
-             itype(columns.size), columns],
+             itype(points), np.int32(lanes), columns],
         )
     return columns
 
@@ -99,17 +127,38 @@ def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any,
     else:
         accum = xp.zeros((n, pixels, geom.in_channels), types.accum_dtype)
         if columns.size:
+            points, lanes, launch = _sampling_launch(engine, geom, n)
             index, itype = index_type(engine, columns.size, accum.size, offset.size)
             engine.launch(
-                "deform_col2im", geom.dtype.name, index, columns.size,
+                "deform_col2im", geom.dtype.name, index, launch,
                 [columns, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
-                 itype(columns.size), accum],
+                 itype(points), np.int32(lanes), accum],
             )
     index, itype = index_type(engine, accum.size)
     engine.launch(
-        "from_channels_last", geom.dtype.name, index, accum.size,
+        "from_channels_last", geom.dtype.name, index, grid_stride(engine, accum.size),
         [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
     )
+
+
+#: Bytes of device memory :func:`col2im_sorted` takes per bilinear corner, at
+#: most (64-bit keys and float64 weights): the keys and weights, the argsort's
+#: copy of the keys, its int64 order and the radix sort's second buffer of
+#: each, and the sorted keys that searchsorted reads; 36 bytes with 32-bit
+#: keys and float32 weights.
+SORTED_BYTES_PER_CORNER = 4 * 8 + 8 + 2 * 8
+
+
+def col2im_sorted_bytes_per_image(geom: Geometry) -> int:
+    """Upper bound of :func:`col2im_sorted`'s workspace per image of a chunk.
+
+    Counted in the workspace budget when the deterministic path runs, so
+    that a chunk's sort fits it beside the columns. Its corners (4 per
+    offset group, kernel point and output pixel) and one int64 segment
+    start per offset group and input pixel.
+    """
+    corners = 4 * geom.offset_groups * geom.kernel_points * geom.out_pixels
+    return corners * SORTED_BYTES_PER_CORNER + 8 * geom.offset_groups * geom.height * geom.width
 
 
 def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any, groups: int) -> Any:
@@ -118,7 +167,8 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     Keys and weights of every bilinear corner (4 per image, offset group,
     kernel point and output pixel), a stable argsort of the keys, segment
     starts by searchsorted, and a gather that sums each segment in sorted
-    order (kernels/dcn_col2im_sorted.cu).
+    order (kernels/dcn_col2im_sorted.cu). The keys have the index type of
+    their launch: int32 whenever keys and entries fit 31 bits.
     """
     xp = engine.xp
     n = offset.shape[0]
@@ -127,22 +177,22 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     points = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
     entries = 4 * points
     segments = n * geom.offset_groups * pixels  # also the sentinel key
-    keys = xp.empty(entries, np.int64)
+    index, itype = index_type(engine, entries, offset.size, segments + 1)
+    keys = xp.empty(entries, itype)
     weights = xp.empty(entries, types.accum_dtype)
     if points:
-        index, itype = index_type(engine, entries, offset.size)
         engine.launch(
-            "deform_col2im_keys", geom.dtype.name, index, points,
+            "deform_col2im_keys", geom.dtype.name, index, grid_stride(engine, points),
             [offset, *mask_args(mask, offset), *shape_args(geom, n, groups), itype(points), keys, weights],
         )
     # A stable sort keeps the entries of one key in entry order: one result,
     # however the sort runs.
     order = xp.argsort(keys, kind="stable")
-    starts = xp.searchsorted(keys[order], xp.arange(segments + 1, dtype=np.int64), side="left")
+    starts = xp.searchsorted(keys[order], xp.arange(segments + 1, dtype=itype), side="left")
     accum = xp.empty((n, pixels, geom.in_channels), types.accum_dtype)
     index, itype = index_type(engine, columns.size, accum.size, entries, segments + 1)
     engine.launch(
-        "deform_col2im_gather", geom.dtype.name, index, accum.size,
+        "deform_col2im_gather", geom.dtype.name, index, grid_stride(engine, accum.size),
         [columns, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), weights,
          *shape_args(geom, n, groups), itype(accum.size), accum],
     )
@@ -155,36 +205,12 @@ def col2im_coord(
 ) -> None:
     """Offset (n, 2GK, Ho, Wo) and mask (n, GK, Ho, Wo) gradients into the given arrays."""
     n = offset.shape[0]
-    total = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
-    if total == 0:
+    if sampling_points(geom, n) == 0:
         return
+    points, lanes, launch = _sampling_launch(engine, geom, n)
     index, itype = index_type(engine, columns.size, pixels.size, offset.size)
     engine.launch(
-        "deform_col2im_coord", geom.dtype.name, index, total,
+        "deform_col2im_coord", geom.dtype.name, index, launch,
         [columns, pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
-         itype(total), grad_offset, grad_offset if grad_mask is None else grad_mask],
+         itype(points), np.int32(lanes), grad_offset, grad_offset if grad_mask is None else grad_mask],
     )
-
-
-def add_transposed_product(engine: Engine, a: Any, b: Any, out: Any) -> None:
-    """out (batch, P, Q) += a (batch, R, P)^T @ b (batch, R, Q), summed in out's dtype.
-
-    a and b are C-contiguous and share a dtype; out is C-contiguous float32
-    (float64). Row-major out is column-major out^T = b^T a: column-major, b
-    is stored as b^T (Q, R) and a as a^T (P, R), so op(A) = b as stored and
-    op(B) = a^T transposed. Nothing is copied.
-    """
-    batch, rows, p = a.shape
-    q = b.shape[2]
-    if out.size == 0 or rows == 0:
-        return
-    if max(rows, p, q, batch) >= 2**31:
-        raise ValueError(f"GEMM sizes must stay below 2^31, got {(batch, rows, p, q)}")
-    engine.gemm(Gemm(
-        trans_a=False, trans_b=True, m=q, n=p, k=rows,
-        a=b, lda=q, stride_a=rows * q,
-        b=a, ldb=p, stride_b=rows * p,
-        beta=1.0, c=out, ldc=q, stride_c=p * q, batch=batch,
-    ))
-
-

@@ -1,0 +1,159 @@
+"""Which algorithm runs a CUDA call: the registry, "auto" and its cache.
+
+Each algorithm is a module with ``forward(engine, geom, input, offset,
+weight, bias, mask)`` and ``backward(engine, geom, grad_output, input,
+offset, weight, mask)`` (:mod:`cudcn.backends.cuda.im2col_gemm` is the
+reference) and a rule saying whether it applies to a call.
+
+The setting (:func:`cudcn.set_algorithm`, ``with cudcn.algorithm(...)``,
+CUDCN_ALGORITHM) picks:
+
+- ``"im2col"``: im2col + GEMM, always;
+- ``"fused"``: the first non-reference algorithm that applies, else im2col;
+- ``"auto"`` (default): on the first call for a key -- device, direction,
+  the whole geometry (shapes, dtype, groups, stride, ...), the deterministic
+  and TF32 settings -- every algorithm that applies runs twice (a warm-up,
+  which also compiles its kernels, then a run timed with CUDA events) and the
+  faster is remembered for the rest of the process, as
+  ``torch.backends.cudnn.benchmark`` does. That first call therefore costs
+  two runs of each candidate and one wait for the device; later calls with
+  the same key cost nothing extra. With one candidate nothing is timed; while
+  the stream is being captured into a CUDA graph nothing is timed either and
+  the reference runs.
+
+:func:`choices` lists what "auto" has measured and chosen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from cudcn import config
+from cudcn.backends.cuda import im2col_gemm
+from cudcn.geometry import Geometry
+
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """An algorithm and the rule saying which calls it can run."""
+
+    name: str
+    module: ModuleType
+    #: (geometry, direction) -> None when the algorithm applies, else why not.
+    applies: Callable[[Geometry, str], str | None]
+
+
+#: The reference; it runs every call.
+REFERENCE = Algorithm("im2col", im2col_gemm, lambda geom, direction: None)
+
+#: Every algorithm, the reference first.
+REGISTRY: dict[str, Algorithm] = {REFERENCE.name: REFERENCE}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What "auto" chose for one key, and the times it measured (seconds)."""
+
+    direction: str
+    geometry: Geometry
+    settings: tuple[tuple[str, Any], ...]
+    chosen: str
+    seconds: dict[str, float]
+
+
+_choices: dict[tuple, Choice] = {}
+
+
+def choices() -> list[Choice]:
+    """Every choice "auto" has made in this process, oldest first."""
+    return list(_choices.values())
+
+
+def clear_choices() -> None:
+    """Forget every choice (the next call of each key measures again)."""
+    _choices.clear()
+
+
+def _settings() -> tuple[tuple[str, Any], ...]:
+    """The settings that change what an algorithm computes or how fast."""
+    return (
+        ("deterministic", config.are_deterministic_algorithms_enabled()),
+        ("tf32", config.is_tf32_enabled()),
+    )
+
+
+def candidates(geom: Geometry, direction: str) -> list[Algorithm]:
+    """The algorithms that can run this call, the reference first."""
+    return [a for a in REGISTRY.values() if a.applies(geom, direction) is None]
+
+
+def _device_timer(engine: Any) -> Callable[[Callable[[], Any]], tuple[float, Any]]:
+    """Run a function and measure it: CUDA events on a GPU, else the host clock."""
+    xp = engine.xp
+    cuda = getattr(xp, "cuda", None)
+    if cuda is None or not hasattr(cuda, "Event"):
+        def host(function):
+            start = time.perf_counter()
+            result = function()
+            return time.perf_counter() - start, result
+        return host
+
+    def events(function):
+        start, stop = cuda.Event(), cuda.Event()
+        start.record()
+        result = function()
+        stop.record()
+        stop.synchronize()
+        return cuda.get_elapsed_time(start, stop) / 1000, result
+    return events
+
+
+def _capturing(engine: Any) -> bool:
+    cuda = getattr(engine.xp, "cuda", None)
+    stream = cuda.get_current_stream() if cuda is not None and hasattr(cuda, "get_current_stream") else None
+    return bool(getattr(stream, "is_capturing", lambda: False)())
+
+
+def run(direction: str, engine: Any, geom: Geometry, *arrays: Any) -> Any:
+    """Run ``direction`` ("forward" or "backward") of the algorithm the setting picks."""
+    setting = config.get_algorithm()
+    applicable = candidates(geom, direction)
+    if setting == "im2col" or len(applicable) == 1 or _capturing(engine):
+        chosen = REFERENCE
+    elif setting == "fused":
+        chosen = applicable[1]
+    else:
+        return _auto(direction, engine, geom, applicable, arrays)
+    return getattr(chosen.module, direction)(engine, geom, *arrays)
+
+
+def _auto(direction: str, engine: Any, geom: Geometry, applicable: list[Algorithm], arrays) -> Any:
+    settings = _settings()
+    cuda = getattr(engine.xp, "cuda", None)
+    device = cuda.runtime.getDevice() if cuda is not None and hasattr(cuda, "runtime") else None
+    key = (device, direction, geom, settings)
+    known = _choices.get(key)
+    if known is not None:
+        return getattr(REGISTRY[known.chosen].module, direction)(engine, geom, *arrays)
+    measure = _device_timer(engine)
+    seconds: dict[str, float] = {}
+    best = None
+    for algorithm in applicable:
+        function = getattr(algorithm.module, direction)
+
+        def call(function=function):
+            return function(engine, geom, *arrays)
+
+        call()  # warm-up: compiles and loads the kernels
+        seconds[algorithm.name], result = measure(call)
+        if best is None or seconds[algorithm.name] < seconds[best[0]]:
+            best = (algorithm.name, result)
+        del result
+    _choices[key] = Choice(direction, geom, settings, best[0], seconds)
+    return best[1]

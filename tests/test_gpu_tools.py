@@ -1,0 +1,128 @@
+"""The GPU validation's tools, checked without a GPU.
+
+- tools/gpu_sanitize.sh, with a stand-in compute-sanitizer: memcheck and
+  initcheck; racecheck and synccheck too once a kernel source uses shared
+  memory, barriers or warp operations; it fails when a tool reports an error,
+  and says so when there is no compute-sanitizer;
+- benchmarks/bench_gpu.py's table: the ratios cudcn / torchvision;
+- tools/precision_report.py, on the NumPy backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_SANITIZER = """#!/usr/bin/env bash
+# Records its tool, prints a summary, fails for the tool named in FAKE_FAILING.
+tool="$2"
+echo "$tool" >> "$OUT/calls.txt"
+echo "========= ERROR SUMMARY: 0 errors"
+[[ "$tool" == "${FAKE_FAILING:-none}" ]] && exit 99
+exit 0
+"""
+
+
+def _run(tmp_path: Path, sanitizer: bool = True, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    tree = tmp_path / "tree"
+    if not tree.exists():
+        shutil.copytree(ROOT / "kernels", tree / "kernels")
+        (tree / "tools").mkdir()
+        shutil.copy(ROOT / "tools" / "gpu_sanitize.sh", tree / "tools")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "compute-sanitizer"
+    if sanitizer:
+        fake.write_text(FAKE_SANITIZER)
+        fake.chmod(0o755)
+    elif fake.exists():
+        fake.unlink()
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "calls.txt").unlink(missing_ok=True)
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    environment = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "PYTHON": sys.executable,
+        "CUDA_HOME": str(empty), "CUDA_PATH": str(empty), **env,
+    }
+    result = subprocess.run(["bash", "tools/gpu_sanitize.sh"], cwd=tree, env=environment,
+                            capture_output=True, text=True, timeout=120)
+    calls = (out / "calls.txt").read_text().split() if (out / "calls.txt").exists() else []
+    return result, calls
+
+
+def test_memcheck_and_initcheck_for_kernels_without_shared_memory(tmp_path):
+    (tmp_path / "tree" / "kernels").mkdir(parents=True)
+    (tmp_path / "tree" / "kernels" / "dcn_plain.cu").write_text("__global__ void k(float* x) { x[0] = 1; }\n")
+    (tmp_path / "tree" / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "gpu_sanitize.sh", tmp_path / "tree" / "tools")
+    result, calls = _run(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert calls == ["memcheck", "initcheck"]
+
+
+def test_todays_kernels_get_racecheck_and_synccheck(tmp_path):
+    """deform_col2im_coord reduces by warp shuffles (and dcn_mma.cuh holds the MMA wrappers)."""
+    result, calls = _run(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert calls == ["memcheck", "initcheck", "racecheck", "synccheck"]
+    assert "dcn_col2im_coord.cu" in result.stdout and "dcn_mma.cuh" in result.stdout
+
+
+def test_racecheck_and_synccheck_once_a_kernel_uses_shared_memory(tmp_path):
+    _run(tmp_path)
+    (tmp_path / "tree" / "kernels" / "dcn_tile.cuh").write_text("__shared__ float tile[32];\n")
+    result, calls = _run(tmp_path)
+    assert result.returncode == 0
+    assert calls == ["memcheck", "initcheck", "racecheck", "synccheck"]
+    assert "dcn_tile.cuh" in result.stdout
+
+
+def test_a_tool_that_reports_an_error_fails_the_script(tmp_path):
+    result, calls = _run(tmp_path, FAKE_FAILING="initcheck")
+    assert result.returncode == 1 and calls[:2] == ["memcheck", "initcheck"]
+    assert "initcheck: exit 99" in result.stdout
+
+
+def test_no_compute_sanitizer_is_said(tmp_path):
+    if Path("/usr/local/cuda/bin/compute-sanitizer").exists() or shutil.which("compute-sanitizer"):
+        pytest.skip("this machine has a compute-sanitizer")
+    result, calls = _run(tmp_path, sanitizer=False)
+    assert result.returncode == 2 and calls == []
+    assert "compute-sanitizer not found" in result.stdout
+
+
+def test_benchmark_table_gives_the_ratios_to_torchvision():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = dict(gpu="G", driver=1, cuda_runtime=2, cupy="14", torch="2", cudcn="0.1", commit="abc", date="today")
+    ours = dict(forward_ms=1.0, backward_ms=3.0, forward_peak_mb=100.0, backward_peak_mb=300.0)
+    theirs = dict(forward_ms=2.0, backward_ms=6.0, forward_peak_mb=50.0, backward_peak_mb=600.0)
+    rows = [dict(shape="S", dtype="float32 tf32", gflop=10.0, cudcn=ours, torchvision=theirs, forward_rel_diff=1e-4),
+            dict(shape="S", dtype="bfloat16", gflop=10.0, cudcn=ours, torchvision=None, forward_rel_diff=None)]
+    lines = bench.render(rows, record).splitlines()
+    cells = [c.strip() for c in lines[-2].split("|")[1:-1]]
+    assert cells[:2] == ["S", "float32 tf32"] and cells[-4:] == ["0.50", "0.50", "0.50", "1.0e-04"]
+    assert [c.strip() for c in lines[-1].split("|")[1:-1]][-4:] == ["-", "-", "-", "-"]
+
+
+def test_precision_report_runs_on_the_cpu(capsys):
+    """The report's logic, on the NumPy backend (float16/bfloat16 compute in float32 there)."""
+    spec = importlib.util.spec_from_file_location("precision_report", ROOT / "tools" / "precision_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.main(["--cpu"]) == 0
+    rows = {line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| float") or line.startswith("| bf")}
+    assert max(rows["float32"]) < 1e-5 and max(rows["float16"]) < 2e-3
+    assert set(rows) <= {"float32", "float32 tf32", "float16", "bfloat16"} and len(rows) >= 3
