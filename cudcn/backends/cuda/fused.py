@@ -90,9 +90,12 @@ def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any
     tiles = launchers.fused_weight(engine, geom, weight)
     bias = None if bias is None else xp.ascontiguousarray(bias)
     step = staging_images(geom)
+    # One staging buffer for every chunk (the last may use part of it).
+    staging = xp.empty((step, geom.height * geom.width, geom.in_channels), geom.dtype)
     for start in range(0, geom.batch, step):
         part = slice(start, start + step)
-        pixels = launchers.channels_last(engine, geom, input[part])
+        n = min(step, geom.batch - start)
+        pixels = launchers.channels_last(engine, geom, input[part], staging[:n])
         off = xp.ascontiguousarray(offset[part])
         m = None if mask is None else xp.ascontiguousarray(mask[part])
         launchers.fused_forward(engine, geom, name, pixels, off, m, tiles, bias, out[part])

@@ -74,12 +74,13 @@ def mask_args(mask: Any, offset: Any) -> list[Any]:
     return [offset if mask is None else mask, np.int32(mask is not None)]
 
 
-def channels_last(engine: Engine, geom: Geometry, input: Any) -> Any:
-    """input (n, C, H, W) -> (n, H*W, C), same dtype."""
+def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -> Any:
+    """input (n, C, H, W) -> (n, H*W, C), same dtype: into ``out`` (contiguous) when given."""
     xp = engine.xp
     input = xp.ascontiguousarray(input)
     n, pixels = input.shape[0], geom.height * geom.width
-    out = xp.empty((n, pixels, geom.in_channels), input.dtype)
+    if out is None:
+        out = xp.empty((n, pixels, geom.in_channels), input.dtype)
     if out.size:
         index, itype = index_type(engine, out.size)
         engine.launch(
