@@ -31,6 +31,9 @@ def _nvrtc_available() -> bool:
 
 needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC cannot be loaded")
 
+#: What may stand between ``__global__ void`` and a kernel's name.
+GLOBAL_ATTRIBUTES = r"(?:__launch_bounds__\([^)]*\)\s*)?"
+
 
 @needs_nvrtc
 def test_compile_prints_one_line_per_instantiation(capsys, monkeypatch):
@@ -68,8 +71,10 @@ def test_source_is_one_translation_unit():
     text = cuda_kernels.source()
     assert not re.search(r"^\s*#\s*include", text, re.MULTILINE)
     assert text.count("struct ConvShape {") == 1
-    for kernel in cuda_kernels.KERNELS:
-        assert re.search(rf"__global__ void {kernel}\(", text), kernel
+    templates = {name.split("<")[0] for d in cuda_kernels.TYPES for name in cuda_kernels.name_expressions(d)}
+    assert templates >= {"deform_im2col", "deform_fused_forward"}
+    for kernel in templates:
+        assert re.search(rf"__global__ void {GLOBAL_ATTRIBUTES}{kernel}\(", text), kernel
 
 
 def test_headers_are_inlined_once_in_order(tmp_path):
@@ -91,7 +96,7 @@ def test_every_kernel_file_opens_with_its_function_list():
     for name in cuda_kernels.SOURCES:
         text = (directory / name).read_text()
         header = text.split("#include", 1)[0]
-        for kernel in re.findall(r"__global__ void (\w+)\(", text):
+        for kernel in re.findall(rf"__global__ void {GLOBAL_ATTRIBUTES}(\w+)\(", text):
             assert kernel in header, f"{name}: {kernel} is missing from the opening comment"
 
 
@@ -164,3 +169,57 @@ def test_sampling_kernels_move_16_byte_vectors_and_reduce_by_shuffles(dtype, vec
     assert all(ok for _, ok, _ in rows), rows[0][2]
     assert vectors <= set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.v\d\.\w+", module["ptx"]))
     assert "shfl.sync.bfly.b32" in module["ptx"]
+
+
+def _fused_names(index: str = "int") -> list[str]:
+    return [cuda_kernels.name_expression(k, d, index) for k in cuda_kernels.FUSED_KERNELS
+            for d in cuda_kernels.TYPES if cuda_kernels.has_kernel(k, d)]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_fused_kernels_use_their_mma_and_16_byte_loads(arch):
+    """Each column-free instantiation through NVRTC: the MMA of its operand
+    policy (float16 as two k8 steps on sm_75, where bfloat16 and TF32 trap
+    and the backend does not choose them), none for the FMA policy, 16-byte
+    global loads."""
+    from cupy.cuda import compiler
+
+    names = _fused_names()
+    program = compiler._NVRTCProgram(cuda_kernels.source(), "fused.cu", name_expressions=names, method="ptx")
+    ptx, lowered = program.compile(compile_module.runtime_options(arch))
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    bodies = {name: ptx.split(f".entry {lowered[name]}(", 1)[1].split(".entry ", 1)[0] for name in names}
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32"
+    expected = {
+        "FusedF16": "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32" if arch < 80 else mma.format("f16"),
+        "FusedBF16": "trap;" if arch < 80 else mma.format("bf16"),
+        "FusedTF32": "trap;" if arch < 80 else "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+    }
+    for name, body in bodies.items():
+        policy = name.split(", ")[1]
+        if policy == "FusedFMA":
+            assert "mma.sync" not in body, name
+        else:
+            assert expected[policy] in body, name
+        assert "ld.global.nc.v4" in body, name
+
+
+@needs_nvrtc
+def test_fused_kernels_keep_their_arrays_in_registers():
+    """ptxas's report for every column-free instantiation on sm_90: no stack
+    frame and no spills (the accumulators and fragments stay in registers)."""
+    import io
+
+    from cupy.cuda import compiler
+
+    names = _fused_names("int") + _fused_names("long long")
+    log = io.StringIO()
+    program = compiler._NVRTCProgram(cuda_kernels.source(), "fused.cu", name_expressions=names, method="cubin")
+    _, lowered = program.compile(compile_module.runtime_options(90) + ("--ptxas-options=-v",), log_stream=log)
+    reports = {}
+    for section in log.getvalue().split("Compiling entry function '")[1:]:
+        reports[section.split("'", 1)[0]] = section
+    for name in names:
+        report = reports[lowered[name]]
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, (name, report)
