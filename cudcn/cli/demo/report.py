@@ -87,9 +87,13 @@ def training_speed(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return speed
 
 
-def _times(ratio: float, more: str, fewer: str) -> str:
-    """"1.8× fewer" or "2.1× more" for a ratio of this model's to plain's."""
-    return f"{ratio:.1f}× {more}" if ratio >= 1 else f"{1 / ratio:.1f}× {fewer}"
+def _times(ratio: float, more: str, fewer: str, same: str) -> str:
+    """"1.8× fewer than plain" or "2.1× more than plain" for a ratio of this
+    model's figure to plain's; ``same`` when it rounds to 1.0×."""
+    factor = max(ratio, 1 / ratio)
+    if f"{factor:.1f}" == "1.0":
+        return same
+    return f"{factor:.1f}× {more if ratio > 1 else fewer} than plain"
 
 
 def _plural(count: int, word: str) -> str:
@@ -133,16 +137,18 @@ def markdown(results: dict) -> str:
         for name, row in speed.items():
             if name == "plain":
                 continue
+            loss_ratio = plain["final_loss"] / row["final_loss"]
             text = (f"- {LABELS[name]}: final loss {row['final_loss']:.2f}, "
-                    f"{_times(plain['final_loss'] / row['final_loss'], 'lower', 'higher')} than plain's; ")
+                    f"{_times(loss_ratio, 'lower', 'higher', 'about as low as plain')}'s; ")
             if row["epochs_to_plain_final_loss"] is None:
                 text += f"plain's final loss not reached in {_plural(settings['epochs'], 'epoch')}."
             else:
                 epochs, seconds = row["epochs_to_plain_final_loss"], row["seconds_to_plain_final_loss"]
+                epoch_ratio = epochs / plain["epochs_to_plain_final_loss"]
+                time_ratio = seconds / plain["seconds_to_plain_final_loss"]
                 text += (f"plain's final loss reached after {epochs:.1f} epochs "
-                         f"({_times(epochs / plain['epochs_to_plain_final_loss'], 'more', 'fewer')} than plain) "
+                         f"({_times(epoch_ratio, 'more', 'fewer', 'about as many as plain')}) "
                          f"and {seconds:.1f} s of training "
-                         f"({_times(seconds / plain['seconds_to_plain_final_loss'], 'longer', 'shorter')} "
-                         f"than plain).")
+                         f"({_times(time_ratio, 'longer', 'shorter', 'about as long as plain')}).")
             lines.append(text)
     return "\n".join(lines) + "\n"
