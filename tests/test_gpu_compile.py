@@ -76,7 +76,9 @@ def test_compile_fails_on_a_broken_kernel(capsys, monkeypatch):
     for quiet in ([], ["-q"]):  # failures and NVRTC's log are printed even with -q
         assert cli.main(["compile", "--arch", "sm_80", "--dtype", "float32", *quiet]) == 1
         out = capsys.readouterr().out
-        assert "FAIL" in out and "undeclared_name" in out
+        assert "undeclared_name" in out and out.splitlines()[-1].endswith(", FAILED")
+        failed = re.findall(r"^sm_80\s+float32\s+(\w+)\s+\1<.*>\s+FAIL\s*$", out, re.MULTILINE)
+        assert len(failed) == len(cuda_kernels.name_expressions("float32")), out
 
 
 @needs_nvrtc
