@@ -227,6 +227,8 @@ def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[],
     found.append(("cudcn (numpy backend)", "cpu", lambda: _cudcn_arrays(case, args, np)))
 
     def cupy_backend():
+        if not is_installed("cupy"):
+            raise NotAvailable("CuPy not installed")
         try:
             import cupy
             if cupy.cuda.runtime.getDeviceCount() == 0:

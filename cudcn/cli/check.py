@@ -23,7 +23,7 @@ import numpy as np
 
 import cudcn
 from cudcn import oracle
-from cudcn.cli.arguments import collected_warnings, nonnegative_int, print_warnings
+from cudcn.cli.arguments import collected_warnings, is_installed, nonnegative_int, print_warnings
 
 # case name -> (N, C_in, C_out, H, W, kh, kw, groups, offset_groups, stride, padding, dilation)
 CASES = {
@@ -165,15 +165,15 @@ def targets() -> tuple[dict[str, Runner], dict[str, str]]:
     what cannot (name -> why)."""
     found: dict[str, Runner] = {}
     missing: dict[str, str] = {}
-    try:
-        import cupy
-    except Exception as error:  # not installed, or broken
-        missing["cuda (cupy)"] = f"CuPy cannot be imported ({type(error).__name__}: {error})"
+    if not is_installed("cupy"):
+        missing["cuda (cupy)"] = "CuPy not installed"
     else:
         try:
+            import cupy
+
             count = cupy.cuda.runtime.getDeviceCount()
-        except Exception as error:  # no driver
-            count, reason = 0, f"no CUDA driver or device ({type(error).__name__}: {error})"
+        except Exception as error:  # a broken CuPy, no driver or no device
+            count, reason = 0, f"CuPy cannot reach a CUDA device ({type(error).__name__}: {error})"
         else:
             reason = "CuPy sees no CUDA device"
         if count > 0:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 import cudcn
-from cudcn.cli.arguments import collected_warnings, print_warnings
+from cudcn.cli.arguments import collected_warnings, is_installed, print_warnings
 
 #: Packages whose versions matter to cudcn, in the order they are printed.
 PACKAGES = ("numpy", "scipy", "threadpoolctl", "cupy", "ml_dtypes", "torch", "torchvision", "paddle")
@@ -47,10 +47,12 @@ def package_version(name: str) -> str | None:
 def cupy_gpus() -> tuple[list[dict], str | None]:
     """GPUs visible to CuPy as dicts (index, name, compute capability, memory),
     and a reason when there are none."""
+    if not is_installed("cupy"):
+        return [], "CuPy not installed"
     try:
         import cupy
-    except Exception as error:  # CuPy missing or broken
-        return [], f"CuPy not importable ({type(error).__name__})"
+    except Exception as error:  # CuPy broken
+        return [], f"CuPy cannot be imported ({type(error).__name__}: {error})"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as error:  # no driver, or no device
@@ -89,11 +91,12 @@ def kernel_cache_dir() -> Path:
     return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
 
 
-def backend_status(gpus: list[dict]) -> dict[str, str]:
-    """Array backends and framework adapters: name -> "available" or why not."""
+def backend_status(gpus: list[dict], no_gpu_reason: str | None = None) -> dict[str, str]:
+    """Array backends and framework adapters: name -> "available" or why not
+    (no_gpu_reason: why CuPy sees no GPU, from :func:`cupy_gpus`)."""
     status = {"numpy": "available (reference, CPU)"}
     if not gpus:
-        status["cuda (cupy)"] = "not available: no CUDA device"
+        status["cuda (cupy)"] = f"not available: {no_gpu_reason or 'no CUDA device'}"
     else:
         try:
             importlib.import_module(cudcn.backends._MODULES["cupy"])
@@ -185,7 +188,7 @@ def gather() -> dict[str, Any]:
         "gpus": gpus,
         "no_gpu_reason": reason,
         "torch_cuda": torch_cuda(),
-        "backends": backend_status(gpus),
+        "backends": backend_status(gpus, reason),
     }
 
 
