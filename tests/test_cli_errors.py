@@ -14,6 +14,7 @@ import pytest
 import cudcn
 from cudcn import cli
 from cudcn.cli import bench
+from cudcn.cli.arguments import is_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,8 @@ def test_bench_without_torch_says_not_installed(capsys, monkeypatch):
     assert not any("CUDA device for torch" in r["status"] or "sees no CUDA" in r["status"] for r in rows)
 
 
-def test_bench_peer_that_cannot_run_the_case_is_not_available_rather_than_failed():
+def test_bench_peer_that_cannot_run_the_case_is_not_available_rather_than_failed(monkeypatch):
+    monkeypatch.setattr(bench, "is_installed", lambda module: True)  # refused before paddle is imported
     case = bench.Case(1, 4, 3, 4, 3, 2, True, "float32")  # 3 output channels, 2 offset groups
     with pytest.raises(bench.NotAvailable, match="paddle's op needs out_channels divisible by the offset groups"):
         bench._paddle_prepared(case, bench.make_arguments(case))
@@ -134,10 +136,14 @@ def test_compile_rejects_a_malformed_architecture(capsys):
 
 
 def test_demo_without_its_packages_names_the_extra(capsys, monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "sklearn", None)
+    from cudcn.cli.demo import NEEDS
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "tqdm", None)
+    missing = ", ".join(package for module, package in NEEDS.items() if not is_installed(module))
+    assert "scikit-learn" in missing and "tqdm" in missing
     assert _command_error(capsys, ["demo", "--out", str(tmp_path)]) == (
-        'cudcn demo: error: cudcn demo needs scikit-learn, tqdm, which are not installed: '
+        f'cudcn demo: error: cudcn demo needs {missing}, which are not installed: '
         'install the demo extra: pip install "cudcn[demo]"')
 
 
