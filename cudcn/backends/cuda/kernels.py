@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 #: Kernel sources, in the order they are joined into one module.
-SOURCES = ("dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu")
+SOURCES = (
+    "dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu",
+    "dcn_fused_backward.cu",
+)
 COMMON_HEADER = "dcn_common.cuh"
 #: The headers a kernel may include, in the order they are inlined:
 #: what every kernel shares, and the tensor-core MMA wrappers.
@@ -85,6 +88,9 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
         "deform_col2im_coord": (t.value, t.column),
         "to_channels_last": (t.value,),
         "from_channels_last": (t.accum, t.value),
+        "fused_backward_data": (t.value,),
+        "fused_backward_weight": (t.value,),
+        "fused_weight_split_sum": (t.value,),
     }[kernel]
     return f"{kernel}<{', '.join(args + (index,))}>"
 
@@ -92,12 +98,28 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
 KERNELS = (
     "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
     "deform_col2im_coord", "to_channels_last", "from_channels_last",
+    "fused_backward_data", "fused_backward_weight", "fused_weight_split_sum",
 )
+
+#: The dtypes of the tensor-core kernels (float16 and bfloat16 MMAs, float32
+#: through TF32); float64 has none and stays on im2col + GEMM.
+MMA_DTYPES = ("float16", "bfloat16", "float32")
+#: Kernels that exist for some dtypes only (the others exist for all).
+KERNEL_DTYPES = {
+    "fused_backward_data": MMA_DTYPES,
+    "fused_backward_weight": MMA_DTYPES,
+    "fused_weight_split_sum": MMA_DTYPES,
+}
+
+
+def kernels_of(dtype: str) -> list[str]:
+    """The kernels instantiated for one dtype."""
+    return [k for k in KERNELS if dtype in KERNEL_DTYPES.get(k, TYPES)]
 
 
 def name_expressions(dtype: str) -> list[str]:
-    """Every instantiation one dtype needs (all kernels, both index types)."""
-    return [name_expression(k, dtype, index) for index in INDEX_TYPES for k in KERNELS]
+    """Every instantiation one dtype needs (its kernels, both index types)."""
+    return [name_expression(k, dtype, index) for index in INDEX_TYPES for k in kernels_of(dtype)]
 
 
 def kernel_dir() -> Path:
