@@ -213,7 +213,8 @@ __global__ void fused_backward_data(const T* __restrict__ grad_output, const T* 
       slope = locate(y, x, s.height, s.width, y0, x0, ly, lx, /*for_slope=*/true);
       mask_m = mask_value(s, mask, has_mask, n, g, k, l);
     }
-    const bool value = slope && y > -1.0f && x > -1.0f;  // counts for the value, not only the slopes
+    // On row or column -1 every corner weight is 0: no input gradient to add.
+    const bool value = slope && y > -1.0f && x > -1.0f;
     Corner<float> corners[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -248,7 +249,7 @@ __global__ void fused_backward_data(const T* __restrict__ grad_output, const T* 
         if (warp * 16 < rows)  // the output channels past Og are zeros: their steps are skipped
           fused_warp_product<Mma>(acc, output_tile + warp * 16 * LD, weight_tile, LD, fused_min(CHUNK, Og - o0), slice);
       }
-      __syncthreads();  // the last slice's column gradients are consumed
+      if (Og == 0) __syncthreads();  // (else the chunks' barriers did it) the last slice's column gradients are consumed
       if (warp * 16 < rows) {
 #pragma unroll
         for (int tile = 0; tile < SLICE / 8; ++tile)

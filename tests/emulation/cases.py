@@ -73,12 +73,13 @@ def cases(draw, with_weight: bool = True, dtypes=("float32", "float64")):
     return args, rng
 
 
-def assert_close(got, expected, dtype_name: str) -> None:
-    """Same dtype and shape; close relative to the largest expected value; no NaN allowed."""
+def assert_close(got, expected, dtype_name: str, tolerance: float | None = None) -> None:
+    """Same dtype and shape; close relative to the largest expected value
+    (TOLERANCE of the dtype, unless ``tolerance`` is given); no NaN allowed."""
     assert got.dtype == expected.dtype and got.shape == expected.shape
     got64, expected64 = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     assert np.isfinite(expected64).all()
-    tol = TOLERANCE[dtype_name]
+    tol = TOLERANCE[dtype_name] if tolerance is None else tolerance
     scale = max(float(np.abs(expected64).max(initial=0.0)), 1.0)
     np.testing.assert_allclose(got64, expected64, rtol=tol, atol=tol * scale, equal_nan=False)
 
