@@ -24,7 +24,7 @@ class NumpyEngine:
     xp = np
 
 
-def _stand_in(name: str, seconds: float, applies=lambda geom, direction: None):
+def _stand_in(name: str, seconds: float, applies=lambda engine, geom, direction: None):
     """An algorithm that records its calls, sleeps, and returns its name."""
     calls = []
 
@@ -45,7 +45,7 @@ def _stand_in(name: str, seconds: float, applies=lambda geom, direction: None):
 @pytest.fixture
 def registry(monkeypatch):
     reference, reference_calls = _stand_in("im2col", 0.02)
-    fused, fused_calls = _stand_in("fused", 0.0, applies=lambda g, d: None if g.dtype != np.float64 else "no float64")
+    fused, fused_calls = _stand_in("fused", 0.0, applies=lambda e, g, d: None if g.dtype != np.float64 else "no float64")
     monkeypatch.setattr(algorithms, "REFERENCE", reference)
     monkeypatch.setattr(algorithms, "REGISTRY", {"im2col": reference, "fused": fused})
     monkeypatch.setattr(algorithms, "_choices", {})

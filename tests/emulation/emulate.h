@@ -2,7 +2,8 @@
 // emulator's own test kernels (cooperative_kernels.cu beside this file).
 //
 // What it provides
-//   qualifiers         __global__, __device__, __host__, __forceinline__, __restrict__, __align__
+//   qualifiers         __global__, __device__, __host__, __forceinline__, __restrict__, __align__,
+//                      __launch_bounds__ (ignored)
 //   dim3, threadIdx, blockIdx, blockDim, gridDim, warpSize (x, y and z)
 //   __syncthreads()    a barrier of the block
 //   __syncwarp, __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync,
@@ -108,6 +109,7 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;

@@ -247,13 +247,17 @@ class EmulatedEngine:
     ``launches`` records (name expression, Launch) and ``arguments`` each
     launch's arguments; ``gemm`` runs cuBLAS's
     column-major GEMM in NumPy (emulation/cublas.py) and records each call.
+    ``capability`` is the compute capability the engine claims (75 makes the
+    backend avoid bfloat16 and TF32 MMAs); the emulator itself runs every
+    MMA wrapper whatever it claims.
     """
 
     xp = PoisonedNumpy()
 
     def __init__(self, library: Library, block: int = 32, max_blocks: int = 3, wide: bool = False,
-                 misalign: bool = False) -> None:
+                 misalign: bool = False, capability: int = 90) -> None:
         self.library = library
+        self.capability = capability
         self.block = block
         self.max_blocks = max_blocks
         self.misalign = misalign

@@ -3,7 +3,9 @@
 Each algorithm is a module with ``forward(engine, geom, input, offset,
 weight, bias, mask)`` and ``backward(engine, geom, grad_output, input,
 offset, weight, mask)`` (:mod:`cudcn.backends.cuda.im2col_gemm` is the
-reference) and a rule saying whether it applies to a call.
+reference; :mod:`cudcn.backends.cuda.fused` the column-free one) and a rule
+saying whether it applies to a call on an engine (whose ``capability``
+says which tensor-core instructions its device has).
 
 The setting (:func:`cudcn.set_algorithm`, ``with cudcn.algorithm(...)``,
 CUDCN_ALGORITHM) picks:
@@ -33,7 +35,7 @@ from types import ModuleType
 from typing import Any
 
 from cudcn import config
-from cudcn.backends.cuda import im2col_gemm
+from cudcn.backends.cuda import fused, im2col_gemm
 from cudcn.geometry import Geometry
 
 DIRECTIONS = ("forward", "backward")
@@ -45,15 +47,18 @@ class Algorithm:
 
     name: str
     module: ModuleType
-    #: (geometry, direction) -> None when the algorithm applies, else why not.
-    applies: Callable[[Geometry, str], str | None]
+    #: (engine, geometry, direction) -> None when the algorithm applies, else why not.
+    applies: Callable[[Any, Geometry, str], str | None]
 
 
 #: The reference; it runs every call.
-REFERENCE = Algorithm("im2col", im2col_gemm, lambda geom, direction: None)
+REFERENCE = Algorithm("im2col", im2col_gemm, lambda engine, geom, direction: None)
 
 #: Every algorithm, the reference first.
-REGISTRY: dict[str, Algorithm] = {REFERENCE.name: REFERENCE}
+REGISTRY: dict[str, Algorithm] = {
+    REFERENCE.name: REFERENCE,
+    "fused": Algorithm("fused", fused, fused.applies),
+}
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,9 @@ def _settings() -> tuple[tuple[str, Any], ...]:
     )
 
 
-def candidates(geom: Geometry, direction: str) -> list[Algorithm]:
-    """The algorithms that can run this call, the reference first."""
-    return [a for a in REGISTRY.values() if a.applies(geom, direction) is None]
+def candidates(engine: Any, geom: Geometry, direction: str) -> list[Algorithm]:
+    """The algorithms that can run this call on the engine's device, the reference first."""
+    return [a for a in REGISTRY.values() if a.applies(engine, geom, direction) is None]
 
 
 def _device_timer(engine: Any) -> Callable[[Callable[[], Any]], tuple[float, Any]]:
@@ -123,7 +128,7 @@ def _capturing(engine: Any) -> bool:
 def run(direction: str, engine: Any, geom: Geometry, *arrays: Any) -> Any:
     """Run ``direction`` ("forward" or "backward") of the algorithm the setting picks."""
     setting = config.get_algorithm()
-    applicable = candidates(geom, direction)
+    applicable = candidates(engine, geom, direction)
     if setting == "im2col" or len(applicable) == 1 or _capturing(engine):
         chosen = REFERENCE
     elif setting == "fused":

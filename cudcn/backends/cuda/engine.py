@@ -2,7 +2,8 @@
 
 An engine is an array module ``xp`` plus ``launch`` (run a named kernel
 instantiation with a :class:`Launch` shape: grid, block, dynamic shared
-memory) and ``gemm`` (one strided batched cuBLAS GEMM, :class:`Gemm`).
+memory), ``gemm`` (one strided batched cuBLAS GEMM, :class:`Gemm`) and the
+compute ``capability`` of the device it runs on (which kernels it can run).
 :func:`grid_stride` is the one policy for the grid-stride launches of the
 sampling and layout kernels (the engine's block size and block cap). On a
 GPU the engine is :class:`CupyEngine`; the test suite runs the very same
@@ -125,6 +126,7 @@ class Engine(Protocol):
     block: int  # threads per block of a grid-stride launch
     max_blocks: int  # the cap on its blocks (the kernels loop over the rest)
     threads: int  # the most threads a grid-stride launch starts (index-type choice)
+    capability: int  # compute capability of the current device, e.g. 80 for sm_80
 
     def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
         """Run instantiation (kernel, dtype, index) with the given launch shape.
@@ -162,6 +164,16 @@ class CupyEngine:
         self.xp = cupy
         # (device id, name expression) -> kernel: looked up once, not per launch.
         self._functions: dict[tuple[int, str], Any] = {}
+        self._capabilities: dict[int, int] = {}
+
+    @property
+    def capability(self) -> int:
+        """Compute capability of CuPy's current device (e.g. 90 for sm_90)."""
+        device = self.xp.cuda.runtime.getDevice()
+        known = self._capabilities.get(device)
+        if known is None:
+            known = self._capabilities[device] = int(self.xp.cuda.Device(device).compute_capability)
+        return known
 
     def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
         name = kernels.name_expression(kernel, dtype, index)

@@ -90,6 +90,9 @@ def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any
         columns = launchers.im2col(engine, geom, pixels, off, m, groups)
         target = out[part].reshape(n, groups, per_group_out, L)  # a view: the GEMMs write the output
         gemms.forward(engine, columns, matrix, target, beta=0.0 if bias is None else 1.0)
+        # Freed before the next chunk allocates its own: otherwise two column
+        # buffers would be alive at once (tests/test_workspace.py measures it).
+        del columns, pixels
     return out
 
 

@@ -8,7 +8,10 @@ The kernels live in ``kernels/*.cu`` (shipped in the wheel as
   ``double`` in the source),
 - the column type ``TCol`` (see :data:`TYPES`),
 - the accumulator type ``TAcc`` of the input gradient, and
-- the index type ``Index`` (``int``, or ``long long`` for big tensors).
+- the index type ``Index`` (``int``, or ``long long`` for big tensors);
+- for the column-free kernels, an operand policy (``FusedF16``,
+  ``FusedBF16``, ``FusedTF32``, ``FusedFMA``: which multiply-add consumes the
+  tiles, see kernels/dcn_fused_sampling.cuh) in place of ``TCol``.
 
 Each instantiation is named by a C++ expression such as
 ``deform_im2col<float, float, int>``; the same string is handed to
@@ -29,12 +32,13 @@ from typing import Any
 #: Kernel sources, in the order they are joined into one module.
 SOURCES = (
     "dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu",
-    "dcn_fused_backward.cu",
+    "dcn_fused_forward.cu", "dcn_fused_backward.cu",
 )
 COMMON_HEADER = "dcn_common.cuh"
 #: The headers a kernel may include, in the order they are inlined:
-#: what every kernel shares, and the tensor-core MMA wrappers.
-HEADERS = (COMMON_HEADER, "dcn_mma.cuh")
+#: what every kernel shares, the tensor-core MMA wrappers, and the tiles and
+#: sampling of the column-free kernels.
+HEADERS = (COMMON_HEADER, "dcn_mma.cuh", "dcn_fused_sampling.cuh")
 
 #: The index types, narrow first.
 INDEX_TYPES = ("int", "long long")
@@ -77,9 +81,30 @@ def channels_per_lane(dtype: str) -> int:
     return 128 // max(bits(dtype), bits(TYPES[dtype].column_dtype))
 
 
+#: The column-free kernels' block tile (``FusedTile`` in
+#: kernels/dcn_fused_sampling.cuh): output pixels and output channels per
+#: block, and threads per block.
+FUSED_PIXELS = 64
+FUSED_OUT_CHANNELS = 64
+FUSED_THREADS = 128
+
+#: The column-free kernels: launchable name -> (template, operand policy per
+#: dtype). float32 has two: tensor cores in TF32, or scalar FMAs in float32.
+#: float64 has none (im2col computes it).
+FUSED_KERNELS = {
+    "deform_fused_forward": (
+        "deform_fused_forward", {"float16": "FusedF16", "bfloat16": "FusedBF16", "float32": "FusedTF32"},
+    ),
+    "deform_fused_forward_fma": ("deform_fused_forward", {"float32": "FusedFMA"}),
+}
+
+
 def name_expression(kernel: str, dtype: str, index: str) -> str:
-    """The instantiation of ``kernel`` for a dtype name and an index type."""
+    """The instantiation of ``kernel`` (a launchable name) for a dtype name and an index type."""
     t = TYPES[dtype]
+    if kernel in FUSED_KERNELS:
+        template, policies = FUSED_KERNELS[kernel]
+        return f"{template}<{t.value}, {policies[dtype]}, {index}>"
     args = {
         "deform_im2col": (t.value, t.column),
         "deform_col2im": (t.value, t.column, t.accum),
@@ -95,9 +120,10 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
     return f"{kernel}<{', '.join(args + (index,))}>"
 
 
+#: Every launchable kernel name.
 KERNELS = (
     "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
-    "deform_col2im_coord", "to_channels_last", "from_channels_last",
+    "deform_col2im_coord", "to_channels_last", "from_channels_last", *FUSED_KERNELS,
     "fused_backward_data", "fused_backward_weight", "fused_weight_split_sum",
 )
 
@@ -112,14 +138,16 @@ KERNEL_DTYPES = {
 }
 
 
-def kernels_of(dtype: str) -> list[str]:
-    """The kernels instantiated for one dtype."""
-    return [k for k in KERNELS if dtype in KERNEL_DTYPES.get(k, TYPES)]
+def has_kernel(kernel: str, dtype: str) -> bool:
+    """Whether ``kernel`` has an instantiation for ``dtype``."""
+    if kernel in FUSED_KERNELS:
+        return dtype in FUSED_KERNELS[kernel][1]
+    return dtype in KERNEL_DTYPES.get(kernel, TYPES)
 
 
 def name_expressions(dtype: str) -> list[str]:
-    """Every instantiation one dtype needs (its kernels, both index types)."""
-    return [name_expression(k, dtype, index) for index in INDEX_TYPES for k in kernels_of(dtype)]
+    """Every instantiation one dtype needs (each kernel it has, both index types)."""
+    return [name_expression(k, dtype, index) for index in INDEX_TYPES for k in KERNELS if has_kernel(k, dtype)]
 
 
 def kernel_dir() -> Path:

@@ -1,17 +1,18 @@
 """Launchers: each allocates its outputs and launches one kernel family.
 
 One function per kernel family of ``kernels/`` (layout passes, im2col,
-col2im and its deterministic sorted variant, col2im_coord); the cuBLAS
-products are in :mod:`cudcn.backends.cuda.gemms`. They take an engine
+col2im and its deterministic sorted variant, col2im_coord, the column-free
+forward); the cuBLAS products are in :mod:`cudcn.backends.cuda.gemms`. They take an engine
 (:mod:`cudcn.backends.cuda.engine`) and a validated geometry, pass shapes as
 kernel arguments in the order of ``DCN_SHAPE_PARAMS`` (kernels/dcn_common.cuh),
 and choose 32- or 64-bit indexing per launch from the sizes involved.
 
 The sampling kernels (im2col, col2im, col2im_coord) give each sampling point
 a group of lanes (:func:`lanes_per_point`) and run over whole warps; the
-layout passes and the sorted col2im run one thread per element. All are
-grid-stride launches of the engine's block size and block cap
-(:func:`cudcn.backends.cuda.engine.grid_stride`).
+layout passes and the sorted col2im run one thread per element. All of
+these are grid-stride launches of the engine's block size and block cap
+(:func:`cudcn.backends.cuda.engine.grid_stride`). The column-free forward
+launches one block per output tile instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from cudcn import config
 from cudcn.backends.cuda import kernels
-from cudcn.backends.cuda.engine import WARP, Engine, grid_stride
+from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, Launch, grid_stride
 from cudcn.geometry import Geometry
 
 
@@ -73,12 +74,13 @@ def mask_args(mask: Any, offset: Any) -> list[Any]:
     return [offset if mask is None else mask, np.int32(mask is not None)]
 
 
-def channels_last(engine: Engine, geom: Geometry, input: Any) -> Any:
-    """input (n, C, H, W) -> (n, H*W, C), same dtype."""
+def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -> Any:
+    """input (n, C, H, W) -> (n, H*W, C), same dtype: into ``out`` (contiguous) when given."""
     xp = engine.xp
     input = xp.ascontiguousarray(input)
     n, pixels = input.shape[0], geom.height * geom.width
-    out = xp.empty((n, pixels, geom.in_channels), input.dtype)
+    if out is None:
+        out = xp.empty((n, pixels, geom.in_channels), input.dtype)
     if out.size:
         index, itype = index_type(engine, out.size)
         engine.launch(
@@ -213,4 +215,56 @@ def col2im_coord(
         "deform_col2im_coord", geom.dtype.name, index, launch,
         [columns, pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
          itype(points), np.int32(lanes), grad_offset, grad_offset if grad_mask is None else grad_mask],
+    )
+
+
+def fused_weight(engine: Engine, geom: Geometry, weight: Any) -> Any:
+    """The weight (O, C/groups, kh, kw) as the column-free kernels read it:
+    (groups, K, O/groups, C/groups), contiguous, same dtype -- a slice's
+    weights for one output channel are consecutive."""
+    groups, K = geom.groups, geom.kernel_points
+    per_group_out, group_channels = geom.out_channels // groups, geom.in_channels // groups
+    w = weight.reshape(groups, per_group_out, group_channels, K).transpose(0, 3, 1, 2)
+    return engine.xp.ascontiguousarray(w)
+
+
+def fused_grid(geom: Geometry, n: int) -> tuple[int, int, int]:
+    """Blocks of the column-free forward over n images: (pixel tiles of the
+    flattened n*Ho*Wo, groups x output-channel tiles of a group, 1)."""
+    pixels = n * geom.out_pixels
+    out_tiles = -(-(geom.out_channels // geom.groups) // kernels.FUSED_OUT_CHANNELS)
+    return -(-pixels // kernels.FUSED_PIXELS), geom.groups * out_tiles, 1
+
+
+def fused_fits(geom: Geometry) -> str | None:
+    """None when the column-free forward's grid fits CUDA's limits, else why not."""
+    _, y, _ = fused_grid(geom, 1)
+    if y > MAX_GRID[1]:
+        return f"groups x output-channel tiles = {y} exceeds the grid's {MAX_GRID[1]} rows"
+    return None
+
+
+def fused_forward(
+    engine: Engine, geom: Geometry, kernel: str, pixels: Any, offset: Any, mask: Any, weight: Any,
+    bias: Any, out: Any,
+) -> None:
+    """out (n, O, Ho, Wo) = the forward of n images, bias included, by a column-free kernel.
+
+    kernel: "deform_fused_forward" (tensor cores) or "deform_fused_forward_fma";
+    pixels: (n, H*W, C) channels-last input; offset (n, 2GK, Ho, Wo) and mask
+    (n, GK, Ho, Wo) or None, contiguous; weight: :func:`fused_weight`; bias
+    (O,) or None; out: contiguous, every element written.
+    """
+    n = pixels.shape[0]
+    if out.size == 0:
+        return
+    grid = fused_grid(geom, n)
+    if grid[0] > MAX_GRID[0]:
+        raise ValueError(f"{n} images of {geom.out_pixels} output pixels need {grid[0]} pixel tiles, "
+                         f"more than a grid has ({MAX_GRID[0]}): take fewer images per launch")
+    index, _ = index_type(engine, pixels.size, offset.size, out.size, weight.size, n * geom.out_pixels)
+    engine.launch(
+        kernel, geom.dtype.name, index, Launch(grid, (kernels.FUSED_THREADS, 1, 1)),
+        [pixels, offset, *mask_args(mask, offset), weight, weight if bias is None else bias,
+         np.int32(bias is not None), *shape_args(geom, n, geom.groups), np.int32(geom.out_channels), out],
     )

@@ -1,0 +1,107 @@
+"""The column-free algorithm: implicit GEMM on tensor cores, no column buffer.
+
+Forward (``kernels/dcn_fused_forward.cu``): a block of 128 threads owns 64
+output pixels x 64 output channels of one convolution group. For each
+kernel point and each 32-channel slice of an offset group's channels, its
+threads sample bilinear x mask straight into a shared-memory tile (the
+bilinear taps computed once per kernel point and offset group, kept in
+registers across the slices) beside the matching weight tile, and each of
+its 4 warps multiplies a 32 x 32 part into float32 registers; the epilogue
+adds the bias and writes the NCHW output once. The operands are:
+
+- float16: float16 tiles, ``mma.m16n8k16`` (sm_75 and newer);
+- bfloat16: bfloat16 tiles, ``mma.m16n8k16`` (sm_80 and newer);
+- float32 with :func:`cudcn.config.tf32` on (and sm_80 or newer): float32
+  values rounded once to TF32, ``mma.m16n8k8``: about 1e-3 relative error,
+  as the im2col path's TF32 GEMM;
+- float32 otherwise: the same tiles in float32, multiplied by scalar FMAs
+  in float32 (full float32 precision, no tensor cores);
+- float64: not here (the im2col path computes it).
+
+Workspace: the kernel reads the input channels-last, so each chunk of
+images is copied to (n, H*W, C) first; a chunk's copy stays under
+1/:data:`STAGING_SHARE` of the workspace budget (at least one image). With
+the weight in the kernel's layout (groups, K, O/groups, C/groups) that is
+all: a few percent of the im2col path's column buffer at the benchmark
+shapes (tests/test_workspace.py). Every chunk is one launch; the batch need
+not divide into chunks evenly, and the output is written in place.
+
+Backward: not yet; :func:`applies` leaves it to im2col.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cudcn import config
+from cudcn.backends.cuda import launchers
+from cudcn.backends.cuda.engine import Engine
+from cudcn.geometry import Geometry
+
+#: A chunk's channels-last copy stays under 1/STAGING_SHARE of the workspace budget.
+STAGING_SHARE = 128
+
+#: Compute capabilities the operand types need: float16 MMAs since sm_75,
+#: bfloat16 and TF32 MMAs since sm_80.
+F16_CAPABILITY = 75
+BF16_TF32_CAPABILITY = 80
+
+
+def applies(engine: Engine, geom: Geometry, direction: str) -> str | None:
+    """None when the fused algorithm can run this call on the engine's device, else why not."""
+    if direction != "forward":
+        return "the fused backward is not implemented: im2col computes it"
+    dtype = geom.dtype.name
+    if dtype == "float64":
+        return "float64 has no fused kernel: im2col computes it"
+    if dtype == "bfloat16" and engine.capability < BF16_TF32_CAPABILITY:
+        return f"bfloat16 MMAs need compute capability 8.0, this device has {_version(engine.capability)}"
+    if dtype == "float16" and engine.capability < F16_CAPABILITY:
+        return f"float16 MMAs need compute capability 7.5, this device has {_version(engine.capability)}"
+    return launchers.fused_fits(geom)
+
+
+def _version(capability: int) -> str:
+    return f"{capability // 10}.{capability % 10}"
+
+
+def kernel(engine: Engine, geom: Geometry) -> str:
+    """The forward kernel for this call: tensor cores, or scalar FMAs for
+    float32 without TF32 (or on a device without TF32 MMAs)."""
+    if geom.dtype.name == "float32" and not (config.is_tf32_enabled() and engine.capability >= BF16_TF32_CAPABILITY):
+        return "deform_fused_forward_fma"
+    return "deform_fused_forward"
+
+
+def staging_images(geom: Geometry) -> int:
+    """Images per chunk: their channels-last copy fits 1/STAGING_SHARE of the budget (at least one)."""
+    per_image = geom.in_channels * geom.height * geom.width * geom.dtype.itemsize
+    fit = config.get_workspace_bytes() // STAGING_SHARE // max(per_image, 1)
+    return max(1, min(fit, geom.batch))
+
+
+def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
+    """Output (N, C_out, Ho, Wo) in the input's dtype."""
+    xp = engine.xp
+    out = xp.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), geom.dtype)
+    if out.size == 0:
+        return out
+    name = kernel(engine, geom)
+    tiles = launchers.fused_weight(engine, geom, weight)
+    bias = None if bias is None else xp.ascontiguousarray(bias)
+    step = staging_images(geom)
+    # One staging buffer for every chunk (the last may use part of it).
+    staging = xp.empty((step, geom.height * geom.width, geom.in_channels), geom.dtype)
+    for start in range(0, geom.batch, step):
+        part = slice(start, start + step)
+        n = min(step, geom.batch - start)
+        pixels = launchers.channels_last(engine, geom, input[part], staging[:n])
+        off = xp.ascontiguousarray(offset[part])
+        m = None if mask is None else xp.ascontiguousarray(mask[part])
+        launchers.fused_forward(engine, geom, name, pixels, off, m, tiles, bias, out[part])
+    return out
+
+
+def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
+    """Not implemented: :func:`applies` refuses the backward, so nothing calls this."""
+    raise NotImplementedError("the fused backward is not implemented; im2col computes it")

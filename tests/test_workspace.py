@@ -1,0 +1,99 @@
+"""The CUDA backend's workspace, measured on the CPU by a dry run.
+
+Each algorithm runs at the benchmark shapes (benchmarks/bench_gpu.py) under
+an engine whose kernels and GEMMs do nothing (tests/emulation/dry_run.py),
+while tracemalloc counts the bytes its arrays take beyond the call's result:
+the workspace the call takes from the GPU's allocator. The fused forward's
+peak must stay under 5% of the im2col forward's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cudcn.backends.cuda import fused, im2col_gemm, launchers
+from cudcn.config import images_per_chunk
+from cudcn.geometry import validate
+from emulation.dry_run import DryRunEngine, peak_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+FUSED_LIMIT = 0.05
+#: What a call's small Python objects may add to its arrays.
+SLACK = 2**20
+
+
+def _benchmark_shapes() -> dict:
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.SHAPES
+
+
+SHAPES = _benchmark_shapes()
+
+
+def _untouched_arrays(shape, dtype):
+    """The benchmark's arguments as NumPy arrays whose memory is never touched."""
+    n, c, o, h, w, k, g = shape
+    return dict(
+        input=np.empty((n, c, h, w), dtype), offset=np.empty((n, 2 * g * k * k, h, w), dtype),
+        mask=np.empty((n, g * k * k, h, w), dtype), weight=np.empty((o, c, k, k), dtype), bias=np.empty(o, dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_fused_forward_workspace_is_under_5_percent_of_im2col(shape, dtype):
+    arrays = _untouched_arrays(shape, dtype)
+    geom = validate(**arrays, padding=1)
+    args = [arrays[k] for k in ("input", "offset", "weight", "bias", "mask")]
+    im2col_engine, fused_engine = DryRunEngine(), DryRunEngine()
+    im2col_peak, out = peak_workspace(lambda: im2col_gemm.forward(im2col_engine, geom, *args))
+    del out
+    fused_peak, out = peak_workspace(lambda: fused.forward(fused_engine, geom, *args))
+    assert out.shape == (geom.batch, geom.out_channels, geom.out_h, geom.out_w)
+    assert fused.applies(fused_engine, geom, "forward") is None
+    assert {name.split("<")[0] for name, _ in fused_engine.launches} == {"to_channels_last", "deform_fused_forward"}
+    # The measurement sees what each algorithm allocates: im2col a chunk's
+    # column buffer, its channels-last input and the weight matrix, one chunk
+    # at a time; fused its weight and one staging buffer.
+    column_bytes = geom.out_pixels * geom.kernel_points * geom.in_channels * np.dtype(dtype).itemsize
+    image_bytes, weight_bytes = arrays["input"][0].nbytes, arrays["weight"].nbytes
+    chunk = images_per_chunk(column_bytes, geom.batch)
+    one_chunk = chunk * (column_bytes + image_bytes) + weight_bytes
+    assert one_chunk <= im2col_peak < one_chunk + SLACK
+    staging = fused.staging_images(geom) * image_bytes
+    assert weight_bytes + staging <= fused_peak < weight_bytes + staging + SLACK
+    assert fused_peak < FUSED_LIMIT * im2col_peak, (fused_peak, im2col_peak)
+
+
+def test_peak_workspace_counts_lifetimes():
+    """Arrays freed before the next is made do not add up; the result is not counted."""
+    def call():
+        for _ in range(3):
+            temporary = np.empty(10**6, np.float64)  # 8 MB each, one at a time
+            del temporary
+        kept = np.empty(2 * 10**6, np.float32)  # 8 MB alive beside the result
+        result = np.empty(10**6, np.float32)
+        del kept
+        return result
+
+    peak, result = peak_workspace(call)
+    assert 8 * 10**6 <= peak < 8 * 10**6 + 10**5 and result.nbytes == 4 * 10**6
+
+
+def test_fused_launches_one_kernel_per_staging_chunk():
+    arrays = _untouched_arrays(SHAPES["N16 C256->256 64x64 3x3"], "float32")
+    geom = validate(**arrays, padding=1)
+    engine = DryRunEngine()
+    fused.forward(engine, geom, *(arrays[k] for k in ("input", "offset", "weight", "bias", "mask")))
+    step = fused.staging_images(geom)
+    kernels = [(name, launch) for name, launch in engine.launches if name.startswith("deform_fused")]
+    assert len(kernels) == -(-geom.batch // step)
+    assert kernels[0][1].grid == launchers.fused_grid(geom, step) and kernels[0][1].block == (128, 1, 1)
+    # float32 without TF32 multiplies by FMAs; the 32-bit index suffices.
+    assert kernels[0][0] == "deform_fused_forward<float, FusedFMA, int>"
