@@ -1,17 +1,19 @@
 """The fused backward (kernels/dcn_fused_backward.cu) on the CPU against the NumPy backend.
 
-The kernels run under the cooperative emulator (tests/emulation/emulate.h):
+The kernels run, through the fused algorithm's own backward
+(cudcn.backends.cuda.fused), under the cooperative emulator (tests/emulation/emulate.h):
 every thread of a block is a fiber, barriers and warp collectives
 rendezvous, the MMA wrappers follow the PTX fragment layouts, shared memory
 is bounds-checked and watched by the race detector, every array sits
 between guard bytes and every output starts as NaN. The launchers of
 cudcn/backends/cuda/fused_backward.py run as on a GPU, with a block cap of
-a few blocks, so that every block strides over several work units.
+a few blocks, so that every block strides over several work units. float32
+runs both ways: TF32 MMAs (TF32 on) and float32 FMAs (off).
 """
 
 from __future__ import annotations
 
-import re
+import types
 
 import numpy as np
 import pytest
@@ -20,17 +22,17 @@ from hypothesis import strategies as st
 
 import cudcn
 from cudcn.backends import numpy_backend
-from cudcn.backends.cuda import fused_backward
+from cudcn.backends.cuda import fused, fused_backward
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.geometry import validate
 from emulation import harness
-from emulation.cases import TOLERANCE, assert_close, cases, ml_dtypes
+from emulation.cases import assert_close, cases, ml_dtypes
 
 pytestmark = pytest.mark.emulated
 
 DTYPES = ("float16", "bfloat16", "float32")
-#: float32 runs with TF32 on: operands keep 10 significand bits.
-FUSED_TOLERANCE = {**TOLERANCE, "float32": 5e-3}
+#: float32 with TF32 on: operands keep 10 significand bits.
+TF32_TOLERANCE = 5e-3
 FUSED_KERNELS = {"fused_backward_data", "fused_backward_weight", "fused_weight_split_sum", "from_channels_last"}
 
 
@@ -45,40 +47,38 @@ def _kernels(engine) -> set:
     return {name.split("<")[0] for name, _ in engine.launches}
 
 
-def _run(library, args: dict, grad_output: np.ndarray, **engine_options):
-    """(gradients, engine) of the fused backward on emulated kernels (TF32 on for float32)."""
-    geom = validate(**args)
-    engine = harness.EmulatedEngine(library, **engine_options)
-    with cudcn.tf32():
-        grads = fused_backward.backward(
-            engine, geom, grad_output, args["input"], args["offset"], args["weight"], args.get("mask"),
-        )
-    return grads, engine
-
-
-def _check(library, args: dict, rng: np.random.Generator, **engine_options):
-    """The fused backward against the NumPy backend; returns (gradients, engine)."""
+def _check(library, args: dict, rng: np.random.Generator, tf32: bool = True, **engine_options):
+    """The fused algorithm's backward on emulated kernels against the NumPy
+    backend; returns (gradients, engine)."""
     geom = validate(**args)
     grad_output = rng.standard_normal((geom.batch, geom.out_channels, geom.out_h, geom.out_w)).astype(geom.dtype)
-    grads, engine = _run(library, args, grad_output, **engine_options)
-    expected = numpy_backend.backward(geom, grad_output, args["input"], args["offset"], args["weight"], args.get("mask"))
+    engine = harness.EmulatedEngine(library, **engine_options)
+    arrays = (grad_output, args["input"], args["offset"], args["weight"], args.get("mask"))
+    with cudcn.tf32(tf32):
+        assert fused.applies(engine, geom, "backward") is None
+        grads = fused.backward(engine, geom, *arrays)
+    expected = numpy_backend.backward(geom, *arrays)
+    tolerance = TF32_TOLERANCE if geom.dtype == np.float32 and tf32 else None
     for name, got, want in zip(cudcn.Gradients._fields, grads, expected):
         if want is None:
             assert got is None, name
         else:
-            assert_close(got, want, geom.dtype.name, FUSED_TOLERANCE[geom.dtype.name])
+            assert_close(got, want, geom.dtype.name, tolerance)
     assert _kernels(engine) <= FUSED_KERNELS  # no column buffer, no GEMM
     assert not engine.gemms
+    if geom.batch and geom.dtype == np.float32:
+        assert all(("FusedTF32" if tf32 else "FusedFMA") in name
+                   for name, _ in engine.launches if name.startswith("fused_backward"))
     return grads, engine
 
 
-@given(cases(dtypes=DTYPES))
-def test_matches_numpy(library, case):
+@given(cases(dtypes=DTYPES), st.booleans())
+def test_matches_numpy(library, case, tf32):
     """Drawn geometries (batch 0 to 3, groups and offset groups that split the
     channels independently, rectangular kernels, stride/padding/dilation,
     mask and bias on or off, integer, NaN, infinite and huge offsets)."""
     args, rng = case
-    _check(library, args, rng)
+    _check(library, args, rng, tf32=tf32)
 
 
 def _fixed_case(dtype_name, batch, channels, out_channels, offset_groups, groups, size, kernel,
@@ -113,12 +113,15 @@ def _fixed_case(dtype_name, batch, channels, out_channels, offset_groups, groups
 
 # name: (dtype, batch, channels, out channels, offset groups, groups, (H, W), (kh, kw), extra)
 FIXED = {
-    "f16 slices of 32+32+6, output chunks of 32+8, a partial pixel tile": (
+    "f16 slices of 64+6, output chunks of 32+8, a partial pixel tile": (
         "float16", 3, 70, 40, 1, 1, (6, 7), (3, 3), {}),
-    "f32 slices split by group and offset-group boundaries": (
+    "f32 tf32 slices split by group and offset-group boundaries": (
         "float32", 2, 66, 36, 3, 2, (5, 6), (2, 3), {}),
+    "f32 fma slices split by group and offset-group boundaries": (
+        "float32", 2, 66, 36, 3, 2, (5, 6), (2, 3), {"tf32": False}),
     "bf16 batch 33, no mask": ("bfloat16", 33, 4, 2, 2, 2, (3, 3), (1, 2), {"with_mask": False}),
-    "f16 260 output channels: three output tiles": ("float16", 1, 8, 260, 1, 1, (4, 4), (1, 1), {}),
+    "f16 130 output channels: three output tiles": ("float16", 1, 8, 130, 1, 1, (4, 4), (1, 1), {}),
+    "f32 fma 130 channels: three slices": ("float32", 1, 130, 5, 1, 1, (3, 4), (2, 2), {"tf32": False}),
     "f32 exactly one pixel tile (64)": ("float32", 1, 5, 3, 1, 1, (8, 8), (3, 3), {}),
     "f16 65 pixels: a tile and one pixel": ("float16", 1, 3, 4, 1, 1, (5, 13), (3, 3), {}),
     "bf16 stride 2, dilation 2, no padding": (
@@ -129,8 +132,9 @@ FIXED = {
 @pytest.mark.parametrize("case", FIXED.values(), ids=FIXED.keys())
 def test_fixed_geometries(library, case):
     dtype, batch, channels, out_channels, offset_groups, groups, size, kernel, extra = case
+    tf32 = extra.pop("tf32", True)
     args, rng = _fixed_case(dtype, batch, channels, out_channels, offset_groups, groups, size, kernel, **extra)
-    _check(library, args, rng)
+    _check(library, args, rng, tf32=tf32)
 
 
 def test_offset_mask_and_weight_gradients_do_not_depend_on_the_grid(library, monkeypatch):
@@ -196,13 +200,23 @@ def _geometry(dtype="float16", batch=2, channels=4, out_channels=6, size=(5, 5),
 
 
 def test_where_it_applies():
-    assert fused_backward.why_not(_geometry("float16")) is None
-    assert "float64" in fused_backward.why_not(_geometry("float64"))
-    assert "TF32" in fused_backward.why_not(_geometry("float32"))
+    """float16 (sm_75), bfloat16 (sm_80), float32 (TF32 MMAs or FMAs); not
+    float64, not with deterministic algorithms on."""
+    def applies(dtype, capability=90):
+        return fused.applies(types.SimpleNamespace(capability=capability), _geometry(dtype), "backward")
+
+    assert applies("float16") is None and applies("float16", 75) is None and applies("bfloat16") is None
+    assert applies("float32") is None
+    assert "float64" in applies("float64")
+    assert "compute capability 8.0" in applies("bfloat16", 75)
+    assert "compute capability 7.5" in applies("float16", 70)
+    with cudcn.deterministic_algorithms():
+        assert "deterministic" in applies("float16")
+    engine = types.SimpleNamespace(capability=90)
+    assert not fused.tensor_cores(engine, _geometry("float32"))
     with cudcn.tf32():
-        assert fused_backward.why_not(_geometry("float32")) is None
-        with cudcn.deterministic_algorithms():
-            assert "deterministic" in fused_backward.why_not(_geometry("float32"))
+        assert fused.tensor_cores(engine, _geometry("float32"))
+        assert not fused.tensor_cores(types.SimpleNamespace(capability=75), _geometry("float32"))
 
 
 @pytest.mark.parametrize("shape", [(16, 256, 256, 64, 1), (8, 64, 64, 128, 1), (32, 128, 128, 32, 4)])
@@ -221,19 +235,6 @@ def test_workspace_pieces_stay_small_at_the_benchmark_shapes(shape, dtype):
     assert images == 1 or images * 4 * channels * size * size <= column_chunk // fused_backward.WORKSPACE_SHARE
 
 
-def test_tile_sizes_match_the_kernel_source():
-    source = (cuda_kernels.kernel_dir() / "dcn_fused_backward.cu").read_text()
-
-    def constant(name):
-        return int(re.search(rf"constexpr int {name} = (\d+);", source).group(1))
-
-    assert fused_backward.DATA_THREADS == constant("kFusedDataThreads")
-    assert fused_backward.DATA_PIXELS == constant("kFusedDataPixels")
-    assert fused_backward.WEIGHT_THREADS == constant("kFusedWeightThreads")
-    assert fused_backward.WEIGHT_OUTPUTS == constant("kFusedWeightOutputs")
-    assert fused_backward.WEIGHT_SLICE == constant("kFusedWeightSlice")
-
-
 @given(st.integers(1, 6), st.integers(1, 6))
 def test_segments_per_group_counts_the_offset_groups_a_group_overlaps(groups, offset_groups):
     channels = groups * offset_groups * 2
@@ -250,22 +251,27 @@ def test_segments_per_group_counts_the_offset_groups_a_group_overlaps(groups, of
 # changed copy), and the checks above must see it; unchanged, the copy passes.
 
 PLANTED = {
-    "a missing barrier before the column-gradient MMAs": (
-        "                                                             : Mma::operand(0.0f);\n"
-        "        }\n        __syncthreads();\n",
-        "                                                             : Mma::operand(0.0f);\n        }\n",
-        "shared-memory race on (output|weight)_tile"),
+    "a missing barrier before the column-gradient products": (
+        "row_live, Og - o0, vector);\n          __syncthreads();\n", "row_live, Og - o0, vector);\n",
+        "shared-memory race on tiles"),
+    "one buffer for two chunks of output channels": (
+        "                                  b_tile + warp_n * FusedTile::kWarpOutChannels * Layout::kRowWords);\n"
+        "          stage ^= 1;\n",
+        "                                  b_tile + warp_n * FusedTile::kWarpOutChannels * Layout::kRowWords);\n",
+        "shared-memory race on tiles"),
     "one thread's offset sums left out": (
         "for (int j = 1; j < PARTS; ++j) {", "for (int j = 1; j < 1; ++j) {", "Not equal to tolerance"),
     "no slopes on row and column -1": (
         "/*for_slope=*/true", "/*for_slope=*/false", "Not equal to tolerance"),
-    "a slice across a convolution group": (
-        "fused_min(fused_min(group_end, (group + 1) * Cg) - c0, SLICE)", "fused_min(group_end - c0, SLICE)",
+    "an offset group's channels in the next convolution group left out": (
+        "const int last_group = ((g + 1) * Cog - 1) / Cg;", "const int last_group = g * Cog / Cg;",
         "Not equal to tolerance"),
-    "a weight-gradient warp on another warp's rows": (
-        "fused_warp_product<Mma>(acc, output_tile + warp * 16 * LD, column_tile",
-        "fused_warp_product<Mma>(acc, output_tile + (warp ^ 1) * 16 * LD, column_tile",
-        "Not equal to tolerance"),
+    "columns of the weight gradient without the mask": (
+        "            samples[e] *= tap[e].mask;\n", "", "Not equal to tolerance"),
+    "a missing barrier between the taps and the samples": (
+        "        input_planes[t] = n * s.channels * plane_size;\n      }\n      __syncthreads();\n",
+        "        input_planes[t] = n * s.channels * plane_size;\n      }\n",
+        "shared-memory race on (taps|output_rows|input_planes)"),
 }
 
 
@@ -282,8 +288,9 @@ def test_planted_bugs_are_caught(tmp_path, planted):
     names = [cuda_kernels.name_expression(k, "float16", "int")
              for k in ("fused_backward_data", "fused_backward_weight", "fused_weight_split_sum", "from_channels_last")]
     library = harness.build(names, [tmp_path / "dcn_fused_backward.cu", kernels / "dcn_layout.cu"])
-    # Slices cut by group and offset-group boundaries, points on row and column -1.
-    args, rng = _fixed_case("float16", 2, 66, 36, 3, 2, (5, 6), (2, 3))
+    # Slices cut by group and offset-group boundaries, two chunks of output
+    # channels, points on row and column -1.
+    args, rng = _fixed_case("float16", 2, 66, 72, 3, 2, (5, 6), (2, 3))
     if planted is None:
         _check(library, args, rng)
     else:

@@ -1,6 +1,7 @@
 """The fused backward: no column buffer, the column gradients live on chip.
 
-kernels/dcn_fused_backward.cu describes the kernels; in short:
+kernels/dcn_fused_backward.cu describes the kernels (built on the tiles of
+kernels/dcn_fused_sampling.cuh, as the fused forward); in short:
 
 1. ``fused_backward_weight``: the weight gradient as an implicit GEMM,
    sum over pixels of grad_output x columns, the columns sampled from the
@@ -24,12 +25,15 @@ dtype, then the larger of the split parts and the accumulator, each held
 under :func:`workspace_limit`, 1/32 of the column buffer that im2col + GEMM
 would use for one chunk of the same call.
 
-Where it applies (:func:`why_not`): float16, bfloat16, and float32 with TF32
-on (float64, and float32 without TF32, keep im2col + GEMM's precision);
-not with deterministic algorithms on, because the input gradient is added
-with float atomics and no deterministic scheme fits the workspace (the
+Operands as in the fused forward (:mod:`cudcn.backends.cuda.fused` picks
+them): float16 and bfloat16 MMAs, TF32 MMAs for float32 with TF32 on, else
+float32 FMAs (``_fma`` kernels); float64 stays on im2col + GEMM. Not with
+deterministic algorithms on (:func:`why_not`): the input gradient is added
+with float atomics, and no deterministic scheme fits the workspace -- the
 sorted gather of :func:`cudcn.backends.cuda.launchers.col2im_sorted` needs
-the column gradients in memory, and up to 56 bytes per sampled corner).
+the column gradients in memory and up to 56 bytes per sampled corner, a
+fixed-point accumulator 8 to 16 bytes per input element and a bound on the
+sums -- so im2col + GEMM's sorted col2im computes that call.
 """
 
 from __future__ import annotations
@@ -39,17 +43,17 @@ from typing import Any
 import numpy as np
 
 from cudcn import config
-from cudcn.backends.cuda import launchers
+from cudcn.backends.cuda import kernels, launchers
 from cudcn.backends.cuda.engine import Engine, Launch, grid_stride
 from cudcn.backends.layout import weight_matrix
 from cudcn.geometry import Geometry
 
-#: Tile sizes of kernels/dcn_fused_backward.cu (kFusedData*, kFusedWeight*).
-DATA_THREADS = 128
-DATA_PIXELS = 64
-WEIGHT_THREADS = 256
-WEIGHT_OUTPUTS = 128
-WEIGHT_SLICE = 32
+#: The kernels' units (FusedTile): fused_backward_data takes 64 output
+#: pixels, fused_backward_weight 64 output channels (the A tile's rows) by
+#: up to 64 channels (the B tile's).
+DATA_PIXELS = kernels.FUSED_PIXELS
+WEIGHT_OUTPUTS = kernels.FUSED_PIXELS
+WEIGHT_SLICE = kernels.FUSED_OUT_CHANNELS
 
 #: At most this many pixel splits of the weight gradient, each of at least
 #: PIXELS_PER_SPLIT pixels (a split's sums are one block's work).
@@ -61,16 +65,11 @@ WORKSPACE_SHARE = 32
 
 
 def why_not(geom: Geometry) -> str | None:
-    """None when the fused backward can run this call, else why not."""
-    name = geom.dtype.name
-    if name == "float64":
-        return "float64 has no tensor-core MMA here: im2col + GEMM computes it in float64"
-    if name == "float32" and not config.is_tf32_enabled():
-        return ("float32 without TF32: the fused backward multiplies on tensor cores in TF32 only "
-                "(cudcn.tf32() allows it); im2col + GEMM keeps float32's precision")
+    """None when the fused backward can run this call (its dtype and device
+    aside: :func:`cudcn.backends.cuda.fused.applies` checks those), else why not."""
     if config.are_deterministic_algorithms_enabled():
         return ("deterministic algorithms: the fused backward adds the input gradient with float atomics, "
-                "and the sorted gather needs the column gradients in memory")
+                "and the sorted gather of im2col + GEMM needs the column gradients in memory")
     return None
 
 
@@ -110,12 +109,12 @@ def _segments_per_group(geom: Geometry) -> int:
     )
 
 
-def _units_launch(engine: Engine, units: int, threads: int) -> Launch:
+def _units_launch(engine: Engine, units: int) -> Launch:
     """Blocks striding over `units` work units, at most the engine's block cap."""
-    return Launch(grid=(max(1, min(units, engine.max_blocks)), 1, 1), block=(threads, 1, 1))
+    return Launch(grid=(max(1, min(units, engine.max_blocks)), 1, 1), block=(kernels.FUSED_THREADS, 1, 1))
 
 
-def _weight_gradient(engine: Engine, geom: Geometry, grad_output, input, offset, mask) -> Any:
+def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, input, offset, mask) -> Any:
     xp = engine.xp
     grad_weight = xp.empty((geom.out_channels, geom.in_channels // geom.groups, geom.kernel_h, geom.kernel_w),
                            geom.dtype)
@@ -137,7 +136,7 @@ def _weight_gradient(engine: Engine, geom: Geometry, grad_output, input, offset,
         engine, grad_output.size, input.size, offset.size, grad_weight.size * splits, units
     )
     engine.launch(
-        "fused_backward_weight", geom.dtype.name, index, _units_launch(engine, units, WEIGHT_THREADS),
+        "fused_backward_weight" + suffix, geom.dtype.name, index, _units_launch(engine, units),
         [grad_output, input, offset, *launchers.mask_args(mask, offset),
          *launchers.shape_args(geom, geom.batch, geom.groups), np.int32(geom.out_channels),
          np.int32(segments), np.int32(splits), itype(split_pixels), grad_weight,
@@ -152,7 +151,7 @@ def _weight_gradient(engine: Engine, geom: Geometry, grad_output, input, offset,
     return grad_weight
 
 
-def _data_gradients(engine: Engine, geom: Geometry, grad_output, input, offset, weight, mask):
+def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, input, offset, weight, mask):
     xp = engine.xp
     grad_offset = xp.empty(offset.shape, geom.dtype)
     grad_mask = None if mask is None else xp.empty(mask.shape, geom.dtype)
@@ -175,7 +174,7 @@ def _data_gradients(engine: Engine, geom: Geometry, grad_output, input, offset, 
             engine, grad_output[part].size, input[part].size, chunk_offset.size, units
         )
         engine.launch(
-            "fused_backward_data", geom.dtype.name, index, _units_launch(engine, units, DATA_THREADS),
+            "fused_backward_data" + suffix, geom.dtype.name, index, _units_launch(engine, units),
             [grad_output[part], input[part], chunk_offset, *launchers.mask_args(chunk_mask, chunk_offset),
              matrix, *launchers.shape_args(geom, n, geom.groups), np.int32(geom.out_channels), accumulator,
              chunk_grad_offset, chunk_grad_offset if grad_mask is None else grad_mask[part]],
@@ -192,14 +191,20 @@ def _data_gradients(engine: Engine, geom: Geometry, grad_output, input, offset, 
     return grad_input, grad_offset, grad_mask
 
 
-def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
+def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any,
+             tensor_cores: bool = True):
     """Gradients (input, offset, weight, bias or None, mask or None), as
-    :func:`cudcn.backends.cuda.im2col_gemm.backward` returns them."""
+    :func:`cudcn.backends.cuda.im2col_gemm.backward` returns them.
+
+    tensor_cores: MMAs (float16, bfloat16, TF32 for float32), else float32
+    FMAs (float32 only)."""
     xp = engine.xp
+    suffix = "" if tensor_cores else "_fma"
     grad_output, input, offset = (xp.ascontiguousarray(a) for a in (grad_output, input, offset))
     mask = None if mask is None else xp.ascontiguousarray(mask)
-    grad_weight = _weight_gradient(engine, geom, grad_output, input, offset, mask)
-    grad_input, grad_offset, grad_mask = _data_gradients(engine, geom, grad_output, input, offset, weight, mask)
+    grad_weight = _weight_gradient(engine, geom, suffix, grad_output, input, offset, mask)
+    grad_input, grad_offset, grad_mask = _data_gradients(engine, geom, suffix, grad_output, input, offset, weight,
+                                                         mask)
     grad_bias = None
     if geom.has_bias:  # summed in float32 as it is read, as im2col + GEMM does
         grad_bias = xp.sum(grad_output, axis=(0, 2, 3), dtype=np.float32).astype(geom.dtype)
