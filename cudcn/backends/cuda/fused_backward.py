@@ -114,16 +114,16 @@ def _units_launch(engine: Engine, units: int) -> Launch:
     return Launch(grid=(max(1, min(units, engine.max_blocks)), 1, 1), block=(kernels.FUSED_THREADS, 1, 1))
 
 
-def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, input, offset, mask) -> Any:
+def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, input, offset, mask,
+                     grad_weight) -> None:
+    """grad_weight (O, C/groups, kh, kw) = the weight gradient."""
     xp = engine.xp
-    grad_weight = xp.empty((geom.out_channels, geom.in_channels // geom.groups, geom.kernel_h, geom.kernel_w),
-                           geom.dtype)
     pixels = geom.batch * geom.out_pixels
     if grad_weight.size == 0:
-        return grad_weight
+        return
     if pixels == 0:
         grad_weight[...] = 0
-        return grad_weight
+        return
     splits = weight_splits(geom)
     split_pixels = -(-pixels // splits)
     segments = _segments_per_group(geom)
@@ -148,17 +148,16 @@ def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, i
             "fused_weight_split_sum", geom.dtype.name, index, grid_stride(engine, grad_weight.size),
             [parts, np.int32(splits), itype(grad_weight.size), grad_weight],
         )
-    return grad_weight
 
 
-def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, input, offset, weight, mask):
+def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, input, offset, weight, mask,
+                    grad_input, grad_offset, grad_mask) -> None:
+    """The input, offset and mask gradients into the given arrays; a float32
+    grad_input must be zero-filled (the atomics add to it)."""
     xp = engine.xp
-    grad_offset = xp.empty(offset.shape, geom.dtype)
-    grad_mask = None if mask is None else xp.empty(mask.shape, geom.dtype)
-    single = geom.dtype == np.float32  # atomics straight into the result
-    grad_input = xp.zeros(input.shape, np.float32) if single else xp.empty(input.shape, geom.dtype)
     if geom.batch == 0:
-        return grad_input, grad_offset, grad_mask
+        return
+    single = geom.dtype == np.float32  # atomics straight into the result
     matrix = xp.ascontiguousarray(weight_matrix(geom, weight, geom.dtype))  # (groups, K*Cg, Og)
     step = geom.batch if single else accumulator_images(geom)
     for first in range(0, geom.batch, step):
@@ -188,7 +187,6 @@ def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, in
                  grad_input[part]],
             )
         del accumulator
-    return grad_input, grad_offset, grad_mask
 
 
 def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any,
@@ -202,9 +200,14 @@ def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offse
     suffix = "" if tensor_cores else "_fma"
     grad_output, input, offset = (xp.ascontiguousarray(a) for a in (grad_output, input, offset))
     mask = None if mask is None else xp.ascontiguousarray(mask)
-    grad_weight = _weight_gradient(engine, geom, suffix, grad_output, input, offset, mask)
-    grad_input, grad_offset, grad_mask = _data_gradients(engine, geom, suffix, grad_output, input, offset, weight,
-                                                         mask)
+    # The results first: what is allocated after them is the workspace.
+    single = geom.dtype == np.float32
+    grad_input = xp.zeros(input.shape, np.float32) if single else xp.empty(input.shape, geom.dtype)
+    grad_offset = xp.empty(offset.shape, geom.dtype)
+    grad_mask = None if mask is None else xp.empty(mask.shape, geom.dtype)
+    grad_weight = xp.empty(weight.shape, geom.dtype)
+    _weight_gradient(engine, geom, suffix, grad_output, input, offset, mask, grad_weight)
+    _data_gradients(engine, geom, suffix, grad_output, input, offset, weight, mask, grad_input, grad_offset, grad_mask)
     grad_bias = None
     if geom.has_bias:  # summed in float32 as it is read, as im2col + GEMM does
         grad_bias = xp.sum(grad_output, axis=(0, 2, 3), dtype=np.float32).astype(geom.dtype)
