@@ -147,12 +147,6 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
     }
     // On row or column -1 every corner weight is 0: no input gradient to add.
     const bool value = slope && y > -1.0f && x > -1.0f;
-    Corner<float> corners[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      corners[q] = corner(q, y0, x0, ly, lx, s.height, s.width);
-      corners[q].valid = corners[q].valid && slope;
-    }
 
     float grad_y = 0.0f, grad_x = 0.0f, grad_m = 0.0f;
     const int last_group = ((g + 1) * Cog - 1) / Cg;
@@ -192,6 +186,10 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
 
         // 2. Offset and mask sums, and the input gradient.
         if (live && slope) {
+          // (Formed here, not kept in registers through the products.)
+          Corner<float> corners[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) corners[q] = corner(q, y0, x0, ly, lx, s.height, s.width);
           for (int c = part; c < count; c += PARTS) {
             const unsigned word = tiles[m * DataLayout::kColumnStride + c];
             const float grad = __uint_as_float(word);
