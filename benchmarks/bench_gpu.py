@@ -5,10 +5,19 @@ bfloat16): forward and backward, CUDA events, warm-up, the median of several
 repetitions over rotating input sets (so that no run finds its inputs in L2
 from the previous one), and the peak device memory each library allocates
 above its inputs. Both libraries see the same data (shared through DLPack);
-"float32 tf32" runs cudcn under ``cudcn.tf32()`` and torchvision under
-``torch.set_float32_matmul_precision("high")``. Prints a Markdown table with
-the ratios cudcn / torchvision last and, with --output, writes it and a JSON
-record (environment included).
+"float32 tf32" runs cudcn under ``cudcn.tf32()`` and torch under
+``torch.set_float32_matmul_precision("high")`` with
+``torch.backends.cudnn.allow_tf32`` (off for "float32"). Prints Markdown
+tables with the ratios cudcn / torchvision last and, with --output, writes
+them and a JSON record (environment included).
+
+The first table times cudcn's default algorithm ("auto"). The second times
+the forward of each algorithm -- im2col, fused and "auto" (which measures
+both on its first call and keeps the faster: the table names its choice) --
+beside torchvision and cuDNN's plain convolution of the same shape
+(``torch.nn.functional.conv2d``, ``torch.backends.cudnn.benchmark`` on: the
+floor a deformable convolution can approach), with each algorithm's peak
+memory. The backward has no fused kernel yet: it is im2col's in every row.
 
     PYTHONPATH=. python benchmarks/bench_gpu.py [--quick] [--output DIR]
 
@@ -141,11 +150,22 @@ def time_torch(torch, fn, sets, warmup, repeat, prepare=None):
     return statistics.median(times)
 
 
-def bench_cudcn(cupy, tracker, sets, warmup, repeat):
-    def forward(s):
-        return cudcn.deform_conv2d(s["input"], s["offset"], s["weight"], s["bias"], padding=1, mask=s["mask"])
+def cudcn_forward(s):
+    return cudcn.deform_conv2d(s["input"], s["offset"], s["weight"], s["bias"], padding=1, mask=s["mask"])
 
-    grads = {id(s): cupy.ones_like(forward(s)) for s in sets}
+
+def peak_mb(cupy, tracker, fn, s) -> float:
+    """MiB that one call of fn(s) allocates above what is allocated before it, at its peak."""
+    cupy.cuda.get_current_stream().synchronize()
+    tracker.reset()
+    base = tracker.in_use
+    fn(s)
+    cupy.cuda.get_current_stream().synchronize()
+    return (tracker.peak - base) / 2**20
+
+
+def bench_cudcn(cupy, tracker, sets, warmup, repeat):
+    grads = {id(s): cupy.ones_like(cudcn_forward(s)) for s in sets}
 
     def backward(s):
         return cudcn.deform_conv2d_backward(
@@ -153,14 +173,54 @@ def bench_cudcn(cupy, tracker, sets, warmup, repeat):
         )
 
     result = {}
-    for name, fn in (("forward", forward), ("backward", backward)):
+    for name, fn in (("forward", cudcn_forward), ("backward", backward)):
         result[f"{name}_ms"] = time_cupy(cupy, fn, sets, warmup, repeat)
-        cupy.cuda.get_current_stream().synchronize()
-        tracker.reset()
-        base = tracker.in_use
-        fn(sets[0])
-        cupy.cuda.get_current_stream().synchronize()
-        result[f"{name}_peak_mb"] = (tracker.peak - base) / 2**20
+        result[f"{name}_peak_mb"] = peak_mb(cupy, tracker, fn, sets[0])
+    return result
+
+
+ALGORITHMS = ("im2col", "fused", "auto")
+
+
+def bench_algorithms(cupy, tracker, sets, warmup, repeat):
+    """Forward milliseconds and peak MiB of each algorithm; what "auto" chose."""
+    result = {}
+    for name in ALGORITHMS:
+        with cudcn.algorithm(name):
+            result[f"{name}_forward_ms"] = time_cupy(cupy, cudcn_forward, sets, warmup, repeat)
+            result[f"{name}_forward_peak_mb"] = peak_mb(cupy, tracker, cudcn_forward, sets[0])
+    x = sets[0]["input"]
+    chosen = [c for c in cudcn.algorithm_choices()
+              if c.direction == "forward" and dict(c.settings)["tf32"] == cudcn.is_tf32_enabled()
+              and c.geometry.dtype == x.dtype
+              and (c.geometry.batch, c.geometry.in_channels, c.geometry.height, c.geometry.width) == x.shape]
+    result["auto_chose"] = chosen[-1].chosen if chosen else "im2col (only candidate)"
+    result["auto_seconds"] = chosen[-1].seconds if chosen else {}
+    return result
+
+
+def bench_cudnn(torch, sets, warmup, repeat):
+    """cuDNN's plain convolution of the same shape (no offsets, no mask): forward ms and peak MiB."""
+    import torch.nn.functional as F
+
+    tsets = [{k: torch.from_dlpack(s[k]) for k in ("input", "weight", "bias")} for s in sets]
+
+    def forward(s, _):
+        with torch.no_grad():
+            return F.conv2d(s["input"], s["weight"], s["bias"], padding=1)
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # cuDNN's fastest algorithm for the shape, chosen at warm-up
+    try:
+        result = {"forward_ms": time_torch(torch, forward, tsets, warmup, repeat)}
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward(tsets[0], None)
+        torch.cuda.synchronize()
+        result["forward_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    finally:
+        torch.backends.cudnn.benchmark = before
     return result
 
 
@@ -225,16 +285,19 @@ def forward_difference(torch, ops, s) -> float:
 
 @contextlib.contextmanager
 def tf32(torch, mode: bool):
-    """TF32 for float32 GEMMs in cudcn and (when present) torch, restored after."""
-    before = torch.get_float32_matmul_precision() if torch is not None else None
+    """TF32 for float32 products in cudcn and (when present) torch's matmuls
+    and cuDNN convolutions, restored after."""
     if torch is not None:
+        before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
         torch.set_float32_matmul_precision("high" if mode else "highest")
+        torch.backends.cudnn.allow_tf32 = mode
     try:
         with cudcn.tf32(mode):
             yield
     finally:
         if torch is not None:
-            torch.set_float32_matmul_precision(before)
+            torch.set_float32_matmul_precision(before[0])
+            torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def environment(cupy, torch) -> dict:
@@ -300,16 +363,19 @@ def main(argv: list[str] | None = None) -> int:
             with tf32(torch, use_tf32):
                 ours = bench_cudcn(cupy, tracker, sets, args.warmup, repeat)
                 ours.update(bench_sampling(cupy, sets, k, args.warmup, repeat))
-                theirs, diff = None, None
+                ours.update(bench_algorithms(cupy, tracker, sets, args.warmup, repeat))
+                theirs, diff, cudnn = None, None, None
                 if torch is not None and dtype != "bfloat16":
                     theirs = bench_torchvision(torch, ops, sets, args.warmup, repeat)
                     diff = forward_difference(torch, ops, sets[0])
+                if torch is not None:
+                    cudnn = bench_cudnn(torch, sets, args.warmup, repeat)
             rows.append(dict(shape=shape_name, dtype=precision, gflop=gflop, cudcn=ours, torchvision=theirs,
-                             forward_rel_diff=diff))
+                             cudnn=cudnn, forward_rel_diff=diff))
             del sets
             cupy.get_default_memory_pool().free_all_blocks()
 
-    table = render(rows, record) + "\n\n" + render_sampling(rows)
+    table = render(rows, record) + "\n\n" + render_sampling(rows) + "\n\n" + render_algorithms(rows)
     print(table)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
@@ -376,7 +442,6 @@ def render(rows: list[dict], record: dict) -> str:
     return "\n".join(lines)
 
 
-
 def render_sampling(rows: list[dict]) -> str:
     """The second table: cudcn's sampling steps alone."""
     lines = [
@@ -390,6 +455,33 @@ def render_sampling(rows: list[dict]) -> str:
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {ours['im2col_ms']:.3f} | {ours['col2im_ms']:.3f} "
             f"| {ours['col2im_coord_ms']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_algorithms(rows: list[dict]) -> str:
+    """The third table: each algorithm's forward beside torchvision and cuDNN's plain convolution."""
+    def fmt(value, spec=".3f"):
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "Forward by algorithm (ms; peak MiB above the inputs); auto = what \"auto\" chose on its first call; "
+        "cuDNN = torch.nn.functional.conv2d of the same shape without offsets; ratios = fused / other:",
+        "",
+        "| shape | precision | im2col ms | fused ms | auto ms (chose) | tv ms | cuDNN ms | fused/tv | fused/cuDNN "
+        "| im2col peak | fused peak | cuDNN peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours, theirs, cudnn = r["cudcn"], r["torchvision"] or {}, r.get("cudnn") or {}
+        fused = ours["fused_forward_ms"]
+        tv, conv = theirs.get("forward_ms"), cudnn.get("forward_ms")
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {ours['im2col_forward_ms']:.3f} | {fused:.3f} "
+            f"| {ours['auto_forward_ms']:.3f} ({ours['auto_chose']}) | {fmt(tv)} | {fmt(conv)} "
+            f"| {fmt(fused / tv if tv else None, '.2f')} | {fmt(fused / conv if conv else None, '.2f')} "
+            f"| {ours['im2col_forward_peak_mb']:.0f} | {ours['fused_forward_peak_mb']:.0f} "
+            f"| {fmt(cudnn.get('forward_peak_mb'), '.0f')} |"
         )
     return "\n".join(lines)
 

@@ -49,6 +49,12 @@ Precision and determinism:
   or cudcn's setting (``cudcn.tf32()``) is in force at the forward call.
   Off by default, as in torch.
 - Double backward is not supported.
+
+Leaving Python: TorchScript compiles the function and the modules to calls of
+the op; torch.export captures the op (a dynamic batch works); ONNX export
+writes the standard ``DeformConv`` node, through
+:func:`onnx_translation_table` (dynamo exporter) or the symbolic registered
+at import (legacy exporter).
 """
 
 from __future__ import annotations
@@ -61,12 +67,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 import cudcn
 from cudcn.backends.cuda.engine import external_stream
 from cudcn.errors import ArgumentError, ArgumentTypeError
-from cudcn.geometry import FLOAT_DTYPES, Geometry, validate
+from cudcn.geometry import FLOAT_DTYPES, Geometry, int_pair, validate
 
 __all__ = [
     "CoordConv2d",
@@ -74,6 +79,7 @@ __all__ = [
     "DeformConv2dPack",
     "ModulatedDeformConv2dPack",
     "deform_conv2d",
+    "onnx_translation_table",
 ]
 
 IntOrPair = int | tuple[int, int]
@@ -102,15 +108,30 @@ def _stand_in(name: str, t: Tensor) -> np.ndarray:
     return np.ndarray(shape, dtype, buffer=_ZERO_BYTES, strides=(0,) * len(shape))
 
 
+#: The tensors a call cannot do without (bias and mask may be None).
+_REQUIRED = ("input", "offset", "weight", "grad_output")
+
+
 def _check_tensors(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
-    """The tensors that are given: Tensors on one device, no bfloat16 mixed with another dtype.
+    """The tensors that are given: dense Tensors on one device, no bfloat16
+    mixed with another dtype; None only for bias and mask.
 
     CPU bfloat16 reaches the core as float32, which would hide such a mix from it.
     """
-    given = {name: t for name, t in tensors.items() if t is not None}
-    for name, t in given.items():
-        if not isinstance(t, Tensor):
+    for name, t in tensors.items():
+        if t is None:
+            if name in _REQUIRED:
+                raise ArgumentTypeError(f"{name} must be a torch.Tensor, got None")
+        elif not isinstance(t, Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        elif t.is_nested:
+            raise ArgumentTypeError(f"{name} must be a dense (torch.strided) tensor, got a nested tensor")
+        elif t.layout != torch.strided:
+            raise ArgumentTypeError(
+                f"{name} must be a dense (torch.strided) tensor, got layout {t.layout}; "
+                f"convert it with .to_dense()"
+            )
+    given = {name: t for name, t in tensors.items() if t is not None}
     device, dtype = given["input"].device, given["input"].dtype
     for name, t in given.items():
         if t.device != device:
@@ -142,10 +163,10 @@ def _check(
     Gives the core's error messages before any data moves, also while
     torch.compile traces with fake tensors.
     """
-    given = _check_tensors({
-        "input": input, "offset": offset, "weight": weight, "bias": bias,
-        "mask": mask, "grad_output": grad_output,
-    })
+    tensors = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    if grad_output is not None:  # a backward's
+        tensors["grad_output"] = grad_output
+    given = _check_tensors(tensors)
     stand_ins = {name: _stand_in(name, t) for name, t in given.items()}
     return validate(**stand_ins, stride=stride, padding=padding, dilation=dilation)
 
@@ -382,6 +403,13 @@ def _as_list(value: Any) -> Any:
     return [value, value]
 
 
+def _script_list(value: IntOrPair) -> list[int]:
+    """int or pair as [rows, columns]: :func:`_as_list` for TorchScript."""
+    if isinstance(value, int):
+        return [value, value]
+    return [value[0], value[1]]
+
+
 def _autocast(device_type: str, tensors: list[Tensor | None]) -> list[Tensor | None]:
     """Cast floating tensors to the autocast dtype when autocast is on for the device."""
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
@@ -389,7 +417,7 @@ def _autocast(device_type: str, tensors: list[Tensor | None]) -> list[Tensor | N
     dtype = torch.get_autocast_dtype(device_type)
     # Like torch's own autocast, float64 is left alone.
     return [
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
         for t in tensors
     ]
 
@@ -423,14 +451,24 @@ def deform_conv2d(
         (likewise Wo), on the input's device, in its dtype (or the autocast dtype).
 
     Raises:
-        TypeError, ValueError: the core's message when an argument is wrong.
+        cudcn.ArgumentTypeError, cudcn.ArgumentError: the core's message when
+            an argument is wrong (TypeError / ValueError, and RuntimeError).
 
     With ``torch.use_deterministic_algorithms(True)`` the backward is bitwise
     repeatable on CUDA too (a sorted, atomic-free input gradient).
 
     CUDA tensors run on torch's current stream; CPU tensors run on the NumPy
     backend. All tensors must be on one device.
+
+    TorchScript compiles this function (and the modules) to a call of the op
+    ``torch.ops.cudcn.deform_conv2d``, whose implementation checks the
+    arguments as here; a scripted call does not apply autocast.
     """
+    if torch.jit.is_scripting():
+        return torch.ops.cudcn.deform_conv2d(
+            input, offset, weight, bias, mask,
+            _script_list(stride), _script_list(padding), _script_list(dilation),
+        )
     if isinstance(input, Tensor):
         tensors = _autocast(input.device.type, [input, offset, weight, bias, mask])
         input, offset, weight, bias, mask = tensors
@@ -447,6 +485,60 @@ def deform_conv2d(
 # --------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------
+
+
+def _int_argument(value: Any, name: str, minimum: int) -> int:
+    """A layer's int argument (channels, groups) as an int >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_divisible(value: int, value_name: str, divisor: int, divisor_name: str) -> None:
+    if value % divisor:
+        raise ArgumentError(f"{value_name} = {value} must be divisible by {divisor_name} = {divisor}")
+
+
+def _layer_arguments(
+    in_channels: Any, out_channels: Any, kernel_size: Any, stride: Any, padding: Any,
+    dilation: Any, groups: Any, bias: Any,
+) -> tuple[int, int, tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], int]:
+    """A layer's constructor arguments, checked as a call's would be:
+    (in_channels, out_channels, kernel_size, stride, padding, dilation, groups),
+    sizes as pairs of ints. C_out may be 0, as a call's weight may."""
+    in_channels = _int_argument(in_channels, "in_channels", 1)
+    out_channels = _int_argument(out_channels, "out_channels", 0)
+    groups = _int_argument(groups, "groups", 1)
+    if not isinstance(bias, (bool, np.bool_)):
+        raise ArgumentTypeError(f"bias must be True or False, got {bias!r}")
+    return (
+        in_channels,
+        out_channels,
+        int_pair(kernel_size, "kernel_size", 1),
+        int_pair(stride, "stride", 1),
+        int_pair(padding, "padding", 0),
+        int_pair(dilation, "dilation", 1),
+        groups,
+    )
+
+
+def _check_layer_input(input: Any, in_channels: int, unbatched: bool = False) -> None:
+    """What a layer that runs its own convolution first needs of ``input``
+    (the call's checks would come too late to name it)."""
+    _check_tensors({"input": input})
+    if not input.is_floating_point():
+        raise ArgumentTypeError(
+            f"input.dtype must be one of {', '.join(FLOAT_DTYPES)}, got {str(input.dtype).removeprefix('torch.')}"
+        )
+    if input.dim() not in ((3, 4) if unbatched else (4,)):
+        expected = "3-D (C_in, H, W) or 4-D (N, C_in, H, W)" if unbatched else "4-D (N, C_in, H, W)"
+        raise ArgumentError(f"input must be a {expected} tensor, got shape {tuple(input.shape)}")
+    if input.shape[-3] != in_channels:
+        raise ArgumentError(
+            f"input.shape[{input.dim() - 3}] (C_in) must be in_channels = {in_channels}, got {input.shape[-3]}"
+        )
 
 
 class DeformConv2d(nn.Module):
@@ -470,16 +562,17 @@ class DeformConv2d(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if in_channels % groups != 0:
-            raise ArgumentError(f"in_channels = {in_channels} must be divisible by groups = {groups}")
-        if out_channels % groups != 0:
-            raise ArgumentError(f"out_channels = {out_channels} must be divisible by groups = {groups}")
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups = _layer_arguments(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
+        )
+        _check_divisible(in_channels, "in_channels", groups, "groups")
+        _check_divisible(out_channels, "out_channels", groups, "groups")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
         self.groups = groups
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size)
@@ -523,7 +616,8 @@ class _Pack(DeformConv2d):
     ``conv_offset`` is an nn.Conv2d with the layer's kernel size, stride,
     padding and dilation, so that it predicts one value per output pixel; it
     starts at zero. ``values_per_point`` is how many channels it predicts per
-    kernel point and offset group.
+    kernel point and offset group. ``offset_groups`` may also be given by
+    mmcv's name, ``deform_groups`` (same position; one of the two).
     """
 
     values_per_point = 0
@@ -537,21 +631,28 @@ class _Pack(DeformConv2d):
         padding: IntOrPair = 0,
         dilation: IntOrPair = 1,
         groups: int = 1,
-        offset_groups: int = 1,
+        offset_groups: int | None = None,
         bias: bool = True,
+        *,
+        deform_groups: int | None = None,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
         )
-        if offset_groups < 1 or in_channels % offset_groups != 0:
+        # mmcv calls offset_groups deform_groups (same position): either name, not both.
+        if offset_groups is not None and deform_groups is not None:
             raise ArgumentError(
-                f"in_channels = {in_channels} must be divisible by "
-                f"offset_groups = {offset_groups}"
+                f"pass offset_groups or deform_groups (mmcv's name for it), not both; "
+                f"got offset_groups = {offset_groups!r} and deform_groups = {deform_groups!r}"
             )
+        name = "offset_groups" if deform_groups is None else "deform_groups"
+        given = offset_groups if deform_groups is None else deform_groups
+        offset_groups = _int_argument(1 if given is None else given, name, 1)
+        _check_divisible(self.in_channels, "in_channels", offset_groups, name)
         self.offset_groups = offset_groups
         kh, kw = self.kernel_size
         self.conv_offset = nn.Conv2d(
-            in_channels,
+            self.in_channels,
             self.values_per_point * offset_groups * kh * kw,
             kernel_size=self.kernel_size,
             stride=self.stride,
@@ -560,6 +661,11 @@ class _Pack(DeformConv2d):
             bias=True,
         )
         self.reset_offset()
+
+    @property
+    def deform_groups(self) -> int:
+        """mmcv's name for ``offset_groups``."""
+        return self.offset_groups
 
     def reset_offset(self) -> None:
         """Zero the offset predictor, so the layer starts as a plain convolution."""
@@ -584,6 +690,8 @@ class DeformConv2dPack(_Pack):
     values_per_point = 2
 
     def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            _check_layer_input(input, self.in_channels)
         offset = self.conv_offset(input)
         return deform_conv2d(
             input, offset, self.weight, self.bias,
@@ -605,6 +713,8 @@ class ModulatedDeformConv2dPack(_Pack):
     values_per_point = 3
 
     def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            _check_layer_input(input, self.in_channels)
         o1, o2, m = torch.chunk(self.conv_offset(input), 3, dim=1)
         return deform_conv2d(
             input, torch.cat((o1, o2), dim=1), self.weight, self.bias,
@@ -612,20 +722,35 @@ class ModulatedDeformConv2dPack(_Pack):
             mask=torch.sigmoid(m),
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Old mmcv and many DCNv2 repositories name the predictor conv_offset_mask
+        # (same layout): load those keys as conv_offset's, as mmcv does. The
+        # dict is load_state_dict's own copy, never the caller's.
+        old_prefix = prefix + "conv_offset_mask."
+        for key in [key for key in state_dict if key.startswith(old_prefix)]:
+            new_key = prefix + "conv_offset." + key[len(old_prefix):]
+            if new_key not in state_dict:
+                state_dict[new_key] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def coordinate_channels(input: Tensor) -> Tensor:
-    """The two CoordConv channels for input (N, C, H, W): (N, 2, H, W).
+    """The two CoordConv channels for input (N, C, H, W): (N, 2, H, W)
+    (for an unbatched input (C, H, W): (2, H, W)).
 
     Channel 0 is the column coordinate (varies along the width), channel 1 the
     row coordinate (varies along the height), each from -1 to 1 (a size-1
     axis gets -1), in the input's dtype and device.
     """
-    n, _, height, width = input.shape
+    height, width = input.shape[-2], input.shape[-1]
     columns = torch.linspace(-1, 1, width, dtype=input.dtype, device=input.device)
     rows = torch.linspace(-1, 1, height, dtype=input.dtype, device=input.device)
-    return torch.stack(
+    coordinates = torch.stack(
         (columns.view(1, width).expand(height, width), rows.view(height, 1).expand(height, width))
-    ).expand(n, 2, height, width)
+    )
+    if input.dim() == 4:
+        coordinates = coordinates.expand(input.shape[0], 2, height, width)
+    return coordinates
 
 
 class CoordConv2d(nn.Module):
@@ -634,7 +759,8 @@ class CoordConv2d(nn.Module):
     Appends the two channels of :func:`coordinate_channels` (column, then
     row coordinate, each in [-1, 1]) to the input and applies ``self.conv``,
     an nn.Conv2d with in_channels + 2 inputs (so in_channels + 2 must be
-    divisible by groups). ``forward(input)``: (N, C_in, H, W) -> (N, C_out, Ho, Wo).
+    divisible by groups). ``forward(input)``: (N, C_in, H, W) -> (N, C_out, Ho, Wo),
+    or unbatched (C_in, H, W) -> (C_out, Ho, Wo) as nn.Conv2d.
     """
 
     def __init__(
@@ -649,9 +775,127 @@ class CoordConv2d(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups = _layer_arguments(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
+        )
+        _check_divisible(in_channels + 2, "in_channels + 2", groups, "groups")
+        _check_divisible(out_channels, "out_channels", groups, "groups")
+        self.in_channels = in_channels
         self.conv = nn.Conv2d(
             in_channels + 2, out_channels, kernel_size, stride, padding, dilation, groups, bias
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.conv(torch.cat((input, coordinate_channels(input)), dim=1))
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            _check_layer_input(input, self.in_channels, unbatched=True)
+        return self.conv(torch.cat((input, coordinate_channels(input)), dim=-3))
+
+
+# --------------------------------------------------------------------------
+# ONNX export: the op as ONNX DeformConv
+# --------------------------------------------------------------------------
+
+#: The first ONNX opset with DeformConv.
+ONNX_MIN_OPSET = 19
+
+
+def _static_size(shape: Any, index: int, name: str) -> int:
+    """shape[index] as an int, or an error saying that export needs it fixed."""
+    size = None if shape is None else shape[index]
+    if not isinstance(size, int):
+        raise ArgumentError(
+            f"{name} must be static to export to ONNX DeformConv (its group and "
+            f"offset_group attributes come from it), got {size}"
+        )
+    return size
+
+
+def _onnx_attributes(
+    input_shape: Any, offset_shape: Any, weight_shape: Any,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], opset: int | None,
+) -> dict[str, Any]:
+    """ONNX DeformConv's attributes for one call of the op, from its shapes
+    (ints, or None / symbols where dynamic) and conv arguments.
+
+    Raises ArgumentError for what DeformConv, as onnxruntime runs it, cannot
+    express: an opset before 19, a dynamic channel or kernel size, a weight
+    with 0 output channels, (H + 1) * W above 2**31 - 1.
+    """
+    if opset is not None and opset < ONNX_MIN_OPSET:
+        raise ArgumentError(f"ONNX DeformConv needs opset_version >= {ONNX_MIN_OPSET}, got {opset}")
+    in_channels = _static_size(input_shape, 1, "input.shape[1] (C_in)")
+    offset_channels = _static_size(offset_shape, 1, "offset.shape[1]")
+    out_channels, per_group, kernel_h, kernel_w = (
+        _static_size(weight_shape, i, f"weight.shape[{i}]") for i in range(4)
+    )
+    if out_channels == 0:
+        raise ArgumentError(
+            "weight.shape[0] (C_out) must be >= 1 to export to ONNX DeformConv "
+            "(onnxruntime rejects 0 output channels), got 0"
+        )
+    height, width = input_shape[2], input_shape[3]
+    if isinstance(height, int) and isinstance(width, int) and (height + 1) * width > 2**31 - 1:
+        raise ArgumentError(
+            f"input (H, W) = ({height}, {width}) is too large for onnxruntime's DeformConv, "
+            f"which needs (H + 1) * W <= 2**31 - 1"
+        )
+    return dict(
+        strides=[int(v) for v in stride],
+        pads=[int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])],
+        dilations=[int(v) for v in dilation],
+        group=in_channels // per_group,
+        offset_group=offset_channels // (2 * kernel_h * kernel_w),
+        kernel_shape=[kernel_h, kernel_w],
+    )
+
+
+def _deform_conv2d_onnx(input, offset, weight, bias, mask, stride, padding, dilation):
+    """torch.onnx's dynamo exporter: ``cudcn::deform_conv2d`` as one DeformConv node
+    (inputs X, W, offset, then B and mask when the call has them)."""
+    import onnxscript
+    from onnxscript import opset19 as op
+
+    # The exporter records ops into a graph of its target opset.
+    opset = getattr(getattr(onnxscript.evaluator.default(), "opset", None), "version", None)
+    attributes = _onnx_attributes(input.shape, offset.shape, weight.shape, stride, padding, dilation, opset)
+    return op.DeformConv(input, weight, offset, bias, mask, **attributes)
+
+
+def onnx_translation_table() -> dict[Any, Any]:
+    """cudcn's op as ONNX DeformConv (opset >= 19), for torch's dynamo exporter.
+
+    ``torch.onnx.export(model, args, f, dynamo=True,
+    custom_translation_table=cudcn.torch.onnx_translation_table())`` exports
+    every call of :func:`deform_conv2d` (and so of the modules) as a standard
+    ``DeformConv`` node. Needs onnxscript (torch's exporter needs it anyway).
+    """
+    return {torch.ops.cudcn.deform_conv2d.default: _deform_conv2d_onnx}
+
+
+def _deform_conv2d_symbolic(g, input, offset, weight, bias, mask, stride, padding, dilation):
+    """torch.onnx's legacy (TorchScript, dynamo=False) exporter: the same DeformConv node.
+
+    stride, padding and dilation arrive as lists of ints (parse_args below).
+    """
+    # The traced node's shapes: ONNX shape inference can lose static channel
+    # counts (a Concat under a dynamic batch) that the trace still knows.
+    traced = g.original_node
+    shapes = [traced.inputsAt(i).type().varyingSizes() for i in range(3)]  # input, offset, weight
+    attributes = _onnx_attributes(*shapes, stride, padding, dilation, g.opset)
+    inputs = [input, weight, offset]
+    if not mask.node().mustBeNone():
+        inputs += [bias, mask]  # an absent bias stays an empty input
+    elif not bias.node().mustBeNone():
+        inputs.append(bias)
+    return g.op("DeformConv", *inputs, **{f"{key}_i": value for key, value in attributes.items()})
+
+
+# The legacy exporter is deprecated; where a torch no longer has it, nothing to register.
+if hasattr(torch.onnx, "register_custom_op_symbolic"):
+    from torch.onnx.symbolic_helper import parse_args
+
+    torch.onnx.register_custom_op_symbolic(
+        "cudcn::deform_conv2d",
+        parse_args("v", "v", "v", "v", "v", "is", "is", "is")(_deform_conv2d_symbolic),
+        ONNX_MIN_OPSET,
+    )

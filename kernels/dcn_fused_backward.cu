@@ -97,8 +97,10 @@ __device__ __forceinline__ void fused_each_product(const float (&acc)[2][4][4], 
 /// grad_offset: (batch, 2*G*K, Ho, Wo), every element written
 /// grad_mask:   (batch, G*K, Ho, Wo), written only when has_mask
 /// Units: ceil(P / 64) * K * G; block FusedTile::kThreads; no dynamic shared memory.
+/// (Launch bounds with one block: ptxas otherwise squeezes some
+/// instantiations into 128 registers with spills.)
 template <typename T, typename Op, typename Index>
-__global__ void __launch_bounds__(FusedTile::kThreads)
+__global__ void __launch_bounds__(FusedTile::kThreads, 1)
     fused_backward_data(const T* __restrict__ grad_output, const T* __restrict__ input,
                         const T* __restrict__ offset, const T* __restrict__ mask, int has_mask,
                         const T* __restrict__ matrix, DCN_SHAPE_PARAMS, int out_channels,
@@ -163,13 +165,16 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
         for (int o0 = 0; o0 < Og; o0 += CHUNK) {
           DCN_SHARED_PTR(unsigned) a_tile = tiles + stage * Layout::kStageWords;
           DCN_SHARED_PTR(unsigned) b_tile = a_tile + Layout::kATileWords;
-          float outputs[FusedTile::kHalf];  // half `part` of this pixel's A row
 #pragma unroll
-          for (int j = 0; j < FusedTile::kHalf; ++j) {
-            const int o = o0 + part * FusedTile::kHalf + j;
-            outputs[j] = live && o < Og ? to_compute(grad_output[output_row + Index(group * Og + o) * L]) : 0.0f;
+          for (int j = 0; j < FusedTile::kHalf; j += 2) {  // half `part` of this pixel's A row, a word at a time
+            float outputs[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int o = o0 + part * FusedTile::kHalf + j + e;
+              outputs[e] = live && o < Og ? to_compute(grad_output[output_row + Index(group * Og + o) * L]) : 0.0f;
+            }
+            store_row_words<Op>(a_tile + m * Layout::kRowWords, part * FusedTile::kHalf + j, outputs);
           }
-          store_row_words<Op>(a_tile + m * Layout::kRowWords, part * FusedTile::kHalf, outputs);
           load_b_row<Op>(b_tile + row * Layout::kRowWords, half, weights + o0, row_live, Og - o0, vector);
           __syncthreads();
           if (warp_m * FusedTile::kWarpPixels < rows && warp_n * FusedTile::kWarpOutChannels < count)

@@ -46,6 +46,10 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
   typedef FusedLayout<Op> Layout;
   typedef FusedForwardLayout<Op> OutLayout;
   constexpr int V = FusedVector<T>::value;
+  static_assert(FusedTile::kThreads == 2 * FusedTile::kPixels && FusedTile::kPixels == FusedTile::kOutChannels,
+                "each pair of threads fills one A row and one B row");
+  static_assert(FusedTile::kHalf % V == 0 && Layout::kSliceWords % 8 == 0,
+                "a thread's half row is whole vectors; a slice is whole MMA steps");
   const ConvShape s = DCN_SHAPE;
   const int K = s.kernel_h * s.kernel_w, L = s.out_h * s.out_w;
   const int group_channels = s.channels / s.groups, group_out = out_channels / s.groups;

@@ -12,7 +12,8 @@ from cudcn import cli
 def test_info_reports_versions_backends_and_cache(capsys):
     assert cli.main(["info"]) == 0
     printed = capsys.readouterr().out
-    for expected in ("cudcn 0.1.0", "numpy", "GPUs", "backends", "kernel cache:"):
+    for expected in ("cudcn 0.1.0", "numpy", "GPUs", "backends", "kernel cache:",
+                     "CUDA algorithm setting: auto (algorithms: im2col, fused;"):
         assert expected in printed
 
 

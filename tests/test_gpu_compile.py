@@ -169,3 +169,59 @@ def test_sampling_kernels_move_16_byte_vectors_and_reduce_by_shuffles(dtype, vec
     assert all(ok for _, ok, _ in rows), rows[0][2]
     assert vectors <= set(re.findall(r"(?:ld|st)\.global(?:\.nc)?\.v\d\.\w+", module["ptx"]))
     assert "shfl.sync.bfly.b32" in module["ptx"]
+
+
+def _fused_names(index: str = "int") -> list[str]:
+    return [cuda_kernels.name_expression(k, d, index) for k in cuda_kernels.FUSED_KERNELS
+            for d in cuda_kernels.TYPES if cuda_kernels.has_kernel(k, d)]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_fused_kernels_use_their_mma_and_16_byte_loads(arch):
+    """Each column-free instantiation through NVRTC: the MMA of its operand
+    policy (float16 as two k8 steps on sm_75, where bfloat16 and TF32 trap
+    and the backend does not choose them), none for the FMA policy, 16-byte
+    global loads (but in the weight gradient's, whose samples and
+    grad_output are read pixel by pixel from NCHW arrays)."""
+    from cupy.cuda import compiler
+
+    names = _fused_names()
+    program = compiler._NVRTCProgram(cuda_kernels.source(), "fused.cu", name_expressions=names, method="ptx")
+    ptx, lowered = program.compile(compile_module.runtime_options(arch))
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    bodies = {name: ptx.split(f".entry {lowered[name]}(", 1)[1].split(".entry ", 1)[0] for name in names}
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32"
+    expected = {
+        "FusedF16": "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32" if arch < 80 else mma.format("f16"),
+        "FusedBF16": "trap;" if arch < 80 else mma.format("bf16"),
+        "FusedTF32": "trap;" if arch < 80 else "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+    }
+    for name, body in bodies.items():
+        policy = name.split(", ")[1]
+        if policy == "FusedFMA":
+            assert "mma.sync" not in body, name
+        else:
+            assert expected[policy] in body, name
+        if not name.startswith("fused_backward_weight"):
+            assert "ld.global.nc.v4" in body, name
+
+
+@needs_nvrtc
+def test_fused_kernels_keep_their_arrays_in_registers():
+    """ptxas's report for every column-free instantiation on sm_90: no stack
+    frame and no spills (the accumulators and fragments stay in registers)."""
+    import io
+
+    from cupy.cuda import compiler
+
+    names = _fused_names("int") + _fused_names("long long")
+    log = io.StringIO()
+    program = compiler._NVRTCProgram(cuda_kernels.source(), "fused.cu", name_expressions=names, method="cubin")
+    _, lowered = program.compile(compile_module.runtime_options(90) + ("--ptxas-options=-v",), log_stream=log)
+    reports = {}
+    for section in log.getvalue().split("Compiling entry function '")[1:]:
+        reports[section.split("'", 1)[0]] = section
+    for name in names:
+        report = reports[lowered[name]]
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, (name, report)

@@ -116,6 +116,22 @@ def test_benchmark_table_gives_the_ratios_to_torchvision():
     assert [c.strip() for c in lines[-1].split("|")[1:-1]][-4:] == ["-", "-", "-", "-"]
 
 
+def test_algorithm_table_gives_fused_over_torchvision_and_cudnn():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ours = dict(im2col_forward_ms=3.0, fused_forward_ms=1.0, auto_forward_ms=1.1, auto_chose="fused",
+                im2col_forward_peak_mb=280.0, fused_forward_peak_mb=6.0)
+    rows = [dict(shape="S", dtype="float16", cudcn=ours, torchvision=dict(forward_ms=4.0),
+                 cudnn=dict(forward_ms=0.8, forward_peak_mb=1.0)),
+            dict(shape="S", dtype="bfloat16", cudcn=ours, torchvision=None, cudnn=None)]
+    lines = bench.render_algorithms(rows).splitlines()
+    cells = [c.strip() for c in lines[-2].split("|")[1:-1]]
+    assert cells == ["S", "float16", "3.000", "1.000", "1.100 (fused)", "4.000", "0.800", "0.25", "1.25",
+                     "280", "6", "1"]
+    assert [c.strip() for c in lines[-1].split("|")[1:-1]][5:9] == ["-", "-", "-", "-"]
+
+
 def test_precision_report_runs_on_the_cpu(capsys):
     """The report's logic, on the NumPy backend (float16/bfloat16 compute in float32 there)."""
     spec = importlib.util.spec_from_file_location("precision_report", ROOT / "tools" / "precision_report.py")

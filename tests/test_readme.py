@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,27 @@ def test_readme_quickstart_runs():
     exec(compile(code, "README quickstart", "exec"), namespace)
     assert namespace["y"].shape == (2, 32, 32, 32)
     assert namespace["grads"].mask.shape == (2, 9, 32, 32)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in favour of torch.export
+def test_readme_deployment_snippets_run(tmp_path, monkeypatch):
+    """The deployment section's snippets, in order, in one namespace (they write
+    model.onnx and model.pt to the current directory: a temporary one here)."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module)
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Deployment (torch)", 1)[1].split("\n## ", 1)[0]
+    snippets = re.findall(r"```python\n(.+?)```", section, re.S)
+    assert len(snippets) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for number, code in enumerate(snippets):
+        exec(compile(code, f"README deployment snippet {number + 1}", "exec"), namespace)
+    assert namespace["y"].shape == (5, 8, 16, 16)
+    with torch.no_grad():
+        expected = namespace["model"](namespace["x5"])
+    torch.testing.assert_close(torch.from_numpy(namespace["y"]), expected, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "model.onnx").exists() and (tmp_path / "model.pt").exists()

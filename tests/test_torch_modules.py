@@ -180,3 +180,60 @@ def test_pack_under_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x), layer(x))
     compiled(x).sum().backward()
     assert layer.weight.grad is not None and layer.conv_offset.weight.grad is not None
+
+
+@pytest.mark.parametrize("cls", [ct.DeformConv2dPack, ct.ModulatedDeformConv2dPack])
+def test_packs_take_mmcvs_deform_groups(cls):
+    """mmcv's name for offset_groups, by keyword or in the same position."""
+    by_name = cls(4, 6, 3, padding=1, deform_groups=2)
+    positional = cls(4, 6, 3, 1, 1, 1, 1, 2)  # in, out, kernel, stride, padding, dilation, groups, deform_groups
+    default = cls(4, 6, 3)
+    for layer, groups in ((by_name, 2), (positional, 2), (cls(4, 6, 3, offset_groups=2), 2), (default, 1)):
+        assert layer.offset_groups == layer.deform_groups == groups
+        assert layer.conv_offset.out_channels == cls.values_per_point * groups * 9
+    assert "offset_groups=2" in repr(by_name)
+
+
+def old_mmcv_dcnv2_state_dict(layer):
+    """``layer``'s state dict as old mmcv (and many DCNv2 repositories) saved
+    it: the offset/mask predictor named conv_offset_mask."""
+    return OrderedDict(
+        (key.replace("conv_offset.", "conv_offset_mask."), value.clone()) for key, value in layer.state_dict().items()
+    )
+
+
+def test_modulated_pack_loads_conv_offset_mask_state_dicts():
+    torch.manual_seed(0)
+    source = ct.ModulatedDeformConv2dPack(4, 6, 3, padding=1, offset_groups=2)
+    nn.init.normal_(source.conv_offset.weight, std=0.3)
+    nn.init.normal_(source.conv_offset.bias, std=0.3)
+    old = old_mmcv_dcnv2_state_dict(source)
+    assert list(old) == ["weight", "bias", "conv_offset_mask.weight", "conv_offset_mask.bias"]
+    saved = OrderedDict((key, value.clone()) for key, value in old.items())
+
+    target = ct.ModulatedDeformConv2dPack(4, 6, 3, padding=1, offset_groups=2)
+    target.load_state_dict(old, strict=True)
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    assert list(old) == list(saved) and all(torch.equal(old[k], saved[k]) for k in saved)  # the caller's dict untouched
+
+    # Inside a model, under a prefix, as checkpoints hold it.
+    model = nn.Sequential(nn.Identity(), ct.ModulatedDeformConv2dPack(4, 6, 3, padding=1, offset_groups=2))
+    model.load_state_dict(OrderedDict((f"1.{key}", value) for key, value in old.items()), strict=True)
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+
+
+def test_conv_offset_mask_with_the_wrong_shape_is_still_an_error():
+    old = old_mmcv_dcnv2_state_dict(ct.ModulatedDeformConv2dPack(4, 6, 3, offset_groups=2))
+    with pytest.raises(RuntimeError, match=r"size mismatch for conv_offset.weight"):
+        ct.ModulatedDeformConv2dPack(4, 6, 3, offset_groups=1).load_state_dict(old)
+
+
+def test_coord_conv2d_takes_unbatched_input_like_conv2d():
+    torch.manual_seed(0)
+    layer = ct.CoordConv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    x = torch.randn(4, 7, 5)
+    out = layer(x)
+    assert out.shape == (6, 4, 3) == nn.Conv2d(4, 6, 3, stride=2, padding=1)(x).shape
+    torch.testing.assert_close(out, layer(x[None])[0], rtol=0, atol=0)
+    torch.testing.assert_close(ct.coordinate_channels(x), ct.coordinate_channels(x[None])[0], rtol=0, atol=0)

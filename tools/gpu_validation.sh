@@ -12,7 +12,9 @@
 #   sanitizer        compute-sanitizer memcheck + initcheck (racecheck + synccheck once kernels use shared
 #                    memory) on tools/sanitize_case.py;
 #   benchmark        benchmarks/bench_gpu.py: the three shapes in float32 (TF32 off and on), float16 and
-#                    bfloat16, forward, backward and peak memory against torchvision.
+#                    bfloat16, forward, backward and peak memory against torchvision; the forward of each
+#                    algorithm (im2col, fused, auto and its choice) beside torchvision and cuDNN's plain
+#                    convolution of the same shape.
 # From a plain checkout (no install, no network needed):
 #   PYTHONPATH=. bash tools/gpu_validation.sh
 # Logs go to ${OUT:-gpu-validation}/<step>.log (and the benchmark's bench_gpu.md/.json there). Printed

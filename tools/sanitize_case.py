@@ -2,7 +2,9 @@
 
 Every dtype, with and without mask, with convolution and offset groups, the
 building blocks, a chunked batch, a non-default stream, far-outside and NaN
-offsets, the deterministic (sorted) backward, and float32 with TF32. CuPy's
+offsets, the deterministic (sorted) backward, float32 with TF32, and each
+forward algorithm (im2col, and the fused kernel: shared memory, barriers and
+tensor-core MMAs, for racecheck and synccheck). CuPy's
 memory pool is switched off so that every array is its own allocation:
 memcheck then sees any access past its end, and initcheck any read of
 memory that nothing wrote since it was allocated.
@@ -47,7 +49,9 @@ def main() -> int:
             dev = {k: None if v is None else cupy.asarray(v.astype(dtype)) for k, v in args.items()}
             geometry = dict(stride=(1, 2), padding=(1, 1), dilation=(1, 1))
             with stream, cudcn.tf32(tf32):
-                out = cudcn.deform_conv2d(**dev, **geometry)
+                for algorithm in ("im2col", "fused"):
+                    with cudcn.algorithm(algorithm):
+                        out = cudcn.deform_conv2d(**dev, **geometry)
                 cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev, **geometry)
                 with cudcn.deterministic_algorithms():
                     cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev, **geometry)

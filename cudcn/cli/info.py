@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"cudcn {cudcn.__version__} (from {Path(cudcn.__file__).parent})")
     print(f"python {platform.python_version()} on {platform.platform()}")
     print(f"workspace budget for column buffers: {cudcn.get_workspace_bytes() / 2**20:.0f} MiB")
+    from cudcn.backends.cuda.algorithms import REGISTRY
+
+    print(f"CUDA algorithm setting: {cudcn.get_algorithm()} (algorithms: {', '.join(REGISTRY)}; "
+          "what \"auto\" chose in a process: cudcn.algorithm_choices())")
 
     print("\npackages")
     for name in PACKAGES:

@@ -1,4 +1,4 @@
-"""Shared by the emulated and the GPU tests: drawn cases and the comparison.
+"""Shared by the emulated and the GPU tests: drawn cases, the comparison, a rounded reference.
 
 :func:`cases` draws one call's arguments (geometry, seeded arrays, dtype):
 batch 0 to 3, convolution and offset groups that split the channels
@@ -15,6 +15,9 @@ import math
 
 import numpy as np
 from hypothesis import strategies as st
+
+from cudcn.backends import layout, numpy_backend
+from emulation.cublas import round_to_tf32
 
 try:
     import ml_dtypes  # bfloat16 for NumPy (optional: only bfloat16 cases need it)
@@ -73,14 +76,30 @@ def cases(draw, with_weight: bool = True, dtypes=("float32", "float64")):
     return args, rng
 
 
-def assert_close(got, expected, dtype_name: str, tolerance: float | None = None) -> None:
+def assert_close(got, expected, dtype_name: str, tol: float | None = None) -> None:
     """Same dtype and shape; close relative to the largest expected value
-    (TOLERANCE of the dtype, unless ``tolerance`` is given); no NaN allowed."""
+    (TOLERANCE of the dtype unless ``tol`` is given); no NaN allowed."""
     assert got.dtype == expected.dtype and got.shape == expected.shape
     got64, expected64 = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     assert np.isfinite(expected64).all()
-    tol = TOLERANCE[dtype_name] if tolerance is None else tolerance
+    tol = TOLERANCE[dtype_name] if tol is None else tol
     scale = max(float(np.abs(expected64).max(initial=0.0)), 1.0)
     np.testing.assert_allclose(got64, expected64, rtol=tol, atol=tol * scale, equal_nan=False)
 
 
+def rounded_operands_forward(geom, args: dict, tf32: bool) -> np.ndarray:
+    """The forward from the NumPy backend's columns and the weight, each rounded
+    as the fused kernel's operands (to the dtype, or float32 then TF32),
+    multiplied and summed in float64, the bias added, rounded once: what a
+    tensor-core product of those operands computes, up to summation order."""
+    x, offset, weight, bias, mask = (args[k] for k in ("input", "offset", "weight", "bias", "mask"))
+    columns = numpy_backend.im2col(geom, x, offset, mask)  # (N, L, K, C) in the dtype
+    matrix = layout.weight_matrix(geom, weight, weight.dtype)
+    if tf32:
+        columns, matrix = round_to_tf32(columns), round_to_tf32(matrix)
+    columns, matrix = columns.astype(np.float64), matrix.astype(np.float64)
+    y = np.matmul(layout.grouped_columns(geom, columns), matrix)  # (groups, N*L, O/groups)
+    y = y.transpose(1, 0, 2).reshape(geom.batch, geom.out_h, geom.out_w, geom.out_channels).transpose(0, 3, 1, 2)
+    if bias is not None:
+        y = y + bias.astype(np.float64).reshape(1, -1, 1, 1)
+    return y.astype(geom.dtype)

@@ -176,7 +176,8 @@ def build(names: Sequence[str] | None = None, sources: Sequence[Path] | None = N
 
     names: name expressions (default: every instantiation the CUDA backend
     uses); sources: the .cu files that define them (default: its kernels).
-    Sources may include the headers of kernels/ by name.
+    Sources may include the headers of kernels/ by name; a header of that
+    name beside the source is included instead.
     """
     cxx = compiler()
     if cxx is None:
@@ -188,7 +189,10 @@ def build(names: Sequence[str] | None = None, sources: Sequence[Path] | None = N
         sources = [kernels / s for s in cuda_kernels.SOURCES]
     launcher = _launcher_source(names, sources)
     digest = hashlib.sha256((launcher + " ".join(FLAGS)).encode())
-    for path in [HERE / "emulate.h", *(kernels / h for h in cuda_kernels.HEADERS), *sources]:
+    # Headers beside a source shadow those of kernels/ (a changed copy of a
+    # header, as the planted-bug tests make): they are part of the key too.
+    beside = sorted({h for s in sources for h in Path(s).parent.glob("*.cuh")})
+    for path in [HERE / "emulate.h", *(kernels / h for h in cuda_kernels.HEADERS), *sources, *beside]:
         digest.update(path.read_bytes())
     directory = Path(tempfile.gettempdir()) / f"cudcn-emulation-{digest.hexdigest()[:16]}"
     library = directory / "libcudcn_emulation.so"
