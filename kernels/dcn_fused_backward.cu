@@ -46,7 +46,7 @@
 // fused_weight_split_sum adds the parts in split order. No atomics: the weight gradient
 // is bitwise repeatable whatever the grid.
 //
-// The launchers (cudcn/backends/cuda/fused_backward.py) pick the policy: float16 and
+// cudcn/backends/cuda/fused.py picks the policy (fused_backward.py launches): float16 and
 // bfloat16 MMAs, TF32 MMAs for float32 with TF32 on, float32 FMAs otherwise; float64 stays
 // on the im2col path.
 #include "dcn_fused_sampling.cuh"
