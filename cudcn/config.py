@@ -3,8 +3,10 @@
 The column buffer of a chunk of images holds (n, Ho*Wo, kh*kw, C_in) values,
 kh*kw times the input. Backends split the batch into chunks whose column
 buffer stays under this budget (always at least one image per chunk). Other
-temporaries come on top: the NumPy backend peaks at about 4 column buffers in
-the forward and 8 in the backward.
+temporaries come on top: the NumPy backend peaks at under 2 column buffers in
+the forward and under 3 in the backward with 64 or more channels per offset
+group (its sampling matrix costs about 50 bytes per column-buffer row, so it
+weighs more when a row holds few channels).
 The process-wide default can be set with the environment variable
 CUDCN_WORKSPACE_BYTES (a byte count, or a size such as 256MB or 1GiB); a
 temporary budget (:func:`workspace_bytes`) holds in one thread only.

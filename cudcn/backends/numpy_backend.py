@@ -1,4 +1,4 @@
-"""NumPy backend: deformable convolution in vectorised NumPy.
+"""NumPy backend: deformable convolution as a sparse sampling matrix.
 
 This file is cudcn's readable specification. A deformable convolution is
 
@@ -15,22 +15,81 @@ non-finite offset) counts 0 as a whole. At an integer y (or x), where the
 sample has a kink, the derivative is the one-sided one towards y + 1
 (rows y and y + 1) -- also at y = -1, where the value is 0 but the slope
 towards row 0 is not (torchvision's rule; paddle and mmcv return 0 there).
+Notation is that of :mod:`cudcn.geometry`.
+
+Sampling is a sparse matrix
+---------------------------
+Bilinear sampling is linear in the input, so for a chunk of n images it is
+one sparse matrix S:
+
+- X is the input channels-last, (n*H*W, C): a row per (image, input pixel),
+  holding that pixel's channels;
+- S has a row per (image, output pixel, kernel point), n*L*K rows, and a
+  column per (image, input pixel), plus one last column "outside the image"
+  whose row of X is zero;
+- each row of S has exactly four entries, the four pixels around its
+  sampling point (y, x), corner order (y0, x0), (y0, x0+1), (y0+1, x0),
+  (y0+1, x0+1) with y0 = floor(y), x0 = floor(x); the value of an entry is
+  the bilinear weight times the mask, so the mask is folded into S. A corner
+  outside the image, or any corner of a point that counts 0, points at the
+  "outside" column with value 0;
+- im2col is S·X: (n*L*K, C), which is the column buffer
+  ``columns[n, h*Wo + w, k, c]`` (N, Ho*Wo, kh*kw, C_in) as it lies in memory.
+
+Offset groups are blocks: each offset group g has its own matrix S_g (its
+own sampling points and mask) acting on its own C/G channels. The blocks are
+interleaved rather than stacked -- row ((image*L + pixel)*K + k)*G + g,
+column (image*H*W + pixel)*G + g -- and a row of group g has entries only in
+columns of group g. X is then the channels-last input seen as
+(n*H*W*G, C/G), the same memory, and S·X is (n*L*K*G, C/G): again the
+column buffer, with no copy per group.
+
 The computation is three steps:
 
-1. im2col: sample every (output pixel, kernel point, channel) into a column
-   buffer ``columns[n, h*Wo + w, k, c]`` (N, Ho*Wo, kh*kw, C_in), times the mask;
+1. im2col: ``columns = S·X``;
 2. a matrix product of the columns with the weight, per convolution group;
-3. for the gradients, col2im scatters column gradients back onto the input,
-   and col2im_coord turns them into offset and mask gradients.
+   backwards, the weight gradient is columnsᵀ·grad_out and the column
+   gradients are ``dcol = grad_out·weightᵀ``;
+3. col2im: the input gradient is ``Sᵀ·dcol`` (the transpose is a CSC view of
+   the same arrays: each row of S scatters its four entries);
+   col2im_coord: with ``s[r, a, b] = <dcol[r], X[corner (a, b) of row r]>``,
+   row-wise dot products of the column gradients with the four corner rows
+   (gathered by ``take`` from the 2-D X), and fy = y - y0, fx = x - x0:
 
-Channels are the last axis of the columns so that each sample gathers one
-contiguous row of channels: NumPy's fancy indexing is then fast. Notation is
-that of :mod:`cudcn.geometry`.
+       top    = (1 - fx) * s[r, 0, 0] + fx * s[r, 0, 1]   # row y0
+       bottom = (1 - fx) * s[r, 1, 0] + fx * s[r, 1, 1]   # row y0 + 1
+       d/dmask = (1 - fy) * top + fy * bottom
+       d/dy = mask * (bottom - top),  d/dx likewise with rows and columns swapped
+
+   A corner outside the image reads the zero row, so these hold at the border
+   too: at y = -1 the top row is outside, fy = 0, the value is 0 and d/dy is
+   the bottom row: the slope towards row 0.
+
+Every gather is a ``take`` along the first axis of a 2-D array (no fancy
+indexing with three index arrays). The batch is processed in chunks -- as
+many images as the workspace budget allows (:mod:`cudcn.config`) -- and S,
+built once for a chunk (or for each part of it, below), serves all three
+steps. Everything runs in the compute dtype (float32, or float64 for
+float64 input): S's values, X and the accumulations of Sᵀ·dcol, so no
+float64 scatter buffer is ever needed. Memory beyond the arguments: the
+column buffer (in the backward, the column gradients take its place), S and
+its per-row arrays (about 50 bytes per row), X, and the corner rows gathered
+a block at a time.
+
+Threads: scipy's sparse products run on one thread, so a chunk's images are
+shared out among threads, a part per CPU (when each part still gets enough
+work), each doing all three steps for its images (scipy and NumPy release
+the GIL); meanwhile BLAS runs one thread per part. The parts' column buffers
+add up to the chunk's. The weight gradient sums the parts in a fixed order,
+so results are bitwise repeatable on a given number of CPUs.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -43,164 +102,254 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-class _Corners(NamedTuple):
-    """Bilinear sampling of one chunk, per corner of the 2x2 neighbourhood.
+class _Sampling(NamedTuple):
+    """Bilinear sampling of n images, rows r = ((image*L + l)*K + k)*G + g."""
 
-    Every array is (4, n, L, K, G), corner order (y0, x0), (y0, x0+1),
-    (y0+1, x0), (y0+1, x0+1). A corner outside the image, or of a point that
-    counts 0, has index H*W (a padding pixel that reads as zero and absorbs
-    scattered gradients) and weight and derivatives 0. A point exactly on row
-    or column -1 has weight 0 at every corner but keeps its derivatives (the
-    one-sided slope towards the image, torchvision's rule).
-    """
+    images: int  # n
+    matrix: Any  # S: scipy.sparse.csr_array (n*L*K*G, n*H*W*G + 1), 4 entries per row
+    frac_y: np.ndarray  # (rows,) y - floor(y); 0 for a point that counts 0
+    frac_x: np.ndarray  # (rows,) x - floor(x)
+    mask: np.ndarray | None  # (rows,) or None
 
-    index: np.ndarray  # flat pixel index y*W + x
-    weight: np.ndarray  # bilinear weight (without the mask)
-    d_dy: np.ndarray  # derivative of the weight with respect to y
-    d_dx: np.ndarray  # derivative of the weight with respect to x
+    @property
+    def corners(self) -> np.ndarray:
+        """(rows, 4) column of S (row of X) of each corner."""
+        return self.matrix.indices.reshape(-1, 4)
 
 
-def _corners(geom: Geometry, offset: np.ndarray, dtype: np.dtype) -> _Corners:
-    """Sampling points of a chunk of images, offset (n, 2*G*K, Ho, Wo)."""
+def _mask_rows(geom: Geometry, mask: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """Mask (n, G*K, Ho, Wo) as (n*L*K*G,), the row order of S; None stays None."""
+    if mask is None:
+        return None
+    n, G, K = mask.shape[0], geom.offset_groups, geom.kernel_points
+    m = mask.reshape(n, G, K, geom.out_pixels).transpose(0, 3, 2, 1)
+    return np.ascontiguousarray(m, dtype=dtype).reshape(-1)
+
+
+def _sampling(geom: Geometry, offset: np.ndarray, mask: np.ndarray | None, dtype: np.dtype) -> _Sampling:
+    """S and the fractions of the sampling points of offset (n, 2*G*K, Ho, Wo)."""
+    from scipy import sparse  # only when the NumPy backend runs: `import cudcn` stays NumPy-only
+
     n, G, K = offset.shape[0], geom.offset_groups, geom.kernel_points
-    H, W, L = geom.height, geom.width, geom.out_pixels
+    H, W = geom.height, geom.width
+    rows = n * geom.out_pixels * K * G
+    outside = n * H * W * G  # the last column of S
+    index_dtype = np.int32 if max(outside, 4 * rows) < 2**31 else np.int64
 
-    # (n, G, K, 2, Ho, Wo) -> dy, dx as (n, L, K, G)
-    off = offset.reshape(n, G, K, 2, geom.out_h, geom.out_w).astype(dtype, copy=False)
-    dy = off[:, :, :, 0].transpose(0, 3, 4, 2, 1).reshape(n, L, K, G)
-    dx = off[:, :, :, 1].transpose(0, 3, 4, 2, 1).reshape(n, L, K, G)
-
+    # Sampling points (n, Ho, Wo, K, G), flat in row order: the regular grid plus the offsets.
+    off = offset.reshape(n, G, K, 2, geom.out_h, geom.out_w).transpose(3, 0, 4, 5, 2, 1)
     i, j = np.divmod(np.arange(K), geom.kernel_w)
-    rows = np.arange(geom.out_h) * geom.stride_h - geom.pad_h
-    cols = np.arange(geom.out_w) * geom.stride_w - geom.pad_w
-    shape = (geom.out_h, geom.out_w, K)
-    base_y = np.broadcast_to(rows[:, None, None] + i * geom.dil_h, shape)
-    base_x = np.broadcast_to(cols[None, :, None] + j * geom.dil_w, shape)
-    y = base_y.reshape(1, L, K, 1).astype(dtype) + dy
-    x = base_x.reshape(1, L, K, 1).astype(dtype) + dx
+    grid_y = np.arange(geom.out_h) * geom.stride_h - geom.pad_h
+    grid_x = np.arange(geom.out_w) * geom.stride_w - geom.pad_w
+    y = np.add(off[0], (grid_y[:, None, None] + i * geom.dil_h)[:, :, :, None], dtype=dtype).reshape(-1)
+    x = np.add(off[1], (grid_x[:, None] + j * geom.dil_w)[:, :, None], dtype=dtype).reshape(-1)
 
     # NaN fails every comparison, so non-finite offsets land outside too.
     # A point on row -1 (or column -1) has value 0 but, as in torchvision, the
     # one-sided slope towards row 0: it reaches the image for the derivatives.
     reach = (y >= -1) & (y < H) & (x >= -1) & (x < W)
-    inside = reach & (y > -1) & (x > -1)
-    y = np.where(reach, y, 0)
-    x = np.where(reach, x, 0)
+    np.copyto(y, 0, where=~reach)
+    np.copyto(x, 0, where=~reach)
     y0, x0 = np.floor(y), np.floor(x)
-    ly, lx = y - y0, x - x0
-    hy, hx = 1 - ly, 1 - lx
-    y0, x0 = y0.astype(np.intp), x0.astype(np.intp)
+    frac_y, frac_x = y - y0, x - x0
+    y0, x0 = y0.astype(index_dtype), x0.astype(index_dtype)
 
-    corners = (
-        # corner y, corner x, weight, d weight/dy, d weight/dx
-        (y0, x0, hy * hx, -hx, -hy),
-        (y0, x0 + 1, hy * lx, -lx, hy),
-        (y0 + 1, x0, ly * hx, hx, -ly),
-        (y0 + 1, x0 + 1, ly * lx, lx, ly),
+    # A point that reaches the image has -1 <= y0 <= H - 1: row y0 is inside
+    # unless it is -1, row y0 + 1 unless it is H (likewise for columns).
+    row_in = (y0 >= 0) & reach, (y0 < H - 1) & reach
+    col_in = x0 >= 0, x0 < W - 1
+    # Bilinear weights of the rows with the mask and "inside" folded in, and of the columns.
+    weight_y = (1 - frac_y) * row_in[0], frac_y * row_in[1]
+    weight_x = (1 - frac_x) * col_in[0], frac_x * col_in[1]
+    mask_rows = _mask_rows(geom, mask, dtype)
+    if mask_rows is not None:
+        for w in weight_y:
+            w *= mask_rows
+
+    # Column of S of the corner (y0, x0): (image*H*W + y0*W + x0)*G + g.
+    image_group = np.arange(n, dtype=index_dtype)[:, None] * (H * W * G) + np.arange(G, dtype=index_dtype)
+    top_left = (y0 * W + x0) * G
+    top_left.reshape(n, geom.out_pixels * K, G)[...] += image_group[:, None, :]
+
+    index = np.empty((rows, 4), index_dtype)
+    values = np.empty((rows, 4), dtype)
+    for c, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        np.add(top_left, (a * W + b) * G, out=index[:, c])
+        np.copyto(index[:, c], outside, where=~(row_in[a] & col_in[b]))
+        np.multiply(weight_y[a], weight_x[b], out=values[:, c])
+
+    matrix = sparse.csr_array(
+        (values.reshape(-1), index.reshape(-1), np.arange(0, 4 * rows + 1, 4, dtype=index_dtype)),
+        shape=(rows, outside + 1),
     )
-    index, weight, d_dy, d_dx = [], [], [], []
-    for cy, cx, w, wy, wx in corners:
-        ok = reach & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
-        index.append(np.where(ok, cy * W + cx, H * W))
-        weight.append(w * (ok & inside))
-        d_dy.append(wy * ok)
-        d_dx.append(wx * ok)
-    return _Corners(*(np.stack(a) for a in (index, weight, d_dy, d_dx)))
+    return _Sampling(n, matrix, frac_y, frac_x, mask_rows)
 
 
-def _mask_nlkg(geom: Geometry, mask: np.ndarray | None, n: int, dtype: np.dtype):
-    """Mask (n, G*K, Ho, Wo) as (n, L, K, G); 1 when there is no mask."""
-    if mask is None:
-        return np.ones((1, 1, 1, 1), dtype)
-    G, K = geom.offset_groups, geom.kernel_points
-    m = mask.reshape(n, G, K, geom.out_pixels).astype(dtype, copy=False)
-    return m.transpose(0, 3, 2, 1)
+def _pixel_rows(geom: Geometry, input: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """X: input (n, C, H, W) channels-last as (n*H*W*G + 1, C/G), a zero row last."""
+    n, C, G = input.shape[0], geom.in_channels, geom.offset_groups
+    pixels = np.empty((n * geom.height * geom.width * C + C // G,), dtype)
+    pixels[-(C // G):] = 0
+    pixels[:-(C // G)].reshape(n, geom.height, geom.width, C)[...] = input.transpose(0, 2, 3, 1)
+    return pixels.reshape(-1, C // G)
 
 
-def _pixels_last(geom: Geometry, input: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Input (n, C, H, W) as (n, H*W + 1, G, C/G), a zero padding pixel last."""
-    n, G = input.shape[0], geom.offset_groups
-    out = np.zeros((n, geom.height * geom.width + 1, geom.in_channels), dtype)
-    out[:, :-1] = input.reshape(n, geom.in_channels, geom.height * geom.width).transpose(0, 2, 1)
-    return out.reshape(n, geom.height * geom.width + 1, G, geom.in_channels // G)
+def _im2col(sampling: _Sampling, pixels: np.ndarray) -> np.ndarray:
+    """S·X: columns as (n*L*K*G, C/G)."""
+    return sampling.matrix @ pixels
 
 
-def _gather(pixels: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """pixels (n, H*W+1, G, Cg) at index (n, L, K, G) -> (n, L, K, G, Cg)."""
-    n, G = pixels.shape[0], pixels.shape[2]
-    return pixels[np.arange(n)[:, None, None, None], index, np.arange(G)]
+def _col2im(geom: Geometry, sampling: _Sampling, grad_columns: np.ndarray) -> np.ndarray:
+    """Sᵀ·dcol: input gradient (n, C, H, W) from column gradients (n*L*K*G, C/G)."""
+    grad = sampling.matrix.T @ grad_columns  # (n*H*W*G + 1, C/G)
+    grad = grad[:-1].reshape(sampling.images, geom.height, geom.width, geom.in_channels)
+    return grad.transpose(0, 3, 1, 2)
 
 
-def _im2col(geom, input, corners, mask, dtype) -> np.ndarray:
-    """Columns (n, L, K, C) of one chunk."""
-    pixels = _pixels_last(geom, input, dtype)
-    columns = 0
-    for c in range(4):
-        columns = columns + (corners.weight[c] * mask)[..., None] * _gather(
-            pixels, corners.index[c]
-        )
-    n, L, K, G, Cg = columns.shape
-    return columns.reshape(n, L, K, G * Cg)
+#: Bytes of corner rows gathered at once for the corner products: enough to
+#: amortise the loop, few enough to be read back from cache.
+_GATHER_BYTES = 2**20
 
 
-def _col2im(geom, columns, corners, mask, dtype) -> np.ndarray:
-    """Scatter column gradients (n, L, K, C) onto the input: (n, C, H, W)."""
-    n, L, K, C = columns.shape
-    G = geom.offset_groups
-    Cg = C // G
-    pixels = geom.height * geom.width + 1
-    columns = columns.reshape(n, L, K, G, Cg)
-    # Flat position of (image, pixel, offset group, channel) in (n, HW+1, G, Cg).
-    row = (np.arange(n)[:, None, None, None] * pixels * G + np.arange(G)) * Cg
-    channel = np.arange(Cg)
-    grad = np.zeros(n * pixels * C)
-    for c in range(4):
-        key = (row + corners.index[c] * (G * Cg))[..., None] + channel
-        values = columns * (corners.weight[c] * mask)[..., None]
-        grad += np.bincount(key.ravel(), values.ravel(), minlength=grad.size)
-    grad = grad.reshape(n, pixels, C)[:, :-1].astype(dtype, copy=False)
-    return grad.transpose(0, 2, 1).reshape(n, C, geom.height, geom.width)
+def _corner_products(sampling: _Sampling, grad_columns: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """s (4, rows): s[c, r] = <dcol[r], X[corner c of row r]>, rows (n*L*K*G, C/G).
 
-
-def _col2im_coord(geom, columns, input, corners, mask, dtype):
-    """Offset (n, 2GK, Ho, Wo) and mask (n, GK, Ho, Wo) gradients of a chunk.
-
-    With s_c = sum over a group's channels of column gradient * corner value,
-    d out/d y = mask * sum_c d_dy_c * s_c, likewise for x, and
-    d out/d mask = sum_c weight_c * s_c.
+    The four corner rows of X are gathered (``take`` on the 2-D X) for a block
+    of rows at a time, so that they are read back from cache; a block is also
+    at most an eighth of the rows, so the gathered rows never take more than
+    half a column buffer.
     """
-    n, L, K, C = columns.shape
-    G = geom.offset_groups
-    pixels = _pixels_last(geom, input, dtype)
-    columns = columns.reshape(n, L, K, G, C // G)
-    grad_y = grad_x = grad_m = 0
-    for c in range(4):
-        s = np.einsum("...c,...c->...", columns, _gather(pixels, corners.index[c]))
-        grad_y = grad_y + corners.d_dy[c] * s
-        grad_x = grad_x + corners.d_dx[c] * s
-        grad_m = grad_m + corners.weight[c] * s
+    rows, width = grad_columns.shape
+    s = np.empty((4, rows), grad_columns.dtype)
+    block = max(1, min(_GATHER_BYTES // (4 * width * grad_columns.itemsize), rows // 8))
+    gathered = np.empty((min(block, rows), 4, width), grad_columns.dtype)
+    for start in range(0, rows, block):
+        part = slice(start, start + block)
+        corners = gathered[:len(grad_columns[part])]
+        # Every index is valid; mode="clip" spares the copy NumPy makes of `out` otherwise.
+        pixels.take(sampling.corners[part], axis=0, out=corners, mode="clip")  # (block, 4, C/G)
+        np.einsum("rkc,rc->kr", corners, grad_columns[part], out=s[:, part])
+    return s
 
-    def to_nchw(a):  # (n, L, K, G) -> (n, G, K, Ho, Wo)
-        return a.transpose(0, 3, 2, 1).reshape(n, G, K, geom.out_h, geom.out_w)
 
-    grad_offset = np.stack([to_nchw(grad_y * mask), to_nchw(grad_x * mask)], axis=3)
+def _col2im_coord(geom, sampling, grad_columns, pixels, dtype):
+    """Offset (n, 2GK, Ho, Wo) and mask (n, GK, Ho, Wo) gradients (None without
+    a mask) from column gradients (n*L*K*G, C/G) and X (n*H*W*G + 1, C/G)."""
+    s = _corner_products(sampling, grad_columns, pixels)
+    fy, fx = sampling.frac_y, sampling.frac_x
+    top = s[0] + fx * (s[1] - s[0])  # row y0, interpolated in x
+    bottom = s[2] + fx * (s[3] - s[2])  # row y0 + 1
+    left = s[0] + fy * (s[2] - s[0])  # column x0, interpolated in y
+    right = s[1] + fy * (s[3] - s[1])  # column x0 + 1
+    grad_y, grad_x = bottom - top, right - left
+    if sampling.mask is not None:
+        grad_y *= sampling.mask
+        grad_x *= sampling.mask
+
+    n, G, K, L = sampling.images, geom.offset_groups, geom.kernel_points, geom.out_pixels
+
+    def offset_layout(a):  # rows (n, L, K, G) -> (n, G, K, L)
+        return a.reshape(n, L, K, G).transpose(0, 3, 2, 1)
+
+    grad_offset = np.empty((n, G, K, 2, L), dtype)
+    grad_offset[:, :, :, 0] = offset_layout(grad_y)
+    grad_offset[:, :, :, 1] = offset_layout(grad_x)
     grad_offset = grad_offset.reshape(n, 2 * G * K, geom.out_h, geom.out_w)
-    grad_mask = to_nchw(grad_m).reshape(n, G * K, geom.out_h, geom.out_w)
-    return grad_offset, grad_mask
-
-
-
-
-
-
-
-
-
-
+    if sampling.mask is None:
+        return grad_offset, None
+    grad_mask = top + fy * (bottom - top)
+    return grad_offset, np.ascontiguousarray(offset_layout(grad_mask)).reshape(n, G * K, geom.out_h, geom.out_w)
 
 
 def _chunk_mask(mask, part):
     return None if mask is None else mask[part]
+
+
+def _column_rows(geom: Geometry, columns: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Columns (n, L, K, C) as (n*L*K*G, C/G) in the compute dtype."""
+    return np.ascontiguousarray(columns, dtype=dtype).reshape(-1, geom.in_channels // geom.offset_groups)
+
+
+def _forward_part(geom, input, offset, mask, w, dtype) -> np.ndarray:
+    """Output (n, C_out, Ho, Wo) of some images, without the bias; w from layout.weight_matrix."""
+    n = input.shape[0]
+    sampling = _sampling(geom, offset, mask, dtype)
+    columns = _im2col(sampling, _pixel_rows(geom, input, dtype))
+    columns = columns.reshape(n, geom.out_pixels, geom.kernel_points, geom.in_channels)
+    y = np.matmul(layout.grouped_columns(geom, columns), w)  # (groups, n*L, O/groups)
+    y = y.transpose(1, 0, 2).reshape(n, geom.out_h, geom.out_w, geom.out_channels)
+    return y.transpose(0, 3, 1, 2)
+
+
+def _backward_part(geom, grad_output, input, offset, mask, w, dtype):
+    """Gradients (input, offset, mask or None, weight matrix) of some images.
+
+    S is built once and serves im2col (for the weight gradient), col2im and
+    col2im_coord. Its temporaries end with the call.
+    """
+    n, g = input.shape[0], geom.groups
+    sampling = _sampling(geom, offset, mask, dtype)
+    pixels = _pixel_rows(geom, input, dtype)
+    go = grad_output.astype(dtype, copy=False).reshape(n, g, -1, geom.out_pixels).transpose(1, 0, 3, 2)
+    go = go.reshape(g, n * geom.out_pixels, -1)  # (groups, n*L, O/groups)
+    columns = _im2col(sampling, pixels)
+    grouped = layout.grouped_columns(geom, columns.reshape(n, geom.out_pixels, geom.kernel_points, -1))
+    grad_w = np.matmul(grouped.transpose(0, 2, 1), go)
+    # The column gradients take the columns' place; with one convolution group
+    # the grouped view is the columns' own memory, so they take it over too.
+    out = grouped if g == 1 else None
+    del columns
+    grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1), out=out), n)
+    grad_columns = _column_rows(geom, grad_columns, dtype)
+    grad_input = _col2im(geom, sampling, grad_columns)
+    grad_offset, grad_mask = _col2im_coord(geom, sampling, grad_columns, pixels, dtype)
+    return grad_input, grad_offset, grad_mask, grad_w
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+#: Fewest column-buffer values worth a thread of their own: for less work,
+#: starting and joining the thread costs about what it saves.
+_MIN_PART_VALUES = 2**17
+
+
+def _parts(geom: Geometry, chunk: slice) -> list[slice]:
+    """The images of a chunk shared out among threads: a part per CPU, at
+    most one per image and one per _MIN_PART_VALUES column values. The parts'
+    column buffers together are the chunk's."""
+    images = range(geom.batch)[chunk]
+    values = len(images) * geom.out_pixels * geom.kernel_points * geom.in_channels
+    count = max(1, min(_cpu_count(), len(images), values // _MIN_PART_VALUES))
+    bounds = [images.start + len(images) * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@functools.cache
+def _blas():
+    """threadpoolctl's handle on the BLAS libraries NumPy loaded (found once)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _in_threads(fn, parts: list[slice]) -> list:
+    """[fn(part) for part in parts], each part in a thread of its own.
+
+    scipy's sparse products and NumPy's gathers and GEMMs release the GIL, so
+    the parts run at once; scipy's products are single-threaded, so this is
+    how they use every core. Meanwhile BLAS runs one thread per part: its own
+    threads would only compete with the parts' (and, waiting for each other,
+    stall whenever a core is busy with something else).
+    """
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    with _blas().limit(limits=1, user_api="blas"), ThreadPoolExecutor(len(parts)) as pool:
+        return list(pool.map(fn, parts))
 
 
 def forward(geom, input, offset, weight, bias, mask):
@@ -208,14 +357,12 @@ def forward(geom, input, offset, weight, bias, mask):
     dtype = _compute_dtype(geom.dtype)
     out = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
     w = layout.weight_matrix(geom, weight, dtype)
-    for part in layout.chunks(geom, dtype):
-        x, off = input[part], offset[part]
-        n = x.shape[0]
-        m = _mask_nlkg(geom, _chunk_mask(mask, part), n, dtype)
-        columns = _im2col(geom, x, _corners(geom, off, dtype), m, dtype)
-        y = np.matmul(layout.grouped_columns(geom, columns), w)  # (groups, n*L, O/groups)
-        y = y.transpose(1, 0, 2).reshape(n, geom.out_h, geom.out_w, geom.out_channels)
-        out[part] = y.transpose(0, 3, 1, 2)
+
+    def run(part):
+        out[part] = _forward_part(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype)
+
+    for chunk in layout.chunks(geom, dtype):
+        _in_threads(run, _parts(geom, chunk))
     if bias is not None:
         out += bias.astype(dtype).reshape(1, -1, 1, 1)
     return out.astype(geom.dtype, copy=False)
@@ -228,24 +375,19 @@ def backward(geom, grad_output, input, offset, weight, mask):
     grad_offset = np.empty(offset.shape, dtype)
     grad_mask = np.empty(mask.shape, dtype) if mask is not None else None
     w = layout.weight_matrix(geom, weight, dtype)
-    grad_w = np.zeros_like(w)
-    g = geom.groups
-    for part in layout.chunks(geom, dtype):
-        x, off = input[part], offset[part]
-        n = x.shape[0]
-        m = _mask_nlkg(geom, _chunk_mask(mask, part), n, dtype)
-        corners = _corners(geom, off, dtype)
-        go = grad_output[part].astype(dtype, copy=False)
-        go = go.reshape(n, g, -1, geom.out_pixels).transpose(1, 0, 3, 2)
-        go = go.reshape(g, n * geom.out_pixels, -1)  # (groups, n*L, O/groups)
-        columns = _im2col(geom, x, corners, m, dtype)
-        grad_w += np.matmul(layout.grouped_columns(geom, columns).transpose(0, 2, 1), go)
-        grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1)), n)
-        grad_input[part] = _col2im(geom, grad_columns, corners, m, dtype)
-        g_off, g_mask = _col2im_coord(geom, grad_columns, x, corners, m, dtype)
-        grad_offset[part] = g_off
+
+    def run(part):
+        grads = _backward_part(geom, grad_output[part], input[part], offset[part],
+                               _chunk_mask(mask, part), w, dtype)
+        grad_input[part], grad_offset[part] = grads[0], grads[1]
         if grad_mask is not None:
-            grad_mask[part] = g_mask
+            grad_mask[part] = grads[2]
+        return grads[3]
+
+    grad_w = np.zeros_like(w)
+    for chunk in layout.chunks(geom, dtype):
+        for part_grad_w in _in_threads(run, _parts(geom, chunk)):
+            grad_w += part_grad_w  # in a fixed order: bitwise repeatable
     grad_bias = None
     if geom.has_bias:
         grad_bias = grad_output.astype(dtype, copy=False).sum(axis=(0, 2, 3))
@@ -256,24 +398,24 @@ def backward(geom, grad_output, input, offset, weight, mask):
 def im2col(geom, input, offset, mask):
     """Columns (N, Ho*Wo, kh*kw, C_in), mask applied."""
     dtype = _compute_dtype(geom.dtype)
-    m = _mask_nlkg(geom, mask, geom.batch, dtype)
-    columns = _im2col(geom, input, _corners(geom, offset, dtype), m, dtype)
-    return columns.astype(geom.dtype)
+    sampling = _sampling(geom, offset, mask, dtype)
+    columns = _im2col(sampling, _pixel_rows(geom, input, dtype))
+    return columns.reshape(geom.columns_shape).astype(geom.dtype, copy=False)
 
 
 def col2im(geom, columns, offset, mask):
     """Input gradient (N, C_in, H, W) from column gradients (N, Ho*Wo, kh*kw, C_in)."""
     dtype = _compute_dtype(geom.dtype)
-    m = _mask_nlkg(geom, mask, geom.batch, dtype)
-    cols = columns.astype(dtype, copy=False)
-    grad = _col2im(geom, cols, _corners(geom, offset, dtype), m, dtype)
-    return grad.astype(geom.dtype)
+    sampling = _sampling(geom, offset, mask, dtype)
+    grad = _col2im(geom, sampling, _column_rows(geom, columns, dtype))
+    return np.ascontiguousarray(grad, dtype=geom.dtype)
 
 
 def col2im_coord(geom, columns, input, offset, mask):
     """Offset gradient (N, 2GK, Ho, Wo) and mask gradient (N, GK, Ho, Wo) or None."""
     dtype = _compute_dtype(geom.dtype)
-    m = _mask_nlkg(geom, mask, geom.batch, dtype)
-    cols = columns.astype(dtype, copy=False)
-    g_off, g_mask = _col2im_coord(geom, cols, input, _corners(geom, offset, dtype), m, dtype)
-    return g_off.astype(geom.dtype), (None if mask is None else g_mask.astype(geom.dtype))
+    sampling = _sampling(geom, offset, mask, dtype)
+    pixels = _pixel_rows(geom, input, dtype)
+    grad_columns = _column_rows(geom, columns, dtype)
+    g_off, g_mask = _col2im_coord(geom, sampling, grad_columns, pixels, dtype)
+    return g_off.astype(geom.dtype), (None if g_mask is None else g_mask.astype(geom.dtype))

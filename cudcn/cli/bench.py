@@ -25,9 +25,10 @@ import importlib
 import json
 import statistics
 import time
+import tracemalloc
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -299,18 +300,45 @@ def _paddle_prepared(case: Case, args: dict) -> Prepared:
 # Timing and reporting
 
 
-def median_ms(fn: Callable[[], Any], sync: Callable[[], None], warmup: int, repeat: int) -> float:
-    """Median wall time of fn in milliseconds, synchronised around each call."""
+def median_ms(timed: Sequence[tuple[Callable[[], Any], Callable[[], None]]],
+              warmup: int = 1, repeat: int = 5) -> list[float]:
+    """Median wall time in milliseconds of each (function, synchronise) pair.
+
+    The calls are interleaved: each round calls every function once, in turn,
+    so that a change in the machine's load during the run falls on all of them
+    alike. Each call is timed from a synchronised start to its synchronised end.
+    """
     for _ in range(warmup):
-        fn()
-    sync()
-    times = []
+        for fn, sync in timed:
+            fn()
+            sync()
+    times: list[list[float]] = [[] for _ in timed]
     for _ in range(repeat):
-        start = time.perf_counter()
+        for (fn, sync), series in zip(timed, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            series.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(series) for series in times]
+
+
+def peak_traced_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of the memory tracemalloc traces (NumPy's arrays included) during
+    fn(), above what was allocated before; a first, untraced call keeps
+    imports and caches out of it."""
+    fn()
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
         fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
 
 
 def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0) -> list[dict]:
@@ -327,8 +355,9 @@ def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0) -> li
             prepared = prepare()
             output = prepared.to_numpy(prepared.forward())
             row["max_rel_diff"] = float(np.abs(output - reference).max()) / scale
-            row["forward_ms"] = median_ms(prepared.forward, prepared.synchronize, warmup, repeat)
-            row["forward_backward_ms"] = median_ms(prepared.forward_backward, prepared.synchronize, warmup, repeat)
+            row["forward_ms"], row["forward_backward_ms"] = median_ms(
+                [(prepared.forward, prepared.synchronize), (prepared.forward_backward, prepared.synchronize)],
+                warmup, repeat)
         except (NotAvailable, ImportError) as error:
             row["status"] = f"not available: {error}"
         except Exception as error:  # a peer failing must not stop the others

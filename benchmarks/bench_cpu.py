@@ -1,0 +1,201 @@
+"""CPU speed and memory: cudcn's NumPy backend against the CPU peers that are installed.
+
+DCNv2 (with mask), 3x3, padding 1, float32, forward + backward (every
+gradient), at three shapes:
+
+    N8 C64->64 32x32,  N4 C128->128 64x64,  N2 C256->256 64x64
+
+against the pure-torch ``grid_sample`` implementation of ``cudcn bench``,
+``torchvision.ops.deform_conv2d`` and ``paddle.vision.ops.deform_conv2d`` on
+the CPU, whichever are installed. All run in this process on the same
+inputs, interleaved round by round (``cudcn.cli.bench.median_ms``); the table
+gives medians. Each output is compared with cudcn's in float64 first, so the
+timed computations are the same. Peak memory is that of cudcn's NumPy
+backend as tracemalloc traces it (NumPy's arrays), above the arguments, in
+units of the column buffer (N*Ho*Wo*kh*kw*C_in values).
+
+    python benchmarks/bench_cpu.py [--repeat 5] [--shapes 1 2 3] [--out benchmarks/results]
+
+Writes bench_cpu.md (the tables) and bench_cpu.json (the figures, date,
+machine, CPU count, threads and versions) to --out, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+import cudcn
+from cudcn.cli.bench import Case, NotAvailable, implementations, make_arguments, median_ms, peak_traced_bytes
+
+#: (N, C_in = C_out, H = W)
+SHAPES = ((8, 64, 32), (4, 128, 64), (2, 256, 64))
+
+#: Implementations timed, by their name in ``cudcn.cli.bench.implementations``, all on the CPU.
+TIMED = ("cudcn (numpy backend)", "pure torch (grid_sample)", "torchvision", "paddle")
+OURS = TIMED[0]
+
+
+def shape_label(case: Case) -> str:
+    return f"N{case.batch} C{case.in_channels}→{case.out_channels} {case.size}×{case.size}"
+
+
+def measure(case: Case, warmup: int, repeat: int) -> dict:
+    """Median times of every available implementation (interleaved) and cudcn's peak memory."""
+    args = make_arguments(case)
+    reference = cudcn.deform_conv2d(**args, padding=case.padding)
+    scale = float(np.abs(reference).max())
+    ready, status, difference = {}, {}, {}
+    for name, device, prepare in implementations(case, args):
+        if device != "cpu" or name not in TIMED:
+            continue
+        try:
+            prepared = prepare()
+            output = prepared.to_numpy(prepared.forward())
+        except (NotAvailable, ImportError) as error:
+            status[name] = f"not available: {error}"
+            continue
+        ready[name] = prepared
+        status[name] = "ok"
+        difference[name] = float(np.abs(output - reference).max()) / scale
+    names = list(ready)
+    timed = [(ready[n].forward, ready[n].synchronize) for n in names]
+    timed += [(ready[n].forward_backward, ready[n].synchronize) for n in names]
+    medians = median_ms(timed, warmup, repeat)
+    forward, forward_backward = medians[:len(names)], medians[len(names):]
+
+    arrays = {k: v.astype(case.dtype) for k, v in args.items()}
+    grad_output = np.ones_like(reference, dtype=case.dtype)
+    column_bytes = case.batch * case.size**2 * case.kernel**2 * case.in_channels * np.dtype(case.dtype).itemsize
+    peak_forward = peak_traced_bytes(lambda: cudcn.deform_conv2d(**arrays, padding=case.padding))
+    peak_backward = peak_traced_bytes(
+        lambda: cudcn.deform_conv2d_backward(grad_output, **arrays, padding=case.padding))
+    return {
+        "shape": shape_label(case),
+        "case": asdict(case) | {"padding": case.padding},
+        "implementations": {
+            n: {"status": status[n]} | ({"forward_ms": forward[names.index(n)],
+                                         "forward_backward_ms": forward_backward[names.index(n)],
+                                         "max_rel_diff": difference[n]} if n in ready else {})
+            for n in status
+        },
+        "column_buffer_bytes": column_bytes,
+        "peak_forward_bytes": peak_forward,
+        "peak_backward_bytes": peak_backward,
+    }
+
+
+def environment(warmup: int, repeat: int) -> dict:
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    threads = {}
+    if "torch" in sys.modules:
+        threads["torch"] = sys.modules["torch"].get_num_threads()
+    try:
+        from threadpoolctl import threadpool_info
+
+        for pool in threadpool_info():
+            if pool["user_api"] == "blas":
+                threads[f"{pool['internal_api']} ({pool['prefix']})"] = pool["num_threads"]
+    except ImportError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {_cpu_model()}".strip(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("cudcn", "numpy", "scipy", "torch", "torchvision", "paddlepaddle")},
+        "threads": threads,
+        "warmup": warmup,
+        "repeat": repeat,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(env: dict, results: list[dict]) -> str:
+    """The two tables: times with ratios, and cudcn's peak memory."""
+    present = [n for n in TIMED if any(r["implementations"].get(n, {}).get("status") == "ok" for r in results)]
+    peers = [n for n in present if n != OURS]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines = [
+        "# CPU benchmark: DCNv2 3x3, float32, forward + backward",
+        "",
+        f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs; threads: "
+        + ", ".join(f"{k} {v}" for k, v in env["threads"].items()) + f"; {versions}.",
+        f"Medians of {env['repeat']} interleaved rounds (after {env['warmup']} warm-up), "
+        "forward + backward (forward alone in parentheses), in ms:",
+        "",
+        "| shape | " + " | ".join(present) + " | " + " | ".join(f"cudcn / {p}" for p in peers) + " |",
+        "|---" * (1 + len(present) + len(peers)) + "|",
+    ]
+    for r in results:
+        impl = r["implementations"]
+        cells = [f"{impl[n]['forward_backward_ms']:.0f} ({impl[n]['forward_ms']:.0f})"
+                 if impl.get(n, {}).get("status") == "ok" else "-" for n in present]
+        ours = impl[OURS]["forward_backward_ms"]
+        ratios = [f"{ours / impl[p]['forward_backward_ms']:.2f}" if impl.get(p, {}).get("status") == "ok" else "-"
+                  for p in peers]
+        lines.append(f"| {r['shape']} | " + " | ".join(cells + ratios) + " |")
+    lines += [
+        "",
+        "Peak memory of cudcn's NumPy backend (tracemalloc, above the arguments), in column buffers:",
+        "",
+        "| shape | column buffer | forward | backward |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        column = r["column_buffer_bytes"]
+        lines.append(f"| {r['shape']} | {column / 2**20:.0f} MiB | {r['peak_forward_bytes'] / column:.2f} "
+                     f"| {r['peak_backward_bytes'] / column:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; medians are reported (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--shapes", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                        help="which of the three shapes (default all)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                        help="folder for bench_cpu.md and bench_cpu.json (default benchmarks/results)")
+    args = parser.parse_args()
+
+    results = []
+    for index in args.shapes:
+        n, c, size = SHAPES[index - 1]
+        case = Case(n, c, c, size, 3, 1, True, "float32")
+        results.append(measure(case, args.warmup, args.repeat))
+        print(f"measured {results[-1]['shape']}", file=sys.stderr)
+    env = environment(args.warmup, args.repeat)
+    table = markdown(env, results)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_cpu.md").write_text(table)
+    (args.out / "bench_cpu.json").write_text(json.dumps(env | {"results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
