@@ -11,13 +11,15 @@ above its inputs. Both libraries see the same data (shared through DLPack);
 tables with the ratios cudcn / torchvision last and, with --output, writes
 them and a JSON record (environment included).
 
-The first table times cudcn's default algorithm ("auto"). The second times
+The first table times cudcn's default algorithm ("auto"). The third times
 the forward of each algorithm -- im2col, fused and "auto" (which measures
 both on its first call and keeps the faster: the table names its choice) --
 beside torchvision and cuDNN's plain convolution of the same shape
 (``torch.nn.functional.conv2d``, ``torch.backends.cudnn.benchmark`` on: the
 floor a deformable convolution can approach), with each algorithm's peak
-memory. The backward has no fused kernel yet: it is im2col's in every row.
+memory. The fourth does the same for the backward (all five gradients),
+beside torchvision's, with the fused forward + backward over torchvision's
+and the fused peak (forward or backward) over torchvision's.
 
     PYTHONPATH=. python benchmarks/bench_gpu.py [--quick] [--output DIR]
 
@@ -164,7 +166,8 @@ def peak_mb(cupy, tracker, fn, s) -> float:
     return (tracker.peak - base) / 2**20
 
 
-def bench_cudcn(cupy, tracker, sets, warmup, repeat):
+def cudcn_backward(cupy, sets):
+    """backward(s): every gradient of set s, with a grad_output of ones made once per set."""
     grads = {id(s): cupy.ones_like(cudcn_forward(s)) for s in sets}
 
     def backward(s):
@@ -172,6 +175,11 @@ def bench_cudcn(cupy, tracker, sets, warmup, repeat):
             grads[id(s)], s["input"], s["offset"], s["weight"], s["bias"], padding=1, mask=s["mask"]
         )
 
+    return backward
+
+
+def bench_cudcn(cupy, tracker, sets, warmup, repeat):
+    backward = cudcn_backward(cupy, sets)
     result = {}
     for name, fn in (("forward", cudcn_forward), ("backward", backward)):
         result[f"{name}_ms"] = time_cupy(cupy, fn, sets, warmup, repeat)
@@ -183,19 +191,23 @@ ALGORITHMS = ("im2col", "fused", "auto")
 
 
 def bench_algorithms(cupy, tracker, sets, warmup, repeat):
-    """Forward milliseconds and peak MiB of each algorithm; what "auto" chose."""
+    """Forward and backward milliseconds and peak MiB of each algorithm; what
+    "auto" chose for each direction (auto_chose, auto_backward_chose)."""
+    backward = cudcn_backward(cupy, sets)
     result = {}
     for name in ALGORITHMS:
         with cudcn.algorithm(name):
-            result[f"{name}_forward_ms"] = time_cupy(cupy, cudcn_forward, sets, warmup, repeat)
-            result[f"{name}_forward_peak_mb"] = peak_mb(cupy, tracker, cudcn_forward, sets[0])
+            for direction, fn in (("forward", cudcn_forward), ("backward", backward)):
+                result[f"{name}_{direction}_ms"] = time_cupy(cupy, fn, sets, warmup, repeat)
+                result[f"{name}_{direction}_peak_mb"] = peak_mb(cupy, tracker, fn, sets[0])
     x = sets[0]["input"]
-    chosen = [c for c in cudcn.algorithm_choices()
-              if c.direction == "forward" and dict(c.settings)["tf32"] == cudcn.is_tf32_enabled()
-              and c.geometry.dtype == x.dtype
-              and (c.geometry.batch, c.geometry.in_channels, c.geometry.height, c.geometry.width) == x.shape]
-    result["auto_chose"] = chosen[-1].chosen if chosen else "im2col (only candidate)"
-    result["auto_seconds"] = chosen[-1].seconds if chosen else {}
+    for direction, prefix in (("forward", "auto_"), ("backward", "auto_backward_")):
+        chosen = [c for c in cudcn.algorithm_choices()
+                  if c.direction == direction and dict(c.settings)["tf32"] == cudcn.is_tf32_enabled()
+                  and c.geometry.dtype == x.dtype
+                  and (c.geometry.batch, c.geometry.in_channels, c.geometry.height, c.geometry.width) == x.shape]
+        result[prefix + "chose"] = chosen[-1].chosen if chosen else "im2col (only candidate)"
+        result[prefix + "seconds"] = chosen[-1].seconds if chosen else {}
     return result
 
 
@@ -375,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             del sets
             cupy.get_default_memory_pool().free_all_blocks()
 
-    table = render(rows, record) + "\n\n" + render_sampling(rows) + "\n\n" + render_algorithms(rows)
+    table = "\n\n".join([render(rows, record), render_sampling(rows), render_algorithms(rows),
+                           render_backward_algorithms(rows)])
     print(table)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
@@ -482,6 +495,38 @@ def render_algorithms(rows: list[dict]) -> str:
             f"| {fmt(fused / tv if tv else None, '.2f')} | {fmt(fused / conv if conv else None, '.2f')} "
             f"| {ours['im2col_forward_peak_mb']:.0f} | {ours['fused_forward_peak_mb']:.0f} "
             f"| {fmt(cudnn.get('forward_peak_mb'), '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def render_backward_algorithms(rows: list[dict]) -> str:
+    """The fourth table: each algorithm's backward beside torchvision's; the
+    fused forward + backward and the fused peak over torchvision's."""
+    def fmt(value, spec=".3f"):
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "Backward by algorithm (ms; peak MiB above the inputs); auto = what \"auto\" chose on its first call; "
+        "fwd+bwd = fused forward + fused backward over torchvision's; peak = the larger of forward and backward:",
+        "",
+        "| shape | precision | im2col ms | fused ms | auto ms (chose) | tv ms | fused/tv | fwd+bwd fused/tv "
+        "| im2col peak | fused peak | tv peak | fused/tv peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours, theirs = r["cudcn"], r["torchvision"] or {}
+        fused = ours["fused_backward_ms"]
+        tv = theirs.get("backward_ms")
+        both = ours["fused_forward_ms"] + fused
+        their_both = tv + theirs["forward_ms"] if tv else None
+        peak = max(ours["fused_forward_peak_mb"], ours["fused_backward_peak_mb"])
+        their_peak = max(theirs["forward_peak_mb"], theirs["backward_peak_mb"]) if theirs else None
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {ours['im2col_backward_ms']:.3f} | {fused:.3f} "
+            f"| {ours['auto_backward_ms']:.3f} ({ours['auto_backward_chose']}) | {fmt(tv)} "
+            f"| {fmt(fused / tv if tv else None, '.2f')} | {fmt(both / their_both if their_both else None, '.2f')} "
+            f"| {ours['im2col_backward_peak_mb']:.0f} | {ours['fused_backward_peak_mb']:.0f} "
+            f"| {fmt(theirs.get('backward_peak_mb'), '.0f')} | {fmt(peak / their_peak if their_peak else None, '.2f')} |"
         )
     return "\n".join(lines)
 

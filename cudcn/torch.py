@@ -48,6 +48,9 @@ Precision and determinism:
   ``torch.backends.cuda.matmul.allow_tf32 = True``; read where the op runs)
   or cudcn's setting (``cudcn.tf32()``) is in force at the forward call.
   Off by default, as in torch.
+- cudcn's algorithm (``cudcn.algorithm``) and workspace budget
+  (``cudcn.workspace_bytes``) in force at the forward call hold for its
+  backward too, for the same reason.
 - Double backward is not supported.
 
 Leaving Python: TorchScript compiles the function and the modules to calls of
@@ -271,6 +274,19 @@ def _determinism(requested: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _forward_settings(algorithm: str, workspace_bytes: int) -> Iterator[None]:
+    """cudcn's algorithm and workspace budget as they were at the forward
+    ("" and 0: leave this thread's own), for a backward that autograd may run
+    in another thread."""
+    with contextlib.ExitStack() as stack:
+        if algorithm:
+            stack.enter_context(cudcn.algorithm(algorithm))
+        if workspace_bytes:
+            stack.enter_context(cudcn.workspace_bytes(workspace_bytes))
+        yield
+
+
 # --------------------------------------------------------------------------
 # The custom ops
 # --------------------------------------------------------------------------
@@ -319,6 +335,8 @@ def _deform_conv2d_backward_op(
     dilation: Sequence[int],
     deterministic: bool,
     tf32: bool = False,
+    algorithm: str = "",
+    workspace_bytes: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (input, offset, weight, bias, mask) from the core's backward.
 
@@ -326,13 +344,16 @@ def _deform_conv2d_backward_op(
     had no bias or no mask (a custom op cannot return None). ``deterministic``
     asks for the bitwise-repeatable path (as does
     torch.use_deterministic_algorithms(True)); ``tf32`` lets float32 GEMMs
-    use TF32 (as does torch's float32 matmul precision).
+    use TF32 (as does torch's float32 matmul precision); ``algorithm`` and
+    ``workspace_bytes`` are cudcn's settings at the forward ("" and 0: this
+    thread's own).
     """
     _check_tensors({
         "input": input, "offset": offset, "weight": weight, "bias": bias,
         "mask": mask, "grad_output": grad_output,
     })
-    with _backend_context(input), _determinism(deterministic), _tf32(tf32):
+    with _backend_context(input), _determinism(deterministic), _tf32(tf32), \
+            _forward_settings(algorithm, workspace_bytes):
         arrays = [_to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
         grads = cudcn.deform_conv2d_backward(
             *arrays[:5], stride=stride, padding=padding, dilation=dilation, mask=arrays[5]
@@ -344,7 +365,7 @@ def _deform_conv2d_backward_op(
 
 @_deform_conv2d_backward_op.register_fake
 def _deform_conv2d_backward_fake(grad_output, input, offset, weight, bias, mask, stride, padding, dilation,
-                                 deterministic, tf32=False):
+                                 deterministic, tf32=False, algorithm="", workspace_bytes=0):
     if _is_static(grad_output, input, offset, weight, bias, mask):
         _check(input, offset, weight, bias, mask, stride, padding, dilation, grad_output)
     return (
@@ -369,12 +390,14 @@ def _setup_context(ctx, inputs, output) -> None:
     # own device thread, where cudcn's per-thread setting is not visible.
     ctx.deterministic = cudcn.are_deterministic_algorithms_enabled()
     ctx.tf32 = cudcn.is_tf32_enabled()
+    ctx.settings = (cudcn.get_algorithm(), cudcn.get_workspace_bytes())
 
 
 def _backward(ctx, grad_output: Tensor):
     input, offset, weight, bias, mask = ctx.saved_tensors
     g_input, g_offset, g_weight, g_bias, g_mask = _deform_conv2d_backward_op(
-        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, ctx.deterministic, ctx.tf32
+        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, ctx.deterministic, ctx.tf32,
+        *ctx.settings,
     )
     return (
         g_input,

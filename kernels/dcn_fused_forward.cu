@@ -28,24 +28,6 @@ struct FusedForwardLayout {
   static constexpr int kSharedWords = kStagesWords > kOutWords ? kStagesWords : kOutWords;
 };
 
-/// A thread's half (`part`) of one B-tile row: weights of channels channel + c
-/// (c < count; 0 beyond, and everywhere when !valid) for one output channel.
-/// weights: that output channel's row of the prepared weight at the slice's
-/// first channel.
-template <typename Op, typename T>
-__device__ __forceinline__ void load_b_row(DCN_SHARED_PTR(unsigned) row, int part, const T* weights,
-                                           bool valid, int count, bool vector) {
-  constexpr int V = FusedVector<T>::value;
-#pragma unroll
-  for (int j = 0; j < FusedTile::kHalf; j += V) {
-    const int c = part * FusedTile::kHalf + j;
-    const int n = !valid ? 0 : count - c >= V ? V : (count - c > 0 ? count - c : 0);
-    float values[V];
-    load_channels<V>(weights + c, n, vector && n == V, values);
-    store_row_words<Op>(row, c, values);
-  }
-}
-
 /// The forward of a chunk of images.
 ///
 /// input:   (batch, H, W, C) channels-last

@@ -15,6 +15,7 @@
 //   sample_channels<V>(...)        mask x bilinear sample of V consecutive channels at a tap
 //   gather_a_row<Op>(...)          a thread's half of one A-tile row: samples x mask of a slice
 //   store_row_words<Op>(...)       values -> words of a tile row, zero past `count`
+//   load_b_row<Op>(...)            a thread's half of one B-tile row: consecutive values (weights)
 //   warp_tile_product<Op>(...)     acc += A B for the calling warp's 32 x 32 part of the tile
 //
 // Tiles. A slice is `count` <= 32 consecutive input channels of one kernel point, all of one
@@ -229,6 +230,24 @@ __device__ __forceinline__ void gather_a_row(DCN_SHARED_PTR(unsigned) row, int p
 #pragma unroll
       for (int v = 0; v < V; ++v) values[v] = 0.0f;
     }
+    store_row_words<Op>(row, c, values);
+  }
+}
+
+/// A thread's half (`part`) of one B-tile row: weights of channels channel + c
+/// (c < count; 0 beyond, and everywhere when !valid) for one output channel.
+/// weights: that output channel's row of the prepared weight at the slice's
+/// first channel.
+template <typename Op, typename T>
+__device__ __forceinline__ void load_b_row(DCN_SHARED_PTR(unsigned) row, int part, const T* weights,
+                                           bool valid, int count, bool vector) {
+  constexpr int V = FusedVector<T>::value;
+#pragma unroll
+  for (int j = 0; j < FusedTile::kHalf; j += V) {
+    const int c = part * FusedTile::kHalf + j;
+    const int n = !valid ? 0 : count - c >= V ? V : (count - c > 0 ? count - c : 0);
+    float values[V];
+    load_channels<V>(weights + c, n, vector && n == V, values);
     store_row_words<Op>(row, c, values);
   }
 }

@@ -161,9 +161,10 @@ def test_sm75_has_no_bfloat16_or_tf32(library):
     check_forward(harness.EmulatedEngine(library, capability=75), _case("float16", 1, 8, 3, 2, 1, 3, 4, 3))
 
 
-def test_algorithm_settings_use_the_fused_forward(library, monkeypatch):
-    """"fused" runs the fused forward and im2col's backward; "auto" measures
-    both forwards once and keeps one; float64 and the backward are im2col's."""
+def test_algorithm_settings_use_the_fused_algorithm(library, monkeypatch):
+    """"fused" runs the fused forward and backward; "auto" measures both
+    algorithms once per direction and keeps one; float64, and the backward
+    under deterministic algorithms, are im2col's."""
     monkeypatch.setattr(algorithms, "_choices", {})
     args = _case("float32", 2, 8, 4, 2, 2, 4, 4, 3)
     geom = validate(**args)
@@ -172,14 +173,23 @@ def test_algorithm_settings_use_the_fused_forward(library, monkeypatch):
         engine = harness.EmulatedEngine(library)
         with cudcn.algorithm(setting):
             out = algorithms.run("forward", engine, geom, *_arrays(args))
-            algorithms.run("backward", engine, geom, np.ones_like(out), *(args[k] for k in ("input", "offset", "weight", "mask")))
-        fused_runs.append(sum(name.startswith("deform_fused") for name, _ in engine.launches))
+            grad_output = np.ones_like(out)
+            grads = algorithms.run("backward", engine, geom, grad_output,
+                                   *(args[k] for k in ("input", "offset", "weight", "mask")))
+        fused_runs.append([sum(name.startswith(kernel) for name, _ in engine.launches)
+                           for kernel in ("deform_fused", "fused_backward_data")])
         assert_close(out, numpy_backend.forward(geom, *_arrays(args)), "float32")
-    (choice,) = [c for c in algorithms.choices() if c.direction == "forward"]
-    assert set(choice.seconds) == {"im2col", "fused"} and choice.chosen in choice.seconds
-    # fused: one launch; auto: a warm-up and a timed run, then the winner's.
-    assert fused_runs == [1, 2, int(choice.chosen == "fused"), 0]
-    assert fused.applies(engine, geom, "backward") == "the fused backward is not implemented: im2col computes it"
+        expected = numpy_backend.backward(geom, grad_output, *(args[k] for k in ("input", "offset", "weight", "mask")))
+        for got, want in zip(grads, expected):
+            assert_close(got, want, "float32")
+    forward, backward = (next(c for c in algorithms.choices() if c.direction == d) for d in ("forward", "backward"))
+    for choice in (forward, backward):
+        assert set(choice.seconds) == {"im2col", "fused"} and choice.chosen in choice.seconds
+    # fused: one launch each; auto: a warm-up and a timed run, then the winner's.
+    assert fused_runs == [[1, 1], [2, 2], [int(forward.chosen == "fused"), int(backward.chosen == "fused")], [0, 0]]
+    assert fused.applies(engine, geom, "backward") is None
+    with cudcn.deterministic_algorithms():
+        assert "deterministic algorithms" in fused.applies(engine, geom, "backward")
     double = validate(**{k: v.astype(np.float64) if isinstance(v, np.ndarray) else v for k, v in args.items()})
     assert fused.applies(engine, double, "forward") == "float64 has no fused kernel: im2col computes it"
 

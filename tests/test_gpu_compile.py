@@ -204,7 +204,8 @@ def test_fused_kernels_use_their_mma_and_16_byte_loads(arch):
     """Each column-free instantiation through NVRTC: the MMA of its operand
     policy (float16 as two k8 steps on sm_75, where bfloat16 and TF32 trap
     and the backend does not choose them), none for the FMA policy, 16-byte
-    global loads."""
+    global loads (but in the weight gradient's, whose samples and
+    grad_output are read pixel by pixel from NCHW arrays)."""
     from cupy.cuda import compiler
 
     names = _fused_names()
@@ -224,7 +225,8 @@ def test_fused_kernels_use_their_mma_and_16_byte_loads(arch):
             assert "mma.sync" not in body, name
         else:
             assert expected[policy] in body, name
-        assert "ld.global.nc.v4" in body, name
+        if not name.startswith("fused_backward_weight"):
+            assert "ld.global.nc.v4" in body, name
 
 
 @needs_nvrtc

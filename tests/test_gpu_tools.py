@@ -132,6 +132,23 @@ def test_algorithm_table_gives_fused_over_torchvision_and_cudnn():
     assert [c.strip() for c in lines[-1].split("|")[1:-1]][5:9] == ["-", "-", "-", "-"]
 
 
+def test_backward_algorithm_table_gives_fused_over_torchvision():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ours = dict(im2col_backward_ms=9.0, fused_backward_ms=2.0, auto_backward_ms=2.2, auto_backward_chose="fused",
+                fused_forward_ms=1.0, im2col_backward_peak_mb=350.0, fused_backward_peak_mb=8.0,
+                fused_forward_peak_mb=6.0)
+    rows = [dict(shape="S", dtype="float16", cudcn=ours,
+                 torchvision=dict(forward_ms=4.0, backward_ms=8.0, forward_peak_mb=100.0, backward_peak_mb=400.0)),
+            dict(shape="S", dtype="bfloat16", cudcn=ours, torchvision=None)]
+    lines = bench.render_backward_algorithms(rows).splitlines()
+    cells = [c.strip() for c in lines[-2].split("|")[1:-1]]
+    assert cells == ["S", "float16", "9.000", "2.000", "2.200 (fused)", "8.000", "0.25", "0.25",
+                     "350", "8", "400", "0.02"]
+    assert [c.strip() for c in lines[-1].split("|")[1:-1]][5:8] == ["-", "-", "-"]
+
+
 def test_precision_report_runs_on_the_cpu(capsys):
     """The report's logic, on the NumPy backend (float16/bfloat16 compute in float32 there)."""
     spec = importlib.util.spec_from_file_location("precision_report", ROOT / "tools" / "precision_report.py")

@@ -340,6 +340,28 @@ def test_cudcn_deterministic_setting_reaches_a_backward_in_another_thread(determ
     assert seen == [False, True]
 
 
+def test_algorithm_and_workspace_at_the_forward_reach_a_backward_in_another_thread(monkeypatch):
+    """Like the deterministic setting: a CUDA backward runs in autograd's own
+    thread, so the algorithm and workspace budget in force at the forward
+    travel with the graph (simulated with backward() in a fresh thread)."""
+    seen = []
+    backward = cudcn.deform_conv2d_backward
+
+    def spy(*args, **kwargs):
+        seen.append((cudcn.get_algorithm(), cudcn.get_workspace_bytes()))
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy)
+    input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
+    leaves = [t.detach().requires_grad_() for t in (input, offset, weight, bias, mask)]
+    with cudcn.algorithm("im2col"), cudcn.workspace_bytes(4096):
+        loss = ct.deform_conv2d(*leaves[:4], mask=leaves[4], **conv).sum()
+    thread = threading.Thread(target=loss.backward)
+    thread.start()
+    thread.join()
+    assert seen == [("im2col", 4096)]
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

@@ -4,7 +4,8 @@ Each algorithm runs at the benchmark shapes (benchmarks/bench_gpu.py) under
 an engine whose kernels and GEMMs do nothing (tests/emulation/dry_run.py),
 while tracemalloc counts the bytes its arrays take beyond the call's result:
 the workspace the call takes from the GPU's allocator. The fused forward's
-peak must stay under 5% of the im2col forward's.
+and the fused backward's peaks must stay under 5% of im2col's, direction by
+direction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cudcn.backends.cuda import fused, im2col_gemm, launchers
+import cudcn
+from cudcn.backends.cuda import fused, fused_backward, im2col_gemm, launchers
 from cudcn.config import images_per_chunk
 from cudcn.geometry import validate
 from emulation.dry_run import DryRunEngine, peak_workspace
@@ -97,3 +99,34 @@ def test_fused_launches_one_kernel_per_staging_chunk():
     assert kernels[0][1].grid == launchers.fused_grid(geom, step) and kernels[0][1].block == (128, 1, 1)
     # float32 without TF32 multiplies by FMAs; the 32-bit index suffices.
     assert kernels[0][0] == "deform_fused_forward<float, FusedFMA, int>"
+
+
+@pytest.mark.parametrize("dtype, tf32", [("float32", False), ("float32", True), ("float16", False)])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_fused_backward_workspace_is_under_5_percent_of_im2col(shape, dtype, tf32):
+    arrays = _untouched_arrays(shape, dtype)
+    geom = validate(**arrays, padding=1)
+    grad_output = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
+    args = [grad_output, *(arrays[k] for k in ("input", "offset", "weight", "mask"))]
+    im2col_engine, fused_engine = DryRunEngine(), DryRunEngine()
+    with cudcn.tf32(tf32):
+        im2col_peak, grads = peak_workspace(lambda: im2col_gemm.backward(im2col_engine, geom, *args))
+        del grads
+        fused_peak, grads = peak_workspace(lambda: fused.backward(fused_engine, geom, *args))
+        assert fused.applies(fused_engine, geom, "backward") is None
+    assert [g.shape for g in grads] == [arrays[k].shape for k in ("input", "offset", "weight", "bias", "mask")]
+    kernels = {name.split("<")[0] for name, _ in fused_engine.launches}
+    assert {"fused_backward_weight", "fused_backward_data"} <= kernels and not fused_engine.gemms
+    # im2col holds one chunk's column buffer at a time (not two).
+    column_bytes = geom.out_pixels * geom.kernel_points * geom.in_channels * np.dtype(dtype).itemsize
+    chunk_columns = images_per_chunk(column_bytes, geom.batch) * column_bytes
+    assert chunk_columns <= im2col_peak < 2 * chunk_columns
+    # Fused: the weight gradient's split parts, then the weight matrix and
+    # (half types) a few images' float32 input-gradient accumulator.
+    weight_elements = arrays["weight"].size
+    splits = fused_backward.weight_splits(geom)
+    parts = 4 * splits * weight_elements if splits > 1 else 0
+    accumulator = 0 if dtype == "float32" else fused_backward.accumulator_images(geom) * 4 * arrays["input"][0].size
+    expected = max(parts, weight_elements * np.dtype(dtype).itemsize + accumulator)
+    assert expected <= fused_peak < expected + SLACK
+    assert fused_peak < FUSED_LIMIT * im2col_peak, (fused_peak, im2col_peak)

@@ -3,8 +3,8 @@
 Every dtype, with and without mask, with convolution and offset groups, the
 building blocks, a chunked batch, a non-default stream, far-outside and NaN
 offsets, the deterministic (sorted) backward, float32 with TF32, and each
-forward algorithm (im2col, and the fused kernel: shared memory, barriers and
-tensor-core MMAs, for racecheck and synccheck). CuPy's
+algorithm forward and backward (im2col, and the fused kernels: shared memory,
+barriers and tensor-core MMAs, for racecheck and synccheck). CuPy's
 memory pool is switched off so that every array is its own allocation:
 memcheck then sees any access past its end, and initcheck any read of
 memory that nothing wrote since it was allocated.
@@ -52,7 +52,7 @@ def main() -> int:
                 for algorithm in ("im2col", "fused"):
                     with cudcn.algorithm(algorithm):
                         out = cudcn.deform_conv2d(**dev, **geometry)
-                cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev, **geometry)
+                        cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev, **geometry)
                 with cudcn.deterministic_algorithms():
                     cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev, **geometry)
                 columns = cudcn.deform_im2col(dev["input"], dev["offset"], (kh, kw), mask=dev["mask"], **geometry)

@@ -26,7 +26,8 @@ all: a few percent of the im2col path's column buffer at the benchmark
 shapes (tests/test_workspace.py). Every chunk is one launch; the batch need
 not divide into chunks evenly, and the output is written in place.
 
-Backward: not yet; :func:`applies` leaves it to im2col.
+Backward: :mod:`cudcn.backends.cuda.fused_backward` (the same operands and
+capability rules; not with deterministic algorithms on, see there).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from cudcn import config
-from cudcn.backends.cuda import launchers
+from cudcn.backends.cuda import fused_backward, launchers
 from cudcn.backends.cuda.engine import Engine
 from cudcn.geometry import Geometry
 
@@ -49,8 +50,6 @@ BF16_TF32_CAPABILITY = 80
 
 def applies(engine: Engine, geom: Geometry, direction: str) -> str | None:
     """None when the fused algorithm can run this call on the engine's device, else why not."""
-    if direction != "forward":
-        return "the fused backward is not implemented: im2col computes it"
     dtype = geom.dtype.name
     if dtype == "float64":
         return "float64 has no fused kernel: im2col computes it"
@@ -58,6 +57,8 @@ def applies(engine: Engine, geom: Geometry, direction: str) -> str | None:
         return f"bfloat16 MMAs need compute capability 8.0, this device has {_version(engine.capability)}"
     if dtype == "float16" and engine.capability < F16_CAPABILITY:
         return f"float16 MMAs need compute capability 7.5, this device has {_version(engine.capability)}"
+    if direction == "backward":
+        return fused_backward.why_not(geom)
     return launchers.fused_fits(geom)
 
 
@@ -65,12 +66,16 @@ def _version(capability: int) -> str:
     return f"{capability // 10}.{capability % 10}"
 
 
+def tensor_cores(engine: Engine, geom: Geometry) -> bool:
+    """Whether this call multiplies on tensor cores: not float32 without TF32
+    (or on a device without TF32 MMAs), which takes scalar FMAs."""
+    return not (geom.dtype.name == "float32"
+                and not (config.is_tf32_enabled() and engine.capability >= BF16_TF32_CAPABILITY))
+
+
 def kernel(engine: Engine, geom: Geometry) -> str:
-    """The forward kernel for this call: tensor cores, or scalar FMAs for
-    float32 without TF32 (or on a device without TF32 MMAs)."""
-    if geom.dtype.name == "float32" and not (config.is_tf32_enabled() and engine.capability >= BF16_TF32_CAPABILITY):
-        return "deform_fused_forward_fma"
-    return "deform_fused_forward"
+    """The forward kernel for this call: tensor cores, or scalar FMAs (:func:`tensor_cores`)."""
+    return "deform_fused_forward" if tensor_cores(engine, geom) else "deform_fused_forward_fma"
 
 
 def staging_images(geom: Geometry) -> int:
@@ -103,5 +108,6 @@ def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any
 
 
 def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
-    """Not implemented: :func:`applies` refuses the backward, so nothing calls this."""
-    raise NotImplementedError("the fused backward is not implemented; im2col computes it")
+    """Gradients (input, offset, weight, bias or None, mask or None): :func:`cudcn.backends.cuda.fused_backward.backward`."""
+    return fused_backward.backward(engine, geom, grad_output, input, offset, weight, mask,
+                                   tensor_cores=tensor_cores(engine, geom))

@@ -132,6 +132,8 @@ def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offse
             engine, geom, columns, pixels, off, m, groups,
             grad_offset[part], None if grad_mask is None else grad_mask[part],
         )
+        # Freed before the next chunk allocates its own (as in the forward).
+        del columns, pixels, rows
     grad_bias = None
     if geom.has_bias:  # summed in float32 (float64) as it is read: no widened copy
         grad_bias = xp.sum(grad_output, axis=(0, 2, 3), dtype=types.accum_dtype).astype(geom.dtype)

@@ -32,7 +32,7 @@ from typing import Any
 #: Kernel sources, in the order they are joined into one module.
 SOURCES = (
     "dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu",
-    "dcn_fused_forward.cu",
+    "dcn_fused_forward.cu", "dcn_fused_backward.cu",
 )
 COMMON_HEADER = "dcn_common.cuh"
 #: The headers a kernel may include, in the order they are inlined:
@@ -88,14 +88,19 @@ FUSED_PIXELS = 64
 FUSED_OUT_CHANNELS = 64
 FUSED_THREADS = 128
 
+#: Operand policies of the column-free kernels on tensor cores, per dtype.
+_MMA_POLICIES = {"float16": "FusedF16", "bfloat16": "FusedBF16", "float32": "FusedTF32"}
+
 #: The column-free kernels: launchable name -> (template, operand policy per
-#: dtype). float32 has two: tensor cores in TF32, or scalar FMAs in float32.
-#: float64 has none (im2col computes it).
+#: dtype). float32 has two of each: tensor cores in TF32, or scalar FMAs in
+#: float32. float64 has none (im2col computes it).
 FUSED_KERNELS = {
-    "deform_fused_forward": (
-        "deform_fused_forward", {"float16": "FusedF16", "bfloat16": "FusedBF16", "float32": "FusedTF32"},
-    ),
+    "deform_fused_forward": ("deform_fused_forward", _MMA_POLICIES),
     "deform_fused_forward_fma": ("deform_fused_forward", {"float32": "FusedFMA"}),
+    "fused_backward_data": ("fused_backward_data", _MMA_POLICIES),
+    "fused_backward_data_fma": ("fused_backward_data", {"float32": "FusedFMA"}),
+    "fused_backward_weight": ("fused_backward_weight", _MMA_POLICIES),
+    "fused_backward_weight_fma": ("fused_backward_weight", {"float32": "FusedFMA"}),
 }
 
 
@@ -113,6 +118,7 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
         "deform_col2im_coord": (t.value, t.column),
         "to_channels_last": (t.value,),
         "from_channels_last": (t.accum, t.value),
+        "fused_weight_split_sum": (t.value,),
     }[kernel]
     return f"{kernel}<{', '.join(args + (index,))}>"
 
@@ -120,7 +126,8 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
 #: Every launchable kernel name.
 KERNELS = (
     "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
-    "deform_col2im_coord", "to_channels_last", "from_channels_last", *FUSED_KERNELS,
+    "deform_col2im_coord", "to_channels_last", "from_channels_last", "fused_weight_split_sum",
+    *FUSED_KERNELS,
 )
 
 
