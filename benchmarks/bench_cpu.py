@@ -35,7 +35,7 @@ import numpy as np
 import cudcn
 from cudcn.cli.arguments import nonnegative_int, positive_int
 from cudcn.cli.bench import Case, NotAvailable, implementations, make_arguments, median_ms, peak_traced_bytes
-from cudcn.cli.info import machine_record
+from cudcn.cli.info import load_average, load_text, machine_record
 
 #: (N, C_in = C_out, H = W)
 SHAPES = ((8, 64, 32), (4, 128, 64), (2, 256, 64))
@@ -94,8 +94,9 @@ def measure(case: Case, warmup: int, repeat: int) -> dict:
     }
 
 
-def environment(warmup: int, repeat: int) -> dict:
-    """Date, machine, versions, the threads of torch and BLAS, and the rounds."""
+def environment(warmup: int, repeat: int, load_at_start: list[float] | None) -> dict:
+    """Date, machine, versions, the threads of torch and BLAS, the rounds, and
+    the load average before the benchmark started."""
     threads = {}
     if "torch" in sys.modules:
         threads["torch"] = sys.modules["torch"].get_num_threads()
@@ -108,7 +109,7 @@ def environment(warmup: int, repeat: int) -> dict:
     except ImportError:
         pass
     record = machine_record(("numpy", "scipy", "torch", "torchvision", "paddlepaddle"))
-    return record | {"threads": threads, "warmup": warmup, "repeat": repeat}
+    return record | {"threads": threads, "warmup": warmup, "repeat": repeat, "load_average_at_start": load_at_start}
 
 
 def markdown(env: dict, results: list[dict]) -> str:
@@ -119,7 +120,9 @@ def markdown(env: dict, results: list[dict]) -> str:
     lines = [
         "# CPU benchmark: DCNv2 3x3, float32, forward + backward",
         "",
-        f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs; threads: "
+        f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs"
+        + (f", {load_text(env['load_average_at_start'])} at the start" if "load_average_at_start" in env else "")
+        + "; threads: "
         + ", ".join(f"{k} {v}" for k, v in env["threads"].items()) + f"; {versions}.",
         f"Medians of {env['repeat']} interleaved rounds (after {env['warmup']} warm-up), "
         "forward + backward (forward alone in parentheses), in ms:",
@@ -159,13 +162,14 @@ def main() -> int:
                         help="folder for bench_cpu.md and bench_cpu.json (default benchmarks/results)")
     args = parser.parse_args()
 
+    load_at_start = load_average()
     results = []
     for index in args.shapes:
         n, c, size = SHAPES[index - 1]
         case = Case(n, c, c, size, 3, 1, True, "float32")
         results.append(measure(case, args.warmup, args.repeat))
         print(f"measured {results[-1]['shape']}", file=sys.stderr)
-    env = environment(args.warmup, args.repeat)
+    env = environment(args.warmup, args.repeat, load_at_start)
     table = markdown(env, results)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

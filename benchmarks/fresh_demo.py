@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cudcn.cli.info import machine_record  # noqa: E402
+from cudcn.cli.info import load_average, load_text, machine_record  # noqa: E402
 
 
 def readme_demo_command(readme: str) -> str:
@@ -41,13 +41,12 @@ def readme_demo_command(readme: str) -> str:
 
 def markdown(record: dict) -> str:
     """fresh_demo.md: the line README quotes."""
-    load = ", ".join(f"{x:.1f}" for x in record["load_average_before"])
     return (
         "# README's demo command from a fresh venv\n\n"
         f"README's demo command in a new venv with pip's cache off: {record['total_seconds']:.0f} s in all, "
         f"{record['install_seconds']:.0f} s to install and {record['demo_seconds']:.0f} s for the demo; "
-        f"{record['date']}, {record['machine']}, {record['cpu_count']} CPUs, load average {load} "
-        f"(1, 5, 15 min) before; python {record['python']}, {record['pip']}, torch {record['torch_installed']} "
+        f"{record['date']}, {record['machine']}, {record['cpu_count']} CPUs, "
+        f"{load_text(record['load_average_before'])} before; python {record['python']}, {record['pip']}, torch {record['torch_installed']} "
         "installed.\n"
     )
 
@@ -73,7 +72,7 @@ def main() -> int:
         pip = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True,
                              check=True).stdout.split(" from ")[0]
 
-        load_before = os.getloadavg()
+        load_before = load_average()
         seconds = []
         for step in steps:
             start = time.perf_counter()
@@ -81,7 +80,7 @@ def main() -> int:
                            check=True, stdout=subprocess.DEVNULL)
             seconds.append(time.perf_counter() - start)
             print(f"{seconds[-1]:.0f} s: {step}", file=sys.stderr)
-        load_after = os.getloadavg()
+        load_after = load_average()
         torch_version = subprocess.run(
             [python, "-c", "import importlib.metadata as m; print(m.version('torch'))"],
             capture_output=True, text=True, check=True).stdout.strip()
@@ -93,8 +92,8 @@ def main() -> int:
         "install_seconds": round(seconds[0], 1),
         "demo_seconds": round(seconds[1], 1),
         "total_seconds": round(sum(seconds), 1),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
+        "load_average_before": load_before,
+        "load_average_after": load_after,
     }
     del record["versions"]  # the venv's own versions are in the demo's results, not this process's
     args.out.mkdir(parents=True, exist_ok=True)

@@ -122,3 +122,13 @@ def test_fresh_demo_timing_is_what_its_record_gives_and_readme_quotes_it():
     assert stored == fresh_demo.markdown(record)
     assert record["command"] == fresh_demo.readme_demo_command(README), "the timed command is not README's"
     _assert_quoted(stored, "Run it")
+
+
+def test_readme_describes_the_recorded_settings(demo_results):
+    settings = demo_results["settings"]
+    mild, strong = settings["deformation_train_and_mild"], settings["deformation_strong"]
+    section = " ".join(_section("The demo: plain conv vs DCNv1 vs DCNv2 vs CoordConv").split())
+    assert f"the same budget: {settings['epochs']} epochs, {settings['seeds']} seeds" in section
+    assert f"(±{strong['max_rotation_deg']:g}° rotation instead of ±{mild['max_rotation_deg']:g}°" in section
+    assert f"scale {strong['scale_range'][0]:g}–{strong['scale_range'][1]:g}" in section
+    assert strong["elastic_alpha"] > mild["elastic_alpha"]  # "a stronger elastic warp"

@@ -126,6 +126,22 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def load_average() -> list[float] | None:
+    """The system's load averages over 1, 5 and 15 minutes (None where the
+    system does not report them): how busy a shared machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_text(load: list[float] | None) -> str:
+    """"load average 1.9, 1.6, 1.6 (1, 5, 15 min)", or "load average unknown"."""
+    if load is None:
+        return "load average unknown"
+    return f"load average {', '.join(f'{x:.1f}' for x in load)} (1, 5, 15 min)"
+
+
 def machine_record(distributions: tuple[str, ...]) -> dict[str, Any]:
     """When and where a measurement ran, for the files that store it: date
     (UTC), machine (architecture and CPU model), CPU count, Python and the

@@ -89,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     from cudcn.cli.demo import plots, report
     from cudcn.cli.demo.data import MILD, STRONG, Digits, make_datasets
     from cudcn.cli.demo.training import pick_device, to_tensors, train
-    from cudcn.cli.info import machine_record
+    from cudcn.cli.info import load_average, machine_record
 
     started = time.perf_counter()
+    load_at_start = load_average()
     device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "training_speed": report.training_speed(stored_runs) if "plain" in models else None,
         "runs": [r for model_runs in stored_runs.values() for r in model_runs],
         "environment": machine_record(("numpy", "scipy", "torch", "scikit-learn", "matplotlib"))
-        | {"torch_threads": torch.get_num_threads()},
+        | {"torch_threads": torch.get_num_threads(), "load_average_at_start": load_at_start},
         "wall_seconds": None,
     }
     plots.plot_data(data, args.out / "data.png")

@@ -14,6 +14,8 @@ import statistics
 
 import numpy as np
 
+from cudcn.cli.info import load_text
+
 #: Names of the models in tables and pictures.
 LABELS = {"plain": "plain", "dcnv1": "DCNv1", "dcnv2": "DCNv2", "coordconv": "CoordConv"}
 
@@ -114,7 +116,9 @@ def markdown(results: dict) -> str:
         f"`cudcn demo` with {_plural(settings['epochs'], 'epoch')} and {_plural(settings['seeds'], 'seed')} "
         f"on {'the CPU' if settings['device'] == 'cpu' else settings['device'].upper()}: "
         f"{results['wall_seconds']:.0f} s in all, data and pictures included; "
-        f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs, {_plural(env['torch_threads'], 'torch thread')}; "
+        f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs"
+        + (f", {load_text(env['load_average_at_start'])} at the start" if "load_average_at_start" in env else "")
+        + f", {_plural(env['torch_threads'], 'torch thread')}; "
         f"python {env['python']}, {versions}.",
         "",
         "| model | params | test acc., mild | test acc., strong | s/epoch |",
