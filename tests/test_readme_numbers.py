@@ -21,7 +21,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def _script(path: str):
-    """A script of benchmarks/ as a module (they are not a package)."""
+    """A script of benchmarks/ or tools/ as a module (they are not packages)."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,15 +32,15 @@ def _section(title: str) -> str:
     return README.split(f"\n## {title}", 1)[1].split("\n## ", 1)[0]
 
 
-def _quoted_lines(markdown: str) -> list[str]:
-    """The lines README must hold: all but the heading and blank lines."""
-    return [line for line in markdown.splitlines() if line.strip() and not line.startswith("# ")]
-
-
-def _assert_quoted(markdown: str, section: str) -> None:
-    lines = _section(section).splitlines()
-    missing = [line for line in _quoted_lines(markdown) if line not in lines]
-    assert not missing, f"README's section {section!r} lacks these recorded lines: {missing}"
+def _assert_quoted(path: str, section: str) -> None:
+    """README holds the file's text, less its heading, exactly, between the
+    quote markers that name it, in the given section (tools/quote_records.py
+    writes it there)."""
+    quote_records = _script("tools/quote_records.py")
+    held = quote_records.quotes(_section(section))
+    assert path in held, f"README's section {section!r} has no quote of {path}"
+    assert held[path] == quote_records.quotable(ROOT / path), (
+        f"README's quote of {path} is out of date: run python tools/quote_records.py")
 
 
 # ----------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_cpu_benchmark_text_is_what_its_record_gives_and_readme_quotes_it():
     stored = (ROOT / "benchmarks/results/bench_cpu.md").read_text()
     environment = {k: v for k, v in record.items() if k != "results"}
     assert stored == bench_cpu.markdown(environment, record["results"])
-    _assert_quoted(stored, "Speed and memory (CPU)")
+    _assert_quoted("benchmarks/results/bench_cpu.md", "Speed and memory (CPU)")
 
 
 def test_memory_bounds_in_readme_hold_for_the_recorded_peaks():
@@ -79,7 +79,7 @@ def demo_results() -> dict:
 def test_demo_text_is_what_its_results_give_and_readme_quotes_it(demo_results):
     stored = (ROOT / "docs/demo/results.md").read_text()
     assert stored == report.markdown(demo_results)
-    _assert_quoted(stored, "The demo: plain conv vs DCNv1 vs DCNv2 vs CoordConv")
+    _assert_quoted("docs/demo/results.md", "The demo: plain conv vs DCNv1 vs DCNv2 vs CoordConv")
 
 
 def test_demo_record_is_the_default_run(demo_results):
@@ -121,7 +121,7 @@ def test_fresh_demo_timing_is_what_its_record_gives_and_readme_quotes_it():
     stored = (ROOT / "docs/demo/fresh_demo.md").read_text()
     assert stored == fresh_demo.markdown(record)
     assert record["command"] == fresh_demo.readme_demo_command(README), "the timed command is not README's"
-    _assert_quoted(stored, "Run it")
+    _assert_quoted("docs/demo/fresh_demo.md", "Run it")
 
 
 def test_readme_describes_the_recorded_settings(demo_results):
