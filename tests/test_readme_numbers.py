@@ -132,3 +132,12 @@ def test_readme_describes_the_recorded_settings(demo_results):
     assert f"(±{strong['max_rotation_deg']:g}° rotation instead of ±{mild['max_rotation_deg']:g}°" in section
     assert f"scale {strong['scale_range'][0]:g}–{strong['scale_range'][1]:g}" in section
     assert strong["elastic_alpha"] > mild["elastic_alpha"]  # "a stronger elastic warp"
+
+
+def test_quote_tool_replaces_a_stale_quote_and_nothing_else(tmp_path):
+    quote_records = _script("tools/quote_records.py")
+    (tmp_path / "r.md").write_text("# heading\n\nnew line 1\n| a | b |\n")
+    readme = "before\n\n<!-- quote: r.md -->\nold text\n<!-- end quote -->\n\nafter\n"
+    assert quote_records.requoted(readme, tmp_path) == (
+        "before\n\n<!-- quote: r.md -->\nnew line 1\n| a | b |\n<!-- end quote -->\n\nafter\n")
+    assert quote_records.quotes(readme) == {"r.md": "old text\n"}
