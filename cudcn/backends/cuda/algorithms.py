@@ -21,7 +21,8 @@ CUDCN_ALGORITHM) picks:
   two runs of each candidate and one wait for the device; later calls with
   the same key cost nothing extra. With one candidate nothing is timed; while
   the stream is being captured into a CUDA graph nothing is timed either and
-  the reference runs.
+  the column-free algorithm runs where it applies (CuPy cannot capture
+  im2col's cuBLAS calls), else the reference.
 
 :func:`choices` lists what "auto" has measured and chosen.
 """
@@ -129,9 +130,11 @@ def run(direction: str, engine: Any, geom: Geometry, *arrays: Any) -> Any:
     """Run ``direction`` ("forward" or "backward") of the algorithm the setting picks."""
     setting = config.get_algorithm()
     applicable = candidates(engine, geom, direction)
-    if setting == "im2col" or len(applicable) == 1 or _capturing(engine):
+    if setting == "im2col" or len(applicable) == 1:
         chosen = REFERENCE
-    elif setting == "fused":
+    elif setting == "fused" or _capturing(engine):
+        # Under CUDA-graph capture nothing can be timed, and CuPy refuses
+        # cuBLAS calls (im2col's GEMMs) while a stream is being captured.
         chosen = applicable[1]
     else:
         return _auto(direction, engine, geom, applicable, arrays)
