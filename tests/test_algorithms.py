@@ -85,7 +85,9 @@ def test_auto_times_each_candidate_once_per_key_and_keeps_the_faster(registry):
     algorithms.run("forward", NumpyEngine(), _geometry(batch=3))
     with cudcn.deterministic_algorithms():
         algorithms.run("forward", NumpyEngine(), geom)
-    assert len(algorithms.choices()) == 4
+    with cudcn.workspace_bytes(12345):
+        algorithms.run("forward", NumpyEngine(), geom)
+    assert len(algorithms.choices()) == 5
     assert cudcn.algorithm_choices() == algorithms.choices()
 
 

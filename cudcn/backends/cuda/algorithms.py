@@ -14,9 +14,9 @@ CUDCN_ALGORITHM) picks:
 - ``"fused"``: the first non-reference algorithm that applies, else im2col;
 - ``"auto"`` (default): on the first call for a key -- device, direction,
   the whole geometry (shapes, dtype, groups, stride, ...), the deterministic
-  and TF32 settings -- every algorithm that applies runs twice (a warm-up,
-  which also compiles its kernels, then a run timed with CUDA events) and the
-  faster is remembered for the rest of the process, as
+  and TF32 settings and the workspace budget -- every algorithm that
+  applies runs twice (a warm-up, which also compiles its kernels, then a run
+  timed with CUDA events) and the faster is remembered for the rest of the process, as
   ``torch.backends.cudnn.benchmark`` does. That first call therefore costs
   two runs of each candidate and one wait for the device; later calls with
   the same key cost nothing extra. With one candidate nothing is timed; while
@@ -91,6 +91,7 @@ def _settings() -> tuple[tuple[str, Any], ...]:
     return (
         ("deterministic", config.are_deterministic_algorithms_enabled()),
         ("tf32", config.is_tf32_enabled()),
+        ("workspace_bytes", config.get_workspace_bytes()),  # decides the chunks and splits
     )
 
 
