@@ -46,6 +46,7 @@ import contextlib
 import datetime
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -315,8 +316,7 @@ def tf32(torch, mode: bool):
 def environment(cupy, torch) -> dict:
     """Date, machine and versions, for the record."""
     runtime = cupy.cuda.runtime
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    commit = git_commit(Path(__file__).resolve().parent)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode(),
@@ -330,9 +330,18 @@ def environment(cupy, torch) -> dict:
 def cudcn_source() -> str:
     """Where the timed cudcn was imported from: its directory and git commit."""
     where = Path(cudcn.__file__).resolve().parent
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=where).stdout.strip()
-    return f"{where} ({commit or 'no git'})"
+    return f"{where} ({git_commit(where) or 'no git'})"
+
+
+def git_commit(folder: Path) -> str:
+    """The checkout's short commit, else CUDCN_COMMIT (a copy of the tree
+    without .git, or a machine without git, has none to ask), else ''."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=folder).stdout.strip()
+    except OSError:  # no git on this machine
+        commit = ""
+    return commit or os.environ.get("CUDCN_COMMIT", "")
 
 
 def _torchvision():

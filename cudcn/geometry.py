@@ -295,6 +295,11 @@ def validate(
             f"stride ({stride_h}, {stride_w}), padding ({pad_h}, {pad_w}), "
             f"dilation ({dil_h}, {dil_w})"
         )
+    if height * width > MAX_EXTENT or out_h * out_w > MAX_EXTENT:
+        raise ArgumentError(
+            f"an image must have fewer than 2**31 pixels (the kernels index pixels in "
+            f"32 bits): input H*W = {height * width}, output Ho*Wo = {out_h * out_w}"
+        )
 
     # Offset: (N, 2*G*K, Ho, Wo).
     kernel_points = kernel_h * kernel_w

@@ -85,7 +85,9 @@ def test_auto_times_each_candidate_once_per_key_and_keeps_the_faster(registry):
     algorithms.run("forward", NumpyEngine(), _geometry(batch=3))
     with cudcn.deterministic_algorithms():
         algorithms.run("forward", NumpyEngine(), geom)
-    assert len(algorithms.choices()) == 4
+    with cudcn.workspace_bytes(12345):
+        algorithms.run("forward", NumpyEngine(), geom)
+    assert len(algorithms.choices()) == 5
     assert cudcn.algorithm_choices() == algorithms.choices()
 
 
@@ -137,3 +139,20 @@ def test_environment_variable(value, expected):
         assert "CUDCN_ALGORITHM must be one of 'auto', 'fused', 'im2col', got 'fast'" in result.stderr
     else:
         assert result.stdout.split() == ["imported", expected]
+
+
+class CapturingEngine:
+    """An engine whose current stream is being captured into a CUDA graph."""
+
+    xp = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(is_capturing=lambda: True))
+    )
+
+
+def test_under_graph_capture_auto_takes_the_column_free_algorithm_untimed(registry):
+    """Nothing can be timed while a stream is captured, and CuPy refuses
+    cuBLAS calls then: the column-free algorithm runs where it applies."""
+    assert algorithms.run("forward", CapturingEngine(), _geometry()) == "fused"
+    assert registry["fused"] == [("forward", "float32")] and registry["im2col"] == []
+    assert algorithms.run("forward", CapturingEngine(), _geometry(np.float64)) == "im2col"
+    assert algorithms.choices() == []

@@ -193,3 +193,24 @@ def test_errors_leave_arguments_untouched():
         cudcn.deform_conv2d(**kwargs)
     for key, copy in copies.items():
         np.testing.assert_array_equal(kwargs[key], copy)
+
+
+def _stand_in(*shape):
+    """An array of any shape that owns no memory (every stride 0)."""
+    return np.ndarray(shape, np.float32, buffer=bytes(16), strides=(0,) * len(shape))
+
+
+def test_images_of_2_to_the_31_pixels_are_refused():
+    """The kernels index an image's pixels in 32 bits."""
+    from cudcn.geometry import validate
+
+    side = 46341  # side**2 = 2**31 + 4633
+    with pytest.raises(ValueError, match=re.escape(
+            "an image must have fewer than 2**31 pixels (the kernels index pixels in 32 bits): "
+            "input H*W = 2147488281, output Ho*Wo = 2147488281")):
+        validate(input=_stand_in(1, 1, side, side), offset=_stand_in(1, 2, side, side),
+                 weight=_stand_in(1, 1, 1, 1))
+    # One pixel fewer in a row is fine.
+    geom = validate(input=_stand_in(1, 1, side, side - 1), offset=_stand_in(1, 2, side, side - 1),
+                    weight=_stand_in(1, 1, 1, 1))
+    assert geom.out_pixels == side * (side - 1) < 2**31

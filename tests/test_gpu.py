@@ -193,6 +193,8 @@ def test_runs_on_a_non_default_stream():
     args = _fixed_case(rng, dtype="float32")
     dev = to_device(args)
     expected = cudcn.deform_conv2d(**args)
+    # The uploads ran on the legacy stream, which a non-blocking stream does not wait for.
+    cupy.cuda.Stream.null.synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         got = cudcn.deform_conv2d(**dev)
@@ -451,7 +453,8 @@ def test_matches_torchvision(dtype, mask):
 
 def test_tensors_above_2_to_the_31_elements():
     """One image whose column buffer has 2.4e9 elements (> 2^31): im2col and
-    forward pick the 64-bit index kernels; checked at points near the end."""
+    the im2col forward pick the 64-bit index kernels; checked at points near
+    the end. (The fused forward's own big-input test is in test_gpu_fused.py.)"""
     free, _ = cupy.cuda.runtime.memGetInfo()
     if free < 24 * 2**30:
         pytest.skip("needs 24 GiB of free GPU memory")
@@ -475,7 +478,8 @@ def test_tensors_above_2_to_the_31_elements():
                 np.testing.assert_array_equal(got[k], expected.astype(np.float16).astype(np.float32))
         del columns
         weight = rng.standard_normal((o, c, 3, 3), dtype=cupy.float32).astype(cupy.float16)
-        out = cudcn.deform_conv2d(x, offset, weight, padding=1)
+        with cudcn.algorithm("im2col"):  # "auto" might choose the fused forward
+            out = cudcn.deform_conv2d(x, offset, weight, padding=1)
         host_w = cupy.asnumpy(weight).astype(np.float32)
         padded = np.pad(host_x[0], ((0, 0), (1, 1), (1, 1)))
         for hh, ww in positions:
@@ -508,7 +512,9 @@ def test_backward_above_2_to_the_31_elements(deterministic):
     weight = (rng.standard_normal((o, c, 3, 3), dtype=cupy.float32) * 0.1).astype(cupy.float16)
     grad_output = rng.standard_normal((1, o, h, w), dtype=cupy.float32).astype(cupy.float16)
     bias = cupy.zeros(o, cupy.float16)
-    with cudcn.workspace_bytes(16 * 2**30), cudcn.deterministic_algorithms(deterministic):
+    # im2col's kernels (the fused backward's big-input test is in test_gpu_fused_backward.py).
+    with cudcn.workspace_bytes(16 * 2**30), cudcn.deterministic_algorithms(deterministic), \
+            cudcn.algorithm("im2col"):
         grads = cudcn.deform_conv2d_backward(grad_output, x, offset, weight, bias, padding=1, mask=mask)
     reference = ShiftedGradients(x[0], weight, grad_output[0], mask[0], 1, -2)
 

@@ -40,7 +40,9 @@ relative_error, to_device = test_gpu.relative_error, test_gpu.to_device
 PRECISIONS = {
     "float16": ("float16", False, 2e-3),
     "bfloat16": ("bfloat16", False, 1.6e-2),
-    "float32 tf32": ("float32", True, 5e-4),
+    # TF32 keeps 10 significand bits (ulp ~ 9.8e-4 relative): the kernel and
+    # the reference round (sum w*p)*m and (w*m)*p, which may differ by an ulp.
+    "float32 tf32": ("float32", True, 1.5e-3),
     "float32": ("float32", False, 1e-5),
 }
 

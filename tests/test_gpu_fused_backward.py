@@ -234,4 +234,9 @@ def test_input_above_2_to_the_31_elements():
         xs = x[0, cc, r0 + i:r1 + i, s0 + j - 3:s1 + j - 3].astype(cupy.float32)
         expected = float(cupy.sum(go * xs, dtype=cupy.float64))
         got = float(grads.weight[oo, cc, i, j])
-        assert abs(got - expected) <= 4e-3 * max(abs(expected), float(cupy.sqrt(cupy.sum((go * xs) ** 2)))), (oo, cc, i, j)
+        # Each entry sums 3.8e7 products, a split's 2.4e6 of them in one chain
+        # of tensor-core steps, whose float32 accumulation truncates (measured
+        # on V100/A100 by Fasi et al., PeerJ CS 2021): a simulation of that
+        # rounding put 1 entry in 8 above 4e-3 of the scale, none above 2e-2.
+        scale = max(abs(expected), float(cupy.sqrt(cupy.sum((go * xs) ** 2))))
+        assert abs(got - expected) <= 2e-2 * scale, (oo, cc, i, j)

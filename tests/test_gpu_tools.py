@@ -159,3 +159,26 @@ def test_precision_report_runs_on_the_cpu(capsys):
             for line in capsys.readouterr().out.splitlines() if line.startswith("| float") or line.startswith("| bf")}
     assert max(rows["float32"]) < 1e-5 and max(rows["float16"]) < 2e-3
     assert set(rows) <= {"float32", "float32 tf32", "float16", "bfloat16"} and len(rows) >= 3
+
+
+def test_validation_script_runs_the_chosen_steps_with_a_time_limit(tmp_path):
+    """STEPS picks the steps (two calls can split the work where one call may
+    run only so long); a step past STEP_TIMEOUT is stopped and counted failed;
+    the summary table comes last."""
+    tree = tmp_path / "tree"
+    (tree / "tools").mkdir(parents=True)
+    shutil.copy(ROOT / "tools" / "gpu_validation.sh", tree / "tools")
+    fake_python = tmp_path / "python"
+    # A stand-in interpreter: `-m cudcn check` passes at once, the benchmark sleeps.
+    fake_python.write_text('#!/usr/bin/env bash\n[[ "$*" == *bench_gpu* ]] && sleep 30\necho "ran $*"\n')
+    fake_python.chmod(0o755)
+    environment = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake_python),
+                       STEPS="check benchmark", STEP_TIMEOUT="2")
+    result = subprocess.run(["bash", "tools/gpu_validation.sh"], cwd=tree, env=environment,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1  # the benchmark timed out
+    summary = result.stdout.splitlines()[-3:]
+    assert summary[0].split() == ["step", "exit", "sec", "last", "line", "of", "log"]
+    assert summary[1].split()[:2] == ["check", "0"] and summary[1].endswith("ran -m cudcn check")
+    assert summary[2].split()[:2] == ["benchmark", "124"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.log")) == ["benchmark.log", "check.log"]

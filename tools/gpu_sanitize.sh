@@ -19,7 +19,7 @@
 # ${OUT:-.}/sanitizer-<tool>.log.
 set -uo pipefail
 out_dir="${OUT:-.}"
-python="${PYTHON:-python}"
+python="${PYTHON:-$(command -v python3 || command -v python)}"
 
 sanitizer="$(command -v compute-sanitizer || true)"
 if [[ -z "$sanitizer" ]]; then

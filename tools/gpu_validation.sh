@@ -17,12 +17,22 @@
 #                    convolution of the same shape.
 # From a plain checkout (no install, no network needed):
 #   PYTHONPATH=. bash tools/gpu_validation.sh
+# Settings (environment variables):
+#   STEPS         the steps to run, in order (default: all of the above); e.g. a first call with
+#                 STEPS="environment compile gpu-tests check" and a second with the rest, where one
+#                 call may run only so long;
+#   STEP_TIMEOUT  seconds each step may run before it is stopped and counted as failed (default 900);
+#   PYTHON        the interpreter (default: python3, else python);
+#   CUDCN_COMMIT  the commit tested, recorded where the copy has no .git (the benchmark reads it too).
 # Logs go to ${OUT:-gpu-validation}/<step>.log (and the benchmark's bench_gpu.md/.json there). Printed
 # last: the benchmark and precision tables, then a table of step / exit code / seconds / last log line.
-# Exits 1 if a step failed (the sanitizer's "not found", exit 2, does not count).
+# Exits 1 if a step failed (the sanitizer's "not found", exit 2, does not count; a timeout is exit 124).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+python="$PYTHON"
+steps=" ${STEPS:-environment compile gpu-tests precision check sanitizer benchmark} "
 out="${OUT:-gpu-validation}"
 mkdir -p "$out"
 export OUT="$out"
@@ -32,8 +42,9 @@ failed=0
 step() {
   local name=$1
   shift
+  [[ $steps == *" $name "* ]] || return 0
   local start=$SECONDS
-  "$@" >"$out/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-900}" "$@" >"$out/$name.log" 2>&1
   local code=$?
   rows+=("$name|$code|$((SECONDS - start))|$(grep -v '^\s*$' "$out/$name.log" | tail -1 | cut -c1-110)")
   if [[ $code -ne 0 && ! ($name == sanitizer && $code -eq 2) ]]; then failed=1; fi
@@ -42,8 +53,8 @@ step() {
 
 step environment bash -c '
   nvidia-smi || true
-  git log -1 --format="commit %H %s" 2>/dev/null || true
-  python - <<PY
+  git log -1 --format="commit %H %s" 2>/dev/null || echo "commit ${CUDCN_COMMIT:-unknown (no .git here; set CUDCN_COMMIT)}"
+  "$PYTHON" - <<PY
 import platform, numpy
 print("python", platform.python_version(), "numpy", numpy.__version__)
 import cupy
@@ -58,13 +69,13 @@ for name in ("torch", "torchvision", "ml_dtypes", "hypothesis", "pytest"):
     except ImportError:
         print(name, "not installed")
 PY'
-arch="sm_$(python -c 'import cupy; print(cupy.cuda.Device().compute_capability)' 2>/dev/null || echo 80)"
-step compile python -m cudcn compile --arch "$arch"
-step gpu-tests python -m pytest -p no:cacheprovider -q -rs -m gpu --junitxml "$out/pytest.xml" tests
-step precision python tools/precision_report.py
-step check python -m cudcn check
+arch="sm_$("$python" -c 'import cupy; print(cupy.cuda.Device().compute_capability)' 2>/dev/null || echo 80)"
+step compile "$python" -m cudcn compile --arch "$arch"
+step gpu-tests "$python" -m pytest -p no:cacheprovider -q -rs -m gpu --junitxml "$out/pytest.xml" tests
+step precision "$python" tools/precision_report.py
+step check "$python" -m cudcn check
 step sanitizer bash tools/gpu_sanitize.sh
-step benchmark python benchmarks/bench_gpu.py --output "$out"
+step benchmark "$python" benchmarks/bench_gpu.py --output "$out"
 
 echo
 cat "$out/bench_gpu.md" 2>/dev/null || echo "(no benchmark table)"

@@ -47,6 +47,8 @@ def main() -> int:
                 mask=rng.uniform(0, 1, (n, offset_groups * kh * kw, ho, wo)) if with_mask else None,
             )
             dev = {k: None if v is None else cupy.asarray(v.astype(dtype)) for k, v in args.items()}
+            # Uploaded on the legacy stream, which the non-blocking stream does not wait for.
+            cupy.cuda.Stream.null.synchronize()
             geometry = dict(stride=(1, 2), padding=(1, 1), dilation=(1, 1))
             with stream, cudcn.tf32(tf32):
                 for algorithm in ("im2col", "fused"):

@@ -14,14 +14,15 @@ CUDCN_ALGORITHM) picks:
 - ``"fused"``: the first non-reference algorithm that applies, else im2col;
 - ``"auto"`` (default): on the first call for a key -- device, direction,
   the whole geometry (shapes, dtype, groups, stride, ...), the deterministic
-  and TF32 settings -- every algorithm that applies runs twice (a warm-up,
-  which also compiles its kernels, then a run timed with CUDA events) and the
-  faster is remembered for the rest of the process, as
+  and TF32 settings and the workspace budget -- every algorithm that
+  applies runs twice (a warm-up, which also compiles its kernels, then a run
+  timed with CUDA events) and the faster is remembered for the rest of the process, as
   ``torch.backends.cudnn.benchmark`` does. That first call therefore costs
   two runs of each candidate and one wait for the device; later calls with
   the same key cost nothing extra. With one candidate nothing is timed; while
   the stream is being captured into a CUDA graph nothing is timed either and
-  the reference runs.
+  the column-free algorithm runs where it applies (CuPy cannot capture
+  im2col's cuBLAS calls), else the reference.
 
 :func:`choices` lists what "auto" has measured and chosen.
 """
@@ -90,6 +91,7 @@ def _settings() -> tuple[tuple[str, Any], ...]:
     return (
         ("deterministic", config.are_deterministic_algorithms_enabled()),
         ("tf32", config.is_tf32_enabled()),
+        ("workspace_bytes", config.get_workspace_bytes()),  # decides the chunks and splits
     )
 
 
@@ -129,9 +131,11 @@ def run(direction: str, engine: Any, geom: Geometry, *arrays: Any) -> Any:
     """Run ``direction`` ("forward" or "backward") of the algorithm the setting picks."""
     setting = config.get_algorithm()
     applicable = candidates(engine, geom, direction)
-    if setting == "im2col" or len(applicable) == 1 or _capturing(engine):
+    if setting == "im2col" or len(applicable) == 1:
         chosen = REFERENCE
-    elif setting == "fused":
+    elif setting == "fused" or _capturing(engine):
+        # Under CUDA-graph capture nothing can be timed, and CuPy refuses
+        # cuBLAS calls (im2col's GEMMs) while a stream is being captured.
         chosen = applicable[1]
     else:
         return _auto(direction, engine, geom, applicable, arrays)

@@ -179,11 +179,12 @@ def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, in
              chunk_grad_offset, chunk_grad_offset if grad_mask is None else grad_mask[part]],
         )
         if not single:
-            # A plain conversion: (n, C*H*W, 1) "channels-last" is (n, 1, C*H*W).
+            # A plain conversion: (n*C, H*W, 1) "channels-last" is (n*C, 1, H*W);
+            # H*W fits the kernel's int (validate), C*H*W may not.
             index, itype = launchers.index_type(engine, accumulator.size)
             engine.launch(
                 "from_channels_last", geom.dtype.name, index, grid_stride(engine, accumulator.size),
-                [accumulator, itype(accumulator.size), np.int32(1), np.int32(accumulator.size // n),
+                [accumulator, itype(accumulator.size), np.int32(1), np.int32(geom.height * geom.width),
                  grad_input[part]],
             )
         del accumulator
