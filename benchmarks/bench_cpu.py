@@ -14,20 +14,18 @@ timed computations are the same. Peak memory is that of cudcn's NumPy
 backend as tracemalloc traces it (NumPy's arrays), above the arguments, in
 units of the column buffer (N*Ho*Wo*kh*kw*C_in values).
 
-    python benchmarks/bench_cpu.py [--repeat 5] [--shapes 1 2 3] [--out benchmarks/results]
+    python benchmarks/bench_cpu.py [--repeat 9] [--shapes 1 2 3] [--out benchmarks/results]
 
 Writes bench_cpu.md (the tables) and bench_cpu.json (the figures, date,
 machine, CPU count, threads and versions) to --out, and prints the tables.
+With no options it regenerates what README quotes (README's "Speed and
+memory (CPU)" section holds bench_cpu.md's lines verbatim; a test checks).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
-import os
-import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 import cudcn
+from cudcn.cli.arguments import nonnegative_int, positive_int
 from cudcn.cli.bench import Case, NotAvailable, implementations, make_arguments, median_ms, peak_traced_bytes
+from cudcn.cli.info import load_average, load_text, machine_record
 
 #: (N, C_in = C_out, H = W)
 SHAPES = ((8, 64, 32), (4, 128, 64), (2, 256, 64))
@@ -94,13 +94,9 @@ def measure(case: Case, warmup: int, repeat: int) -> dict:
     }
 
 
-def environment(warmup: int, repeat: int) -> dict:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
+def environment(warmup: int, repeat: int, load_at_start: list[float] | None) -> dict:
+    """Date, machine, versions, the threads of torch and BLAS, the rounds, and
+    the load average before the benchmark started."""
     threads = {}
     if "torch" in sys.modules:
         threads["torch"] = sys.modules["torch"].get_num_threads()
@@ -112,26 +108,8 @@ def environment(warmup: int, repeat: int) -> dict:
                 threads[f"{pool['internal_api']} ({pool['prefix']})"] = pool["num_threads"]
     except ImportError:
         pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {_cpu_model()}".strip(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": {p: version(p) for p in ("cudcn", "numpy", "scipy", "torch", "torchvision", "paddlepaddle")},
-        "threads": threads,
-        "warmup": warmup,
-        "repeat": repeat,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    record = machine_record(("numpy", "scipy", "torch", "torchvision", "paddlepaddle"))
+    return record | {"threads": threads, "warmup": warmup, "repeat": repeat, "load_average_at_start": load_at_start}
 
 
 def markdown(env: dict, results: list[dict]) -> str:
@@ -142,7 +120,9 @@ def markdown(env: dict, results: list[dict]) -> str:
     lines = [
         "# CPU benchmark: DCNv2 3x3, float32, forward + backward",
         "",
-        f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs; threads: "
+        f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs"
+        + (f", {load_text(env['load_average_at_start'])} at the start" if "load_average_at_start" in env else "")
+        + "; threads: "
         + ", ".join(f"{k} {v}" for k, v in env["threads"].items()) + f"; {versions}.",
         f"Medians of {env['repeat']} interleaved rounds (after {env['warmup']} warm-up), "
         "forward + backward (forward alone in parentheses), in ms:",
@@ -174,21 +154,22 @@ def markdown(env: dict, results: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; medians are reported (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--repeat", type=positive_int, default=9, help="timed rounds; medians are reported (default 9)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--shapes", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
                         help="which of the three shapes (default all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="folder for bench_cpu.md and bench_cpu.json (default benchmarks/results)")
     args = parser.parse_args()
 
+    load_at_start = load_average()
     results = []
     for index in args.shapes:
         n, c, size = SHAPES[index - 1]
         case = Case(n, c, c, size, 3, 1, True, "float32")
         results.append(measure(case, args.warmup, args.repeat))
         print(f"measured {results[-1]['shape']}", file=sys.stderr)
-    env = environment(args.warmup, args.repeat)
+    env = environment(args.warmup, args.repeat, load_at_start)
     table = markdown(env, results)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

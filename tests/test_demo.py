@@ -3,10 +3,14 @@ subcommand end to end at a tiny budget."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
+
+import cudcn
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
@@ -14,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from cudcn import cli  # noqa: E402
 from cudcn.cli.demo import data as demo_data  # noqa: E402
+from cudcn.cli.demo import picture_indices, report  # noqa: E402
 from cudcn.cli.demo.models import MODEL_NAMES, STEP, make_model  # noqa: E402
 from cudcn.cli.demo.plots import sampling_points  # noqa: E402
 from cudcn.cli.demo.training import train_step  # noqa: E402
@@ -87,19 +92,83 @@ def test_demo_command_writes_table_results_and_pictures(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--epochs", "2", "--seeds", "2", "--limit", "64", "--out", str(out), "--device", "cpu"]
     assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
     for name in MODEL_NAMES:
-        assert name in printed
-    assert "+-" in printed
+        assert name in captured.out
+        assert f"{name:9} seed 1: final training loss " in captured.out  # a line per run
+    assert "+-" in captured.out
+    assert captured.err == ""  # stderr is not a terminal here: no progress bar
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["epochs"] == 2 and results["settings"]["seeds"] == 2
     assert set(results["summary"]) == set(MODEL_NAMES)
     assert len(results["runs"]) == 2 * len(MODEL_NAMES)
-    assert all(len(run["train_loss"]) == 2 for run in results["runs"])
+    assert all(len(run["train_loss"]) == 2 and len(run["epoch_seconds"]) == 2 for run in results["runs"])
+    assert set(results["training_speed"]) == set(MODEL_NAMES)
+    environment = results["environment"]
+    assert environment["versions"]["cudcn"] == cudcn.__version__ and environment["versions"]["torch"]
+    assert environment["date"] and environment["machine"] and environment["torch_threads"] == 1
+    assert (out / "results.md").read_text() == report.markdown(results)
     for picture in ("learning_curves.png", "sampling_locations.png", "data.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_rejects_unknown_models(tmp_path, capsys):
-    assert cli.main(["demo", "--models", "plain,resnet", "--out", str(tmp_path)]) == 2
-    assert "resnet" in capsys.readouterr().err
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bar_on_stderr_only_when_it_is_a_terminal_and_not_quiet(tmp_path, capsys, monkeypatch, quiet):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["demo", "--epochs", "1", "--seeds", "1", "--limit", "64", "--models", "plain",
+            "--out", str(tmp_path), "--device", "cpu"] + (["--quiet"] if quiet else [])
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("batch/s" in terminal.getvalue() or "batch]" in terminal.getvalue()) != quiet
+    assert "batch" not in out  # never on stdout
+    assert ("final training loss" in out) != quiet and "test acc, mild" in out
+
+
+def test_training_speed_compares_loss_curves_with_the_plain_network():
+    """Plain ends at loss 0.5 after 3 epochs of 1 s; a model whose mean curve
+    is 1.0, 0.4, 0.2 with 2 s epochs passes 0.5 at 1 + (1.0 - 0.5)/(1.0 - 0.4)
+    epochs, after as many 2-second epochs; one that stays above never does."""
+    def runs(name, losses, seconds):
+        return [{"model_name": name, "train_loss": loss, "epoch_seconds": seconds} for loss in losses]
+
+    speed = report.training_speed({
+        "plain": runs("plain", [[2.2, 1.2, 0.6], [1.8, 0.8, 0.4]], [1.0, 1.0, 1.0]),
+        "dcnv2": runs("dcnv2", [[1.0, 0.4, 0.2]], [2.0, 2.0, 2.0]),
+        "coordconv": runs("coordconv", [[2.0, 1.0, 0.6]], [1.0, 1.0, 1.0]),
+    })
+    assert speed["plain"] == {"final_loss": pytest.approx(0.5), "epochs_to_plain_final_loss": 3.0,
+                              "seconds_to_plain_final_loss": 3.0}
+    assert speed["dcnv2"]["final_loss"] == pytest.approx(0.2)
+    assert speed["dcnv2"]["epochs_to_plain_final_loss"] == pytest.approx(1 + 0.5 / 0.6)
+    assert speed["dcnv2"]["seconds_to_plain_final_loss"] == pytest.approx(2 * (1 + 0.5 / 0.6))
+    assert speed["coordconv"]["epochs_to_plain_final_loss"] is None
+
+
+def test_report_words_say_which_way_the_ratios_go():
+    runs = [{"model_name": "plain", "seed": 0, "parameters": 10, "train_loss": [2.0, 1.0, 0.5],
+             "test_strong_accuracy": [0.1, 0.2, 0.3], "epoch_seconds": [1.0, 1.0, 1.0], "test_mild_accuracy": 0.5},
+            {"model_name": "dcnv2", "seed": 0, "parameters": 20, "train_loss": [1.0, 0.4, 0.2],
+             "test_strong_accuracy": [0.2, 0.3, 0.4], "epoch_seconds": [2.0, 2.0, 2.0], "test_mild_accuracy": 0.6},
+            {"model_name": "coordconv", "seed": 0, "parameters": 11, "train_loss": [2.0, 1.0, 0.6],
+             "test_strong_accuracy": [0.1, 0.2, 0.3], "epoch_seconds": [1.0, 1.0, 1.0], "test_mild_accuracy": 0.5}]
+    results = {"settings": {"epochs": 3, "seeds": 1, "models": ["plain", "dcnv2", "coordconv"], "device": "cpu"},
+               "environment": {"date": "D", "machine": "M", "cpu_count": 2, "torch_threads": 1, "python": "3",
+                               "versions": {"cudcn": "0"}},
+               "runs": runs, "wall_seconds": 12.3}
+    text = report.markdown(results)
+    assert "| DCNv2 | 20 | 0.600 ± 0.000 | 0.400 ± 0.000 | 2.00 |" in text
+    assert ("- DCNv2: final loss 0.20, 2.5× lower than plain's; plain's final loss reached after 1.8 epochs "
+            "(1.6× fewer than plain) and 3.7 s of training (1.2× longer than plain).") in text
+    assert "- CoordConv: final loss 0.60, 1.2× higher than plain's; plain's final loss not reached in 3 epochs." in text
+
+
+def test_picture_digits_are_of_different_classes():
+    labels = np.array([6, 6, 2, 6, 5, 2, 1, 9, 0, 3])
+    assert picture_indices(labels, 4) == [0, 2, 4, 6]
+    assert len(picture_indices(labels, 20)) == 7

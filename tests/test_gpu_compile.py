@@ -36,9 +36,9 @@ GLOBAL_ATTRIBUTES = r"(?:__launch_bounds__\([^)]*\)\s*)?"
 
 
 @needs_nvrtc
-def test_compile_prints_one_line_per_instantiation(capsys, monkeypatch):
+def test_compile_verbose_prints_one_line_per_instantiation(capsys, monkeypatch):
     monkeypatch.setattr("cudcn.backends.cuda.compile.device_count", lambda: 0)
-    assert cli.main(["compile", "--arch", "sm_80"]) == 0
+    assert cli.main(["compile", "-v", "--arch", "sm_80"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for dtype in cuda_kernels.TYPES:
         for name in cuda_kernels.name_expressions(dtype):
@@ -50,13 +50,35 @@ def test_compile_prints_one_line_per_instantiation(capsys, monkeypatch):
 
 
 @needs_nvrtc
+def test_compile_prints_a_summary_by_default_and_the_total_when_quiet(capsys, monkeypatch):
+    monkeypatch.setattr("cudcn.backends.cuda.compile.device_count", lambda: 0)
+    assert cli.main(["compile", "--arch", "sm_80", "sm_90", "--dtype", "float32", "float16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    counts = {d: len(cuda_kernels.name_expressions(d)) for d in ("float32", "float16")}
+    summary = [line for line in lines if " instantiations compiled in " in line]
+    assert len(summary) == 4 and len(lines) == 6, lines  # NVRTC's version, 2 archs x 2 dtypes, the total
+    for arch in ("sm_80", "sm_90"):
+        for dtype, count in counts.items():
+            assert any(re.match(rf"^{arch}\s+{dtype}\s+{count} of {count} instantiations compiled in ", line)
+                       for line in summary), (arch, dtype)
+    assert lines[-1] == f"{2 * sum(counts.values())} of {2 * sum(counts.values())} instantiations compiled"
+
+    assert cli.main(["compile", "-q", "--arch", "sm_80", "--dtype", "float64"]) == 0
+    count = len(cuda_kernels.name_expressions("float64"))
+    assert capsys.readouterr().out.splitlines() == [f"{count} of {count} instantiations compiled"]
+
+
+@needs_nvrtc
 def test_compile_fails_on_a_broken_kernel(capsys, monkeypatch):
     monkeypatch.setattr("cudcn.backends.cuda.compile.device_count", lambda: 0)
     broken = cuda_kernels.source() + "\n__global__ void broken() { undeclared_name = 1; }\n"
     monkeypatch.setattr(cuda_kernels, "source", lambda directory=None: broken)
-    assert cli.main(["compile", "--arch", "sm_80", "--dtype", "float32"]) == 1
-    out = capsys.readouterr().out
-    assert "FAIL" in out and "undeclared_name" in out
+    for quiet in ([], ["-q"]):  # failures and NVRTC's log are printed even with -q
+        assert cli.main(["compile", "--arch", "sm_80", "--dtype", "float32", *quiet]) == 1
+        out = capsys.readouterr().out
+        assert "undeclared_name" in out and out.splitlines()[-1].endswith(", FAILED")
+        failed = re.findall(r"^sm_80\s+float32\s+(\w+)\s+\1<.*>\s+FAIL\s*$", out, re.MULTILINE)
+        assert len(failed) == len(cuda_kernels.name_expressions("float32")), out
 
 
 @needs_nvrtc

@@ -55,12 +55,3 @@ def test_readme_deployment_snippets_run(tmp_path, monkeypatch):
     torch.testing.assert_close(torch.from_numpy(namespace["y"]), expected, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "model.onnx").exists() and (tmp_path / "model.pt").exists()
 
-
-def test_readme_quotes_the_recorded_cpu_benchmark():
-    """The tables of benchmarks/results/bench_cpu.md appear in README as recorded."""
-    recorded = (ROOT / "benchmarks" / "results" / "bench_cpu.md").read_text()
-    readme = (ROOT / "README.md").read_text()
-    table_lines = [line for line in recorded.splitlines() if line.startswith("|")]
-    assert table_lines
-    missing = [line for line in table_lines if line not in readme.splitlines()]
-    assert not missing, missing

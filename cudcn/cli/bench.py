@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import cudcn
+from cudcn.cli.arguments import CommandError, is_installed, nonnegative_int, positive_int, require
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,13 @@ class Case:
 
     @property
     def padding(self) -> int:
-        """'Same' padding, so the output is size x size."""
+        """'Same' padding: the output is size x size for an odd kernel (one more for an even one)."""
         return self.kernel // 2
+
+    @property
+    def out_size(self) -> int:
+        """Height and width of the output."""
+        return self.size + 2 * self.padding - self.kernel + 1
 
 
 @dataclass
@@ -151,15 +157,15 @@ def make_arguments(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     n, c, o, s, kk, g = (case.batch, case.in_channels, case.out_channels,
                          case.size, case.kernel, case.offset_groups)
-    k = kk * kk
+    k, so = kk * kk, case.out_size
     args = {
         "input": rng.standard_normal((n, c, s, s)),
-        "offset": rng.uniform(-2, 2, (n, 2 * g * k, s, s)) + 0.25,
+        "offset": rng.uniform(-2, 2, (n, 2 * g * k, so, so)) + 0.25,
         "weight": rng.standard_normal((o, c, kk, kk)) / np.sqrt(c * k),
         "bias": rng.standard_normal(o),
     }
     if case.modulated:
-        args["mask"] = rng.uniform(0, 1, (n, g * k, s, s))
+        args["mask"] = rng.uniform(0, 1, (n, g * k, so, so))
     return args
 
 
@@ -176,7 +182,7 @@ def _torch_prepared(fn, case: Case, args: dict, device: str) -> Prepared:
     dtype = getattr(torch, case.dtype)
     tensors = {k: torch.tensor(v, dtype=dtype, device=device) for k, v in args.items()}
     leaves = {k: t.clone().requires_grad_(True) for k, t in tensors.items()}
-    grad_out = torch.ones((case.batch, case.out_channels, case.size, case.size), dtype=dtype, device=device)
+    grad_out = torch.ones((case.batch, case.out_channels, case.out_size, case.out_size), dtype=dtype, device=device)
 
     def call(t):
         return fn(t["input"], t["offset"], t["weight"], t.get("bias"), stride=1,
@@ -198,7 +204,7 @@ def _torch_prepared(fn, case: Case, args: dict, device: str) -> Prepared:
 def _cudcn_arrays(case: Case, args: dict, xp) -> Prepared:
     """cudcn's own entry points on NumPy or CuPy arrays."""
     arrays = {k: xp.asarray(v.astype(case.dtype)) for k, v in args.items()}
-    grad_out = xp.ones((case.batch, case.out_channels, case.size, case.size), case.dtype)
+    grad_out = xp.ones((case.batch, case.out_channels, case.out_size, case.out_size), case.dtype)
     geometry = dict(stride=1, padding=case.padding, dilation=1)
 
     def forward():
@@ -221,6 +227,8 @@ def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[],
     found.append(("cudcn (numpy backend)", "cpu", lambda: _cudcn_arrays(case, args, np)))
 
     def cupy_backend():
+        if not is_installed("cupy"):
+            raise NotAvailable("CuPy not installed")
         try:
             import cupy
             if cupy.cuda.runtime.getDeviceCount() == 0:
@@ -242,6 +250,9 @@ def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[],
 
     def torch_peer(module_name: str, attribute: str, device: str):
         def prepare():
+            package = module_name.split(".")[0]
+            if package != "cudcn" and not is_installed(package):
+                raise NotAvailable(f"{package} not installed")
             try:
                 module = importlib.import_module(module_name)
             except ImportError as error:
@@ -254,8 +265,8 @@ def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[],
         found.append(("torchvision", device, torch_peer("torchvision.ops", "deform_conv2d", device)))
         found.append(("pure torch (grid_sample)", device,
                       lambda device=device: _torch_prepared(grid_sample_deform_conv2d, case, args, device)))
-    if "cuda" not in devices:
-        found.append(("torchvision", "cuda", _unavailable("no CUDA device for torch")))
+    if devices and "cuda" not in devices:
+        found.append(("torchvision", "cuda", _unavailable("torch sees no CUDA device")))
     found.append(("paddle", "cpu", lambda: _paddle_prepared(case, args)))
     return found
 
@@ -268,16 +279,17 @@ def _unavailable(reason: str):
 
 def _paddle_prepared(case: Case, args: dict) -> Prepared:
     """paddle.vision.ops.deform_conv2d on the CPU."""
-    try:
-        import paddle
-    except ImportError as error:
-        raise NotAvailable("paddle not installed") from error
+    if not is_installed("paddle"):
+        raise NotAvailable("paddle not installed")
+    if case.out_channels % case.offset_groups:
+        raise NotAvailable("paddle's op needs out_channels divisible by the offset groups")
+    import paddle
     paddle.set_device("cpu")
     from paddle.vision.ops import deform_conv2d
 
     tensors = {k: paddle.to_tensor(v.astype(case.dtype)) for k, v in args.items()}
     leaves = {k: paddle.to_tensor(v.astype(case.dtype), stop_gradient=False) for k, v in args.items()}
-    grad_out = paddle.ones([case.batch, case.out_channels, case.size, case.size], dtype=case.dtype)
+    grad_out = paddle.ones([case.batch, case.out_channels, case.out_size, case.out_size], dtype=case.dtype)
 
     def call(t):
         return deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], stride=1,
@@ -411,36 +423,58 @@ def plot(rows: list[dict], case: Case, path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
-    parser.add_argument("--in-channels", type=int, default=32, help="input channels (default 32)")
-    parser.add_argument("--out-channels", type=int, default=32, help="output channels (default 32)")
-    parser.add_argument("--size", type=int, default=32, help="image height and width (default 32)")
-    parser.add_argument("--kernel", type=int, default=3, help="kernel height and width (default 3)")
-    parser.add_argument("--offset-groups", type=int, default=1, help="offset groups (default 1)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--in-channels", type=positive_int, default=32, help="input channels (default 32)")
+    parser.add_argument("--out-channels", type=positive_int, default=32, help="output channels (default 32)")
+    parser.add_argument("--size", type=positive_int, default=32, help="image height and width (default 32)")
+    parser.add_argument("--kernel", type=positive_int, default=3, help="kernel height and width (default 3)")
+    parser.add_argument("--offset-groups", type=positive_int, default=1,
+                        help="offset groups, a divisor of --in-channels (default 1)")
     parser.add_argument("--v1", action="store_true", help="no mask (DCNv1) instead of DCNv2")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="default float32")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls; the median is reported (default 5)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls first (default 1)")
+    parser.add_argument("--repeat", type=positive_int, default=5,
+                        help="timed calls; the median is reported (default 5)")
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")
     parser.add_argument("--json", type=Path, help="write the case and the table as JSON here")
-    parser.add_argument("--plot", type=Path, help="draw the timings into this PNG")
+    parser.add_argument("--plot", type=Path, help="draw the timings into this PNG (needs matplotlib)")
+
+
+def _check_request(args: argparse.Namespace, case: Case) -> None:
+    """Everything that can be wrong with the request, found before the benchmark runs."""
+    if case.in_channels % case.offset_groups:
+        raise CommandError(f"--offset-groups must divide --in-channels = {case.in_channels}, "
+                           f"got {case.offset_groups}")
+    if args.plot is not None:
+        require({"matplotlib": "matplotlib"}, "--plot",
+                'pip install matplotlib (or an extra that brings it: pip install "cudcn[demo]")')
+    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise CommandError(f"{flag} expects a file name, got the folder {str(path)!r}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(f"{flag}: cannot create the folder for {str(path)!r} ({error.strerror})") from None
 
 
 def run(args: argparse.Namespace) -> int:
     case = Case(args.batch, args.in_channels, args.out_channels, args.size, args.kernel,
                 args.offset_groups, not args.v1, args.dtype)
+    _check_request(args, case)
     rows = benchmark(case, warmup=args.warmup, repeat=args.repeat)
     print(f"{'DCNv1' if args.v1 else 'DCNv2'}, {case}")
     print(format_table(rows))
     print("rel. diff: largest |output - cudcn numpy float64| / largest |output|")
-    for path in (args.csv, args.json, args.plot):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    if args.csv:
-        write_csv(rows, args.csv)
-    if args.json:
-        args.json.write_text(json.dumps({"case": asdict(case), "rows": rows}, indent=2) + "\n")
-    if args.plot:
-        plot(rows, case, args.plot)
+    try:
+        if args.csv:
+            write_csv(rows, args.csv)
+        if args.json:
+            args.json.write_text(json.dumps({"case": asdict(case), "rows": rows}, indent=2) + "\n")
+        if args.plot:
+            plot(rows, case, args.plot)
+    except OSError as error:
+        raise CommandError(f"cannot write {error.filename!r}: {error.strerror}") from None
     failed = [r for r in rows if r["status"].startswith("failed")]
     return 1 if failed else 0

@@ -2,10 +2,12 @@
 
 Runs with no GPU, through CuPy's own compile path and options
 (:mod:`cudcn.backends.cuda.compile`), so it fails where the kernels would
-not compile at run time (no CUDA headers, say). Prints the options and one
-line per instantiation and architecture, naming kernel and dtype, and exits
-1 on any failure. Where CuPy sees a device, the command then loads every dtype's
-module on it, which fills CuPy's on-disk kernel cache.
+not compile at run time (no CUDA headers, say). Prints a line per
+architecture and dtype (``-v``: the NVRTC options and a line per
+instantiation, naming kernel and dtype; ``-q``: only failures and the total)
+and exits 1 on any failure, with the failing instantiations and NVRTC's log.
+Where CuPy sees a device, the command then loads every dtype's module on it,
+which fills CuPy's on-disk kernel cache.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 from cudcn.backends.cuda import compile as nvrtc_compile
 from cudcn.backends.cuda import kernels
+from cudcn.cli.arguments import CommandError, require
 
 DEFAULT_ARCHS = ("sm_75", "sm_80", "sm_90")
 
@@ -34,29 +37,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(kernels.TYPES),
         help="dtypes to compile (default: all)",
     )
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="print the NVRTC options and a line per instantiation")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only failures and the total")
 
 
 def _arch_number(arch: str) -> int:
     text = arch.lower().removeprefix("sm_").removeprefix("compute_")
     if not text.isdigit():
-        raise ValueError(f"--arch must look like sm_80, got {arch!r}")
+        raise CommandError(f"--arch expects architectures such as sm_80, got {arch!r}")
     return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        archs = [_arch_number(a) for a in args.arch]
-    except ValueError as error:
-        print(error)
-        return 2
+    archs = [_arch_number(a) for a in args.arch]
+    require({"cupy": "CuPy"}, "cudcn compile",
+            'install the CUDA extra that matches your driver: pip install "cudcn[cuda12]" or "cudcn[cuda13]"')
     try:
         nvrtc = nvrtc_compile.nvrtc()
         version = nvrtc.getVersion()
         supported = set(nvrtc.getSupportedArchs())
-    except Exception as error:  # no CuPy or no libnvrtc: say so, fail
-        print(f"NVRTC is not available: {error}")
+    except Exception as error:  # CuPy without libnvrtc: say so, fail
+        print(f"NVRTC is not available: {error} (the CUDA extras bring it: "
+              'pip install "cudcn[cuda12]" or "cudcn[cuda13]")')
         return 1
-    print(f"NVRTC {version[0]}.{version[1]}; kernels from {kernels.kernel_dir()}")
+
+    def say(text: str, *, detail: bool = False, ok: bool = True) -> None:
+        """Failures always; summary lines unless --quiet; detail lines with --verbose only."""
+        if not ok or args.verbose or (not detail and not args.quiet):
+            print(text)
+
+    def say_rows(rows: list[tuple[str, bool, str]], prefix: str) -> int:
+        """A detail line per (name, ok, detail) row; returns how many failed."""
+        for name, ok, detail in rows:
+            say(f"{prefix} {name:79} {'ok' if ok else 'FAIL'}  {detail if ok else ''}", detail=True, ok=ok)
+        return sum(not ok for _, ok, _ in rows)
+
+    say(f"NVRTC {version[0]}.{version[1]}; kernels from {kernels.kernel_dir()}")
     source = kernels.source()
     failed = total = 0
     for arch in archs:
@@ -70,24 +88,25 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as error:  # what CuPy would raise at run time, e.g. no CUDA headers
             print(f"sm_{arch}  CuPy cannot compile here: {error}  FAIL")
             return 1
-        print(f"sm_{arch}  NVRTC options: {' '.join(options)}")
+        say(f"sm_{arch}  NVRTC options: {' '.join(options)}", detail=True)
         for dtype in args.dtype:
             start = time.perf_counter()
             rows = nvrtc_compile.compile_dtype(source, dtype, options)
             seconds = time.perf_counter() - start
-            for name, ok, detail in rows:
-                total += 1
-                failed += not ok
-                kernel = name.split("<", 1)[0]
-                status = "ok" if ok else "FAIL"
-                print(f"sm_{arch:<4} {dtype:9} {kernel:20} {name:58} {status}  {detail if ok else ''}")
-            if not rows[0][1]:
+            kernel = {name: name.split("<", 1)[0] for name, _, _ in rows}
+            dtype_failed = say_rows([(f"{kernel[name]:20} {name}", ok, detail) for name, ok, detail in rows],
+                                    f"sm_{arch:<4} {dtype:9}")
+            total += len(rows)
+            failed += dtype_failed
+            if dtype_failed:
                 print(f"NVRTC log (sm_{arch}, {dtype}):\n{rows[0][2]}")
-            print(f"sm_{arch:<4} {dtype:9} compiled in {seconds:.1f} s")
+            say(f"sm_{arch:<4} {dtype:9} {len(rows) - dtype_failed} of {len(rows)} instantiations compiled "
+                f"in {seconds:.1f} s" + (", FAILED" if dtype_failed else ""))
     if nvrtc_compile.device_count() > 0:
-        for name, ok, detail in nvrtc_compile.warm_cache(args.dtype):
-            total += 1
-            failed += not ok
-            print(f"device   {name:58} {'ok' if ok else 'FAIL'}  {detail}")
+        loaded = nvrtc_compile.warm_cache(args.dtype)
+        load_failed = say_rows(loaded, "device  ")
+        total += len(loaded)
+        failed += load_failed
+        say(f"device   {len(loaded) - load_failed} of {len(loaded)} instantiations loaded (kernel cache filled)")
     print(f"{total - failed} of {total} instantiations compiled" + (", FAILED" if failed else ""))
     return 1 if failed else 0

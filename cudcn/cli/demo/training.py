@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cudcn.cli.arguments import CommandError
 from cudcn.cli.demo.data import Digits
 from cudcn.cli.demo.models import count_parameters, make_model
 
@@ -37,8 +38,8 @@ def pick_device(requested: str) -> Any:
 
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu")
     return torch.device(requested)
 
 

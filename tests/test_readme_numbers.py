@@ -1,0 +1,143 @@
+"""Every figure README quotes comes from a script's output stored in the
+repository, as recorded: the CPU benchmark (benchmarks/results/bench_cpu.*),
+the demo (docs/demo/results.*) and the demo command timed from a fresh venv
+(docs/demo/fresh_demo.*). Each stored text is what its JSON record gives,
+README holds its lines verbatim, and what README says in words about them
+holds for the recorded figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cudcn.cli.demo import report
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _script(path: str):
+    """A script of benchmarks/ or tools/ as a module (they are not packages)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _section(title: str) -> str:
+    return README.split(f"\n## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def _assert_quoted(path: str, section: str) -> None:
+    """README holds the file's text, less its heading, exactly, between the
+    quote markers that name it, in the given section (tools/quote_records.py
+    writes it there)."""
+    quote_records = _script("tools/quote_records.py")
+    held = quote_records.quotes(_section(section))
+    assert path in held, f"README's section {section!r} has no quote of {path}"
+    assert held[path] == quote_records.quotable(ROOT / path), (
+        f"README's quote of {path} is out of date: run python tools/quote_records.py")
+
+
+# ----------------------------------------------------------------------------
+# CPU benchmark
+
+
+def test_cpu_benchmark_text_is_what_its_record_gives_and_readme_quotes_it():
+    bench_cpu = _script("benchmarks/bench_cpu.py")
+    record = json.loads((ROOT / "benchmarks/results/bench_cpu.json").read_text())
+    stored = (ROOT / "benchmarks/results/bench_cpu.md").read_text()
+    environment = {k: v for k, v in record.items() if k != "results"}
+    assert stored == bench_cpu.markdown(environment, record["results"])
+    _assert_quoted("benchmarks/results/bench_cpu.md", "Speed and memory (CPU)")
+
+
+def test_memory_bounds_in_readme_hold_for_the_recorded_peaks():
+    match = re.search(r"peak at under (\d+) column buffers in the forward and\s+under (\d+) in the backward", README)
+    assert match, "README's sentence on the NumPy backend's peak memory moved"
+    forward_bound, backward_bound = int(match.group(1)), int(match.group(2))
+    record = json.loads((ROOT / "benchmarks/results/bench_cpu.json").read_text())
+    for result in record["results"]:
+        column = result["column_buffer_bytes"]
+        assert result["peak_forward_bytes"] / column < forward_bound, result["shape"]
+        assert result["peak_backward_bytes"] / column < backward_bound, result["shape"]
+
+
+# ----------------------------------------------------------------------------
+# The demo
+
+
+@pytest.fixture(scope="module")
+def demo_results() -> dict:
+    return json.loads((ROOT / "docs/demo/results.json").read_text())
+
+
+def test_demo_text_is_what_its_results_give_and_readme_quotes_it(demo_results):
+    stored = (ROOT / "docs/demo/results.md").read_text()
+    assert stored == report.markdown(demo_results)
+    _assert_quoted("docs/demo/results.md", "The demo: plain conv vs DCNv1 vs DCNv2 vs CoordConv")
+
+
+def test_demo_record_is_the_default_run(demo_results):
+    """README presents the table as the demo at its default settings, with the
+    torch that README's demo command installs."""
+    settings = demo_results["settings"]
+    assert (settings["epochs"], settings["seeds"], settings["limit"], settings["data_seed"]) == (6, 3, None, 0)
+    assert settings["models"] == ["plain", "dcnv1", "dcnv2", "coordconv"]
+    torch_pin = re.search(r"torch==([\d.]+)", _section("Run it").split("```bash\n")[1]).group(1)
+    assert demo_results["environment"]["versions"]["torch"].split("+")[0] == torch_pin
+    assert len(demo_results["runs"]) == 12
+    assert all(len(r["train_loss"]) == len(r["epoch_seconds"]) == 6 for r in demo_results["runs"])
+
+
+def test_what_readme_says_about_the_demo_holds_for_the_record(demo_results):
+    """README: both deformable variants end at a lower training loss, reach the
+    plain network's final loss in fewer epochs but in more training time on
+    the CPU, and do better on the strongly deformed digits."""
+    runs: dict[str, list[dict]] = {}
+    for run in demo_results["runs"]:
+        runs.setdefault(run["model_name"], []).append(run)
+    speed = report.training_speed(runs)
+    plain = speed["plain"]
+    section = _section("The demo: plain conv vs DCNv1 vs DCNv2 vs CoordConv")
+    assert "counted in epochs they reach the\nplain network's final loss sooner, but counted in training time on the CPU\nthey reach it later" in section
+    assert demo_results["settings"]["device"] == "cpu"
+    for name in ("dcnv1", "dcnv2"):
+        assert speed[name]["final_loss"] < plain["final_loss"]
+        assert speed[name]["epochs_to_plain_final_loss"] < plain["epochs_to_plain_final_loss"]
+        assert speed[name]["seconds_to_plain_final_loss"] > plain["seconds_to_plain_final_loss"]
+        summary = report.summarise(runs[name])
+        assert summary["test_strong_accuracy"]["mean"] > report.summarise(runs["plain"])["test_strong_accuracy"]["mean"]
+        assert summary["seconds_per_epoch"] > report.summarise(runs["plain"])["seconds_per_epoch"]
+
+
+def test_fresh_demo_timing_is_what_its_record_gives_and_readme_quotes_it():
+    fresh_demo = _script("benchmarks/fresh_demo.py")
+    record = json.loads((ROOT / "docs/demo/fresh_demo.json").read_text())
+    stored = (ROOT / "docs/demo/fresh_demo.md").read_text()
+    assert stored == fresh_demo.markdown(record)
+    assert record["command"] == fresh_demo.readme_demo_command(README), "the timed command is not README's"
+    _assert_quoted("docs/demo/fresh_demo.md", "Run it")
+
+
+def test_readme_describes_the_recorded_settings(demo_results):
+    settings = demo_results["settings"]
+    mild, strong = settings["deformation_train_and_mild"], settings["deformation_strong"]
+    section = " ".join(_section("The demo: plain conv vs DCNv1 vs DCNv2 vs CoordConv").split())
+    assert f"the same budget: {settings['epochs']} epochs, {settings['seeds']} seeds" in section
+    assert f"(±{strong['max_rotation_deg']:g}° rotation instead of ±{mild['max_rotation_deg']:g}°" in section
+    assert f"scale {strong['scale_range'][0]:g}–{strong['scale_range'][1]:g}" in section
+    assert strong["elastic_alpha"] > mild["elastic_alpha"]  # "a stronger elastic warp"
+
+
+def test_quote_tool_replaces_a_stale_quote_and_nothing_else(tmp_path):
+    quote_records = _script("tools/quote_records.py")
+    (tmp_path / "r.md").write_text("# heading\n\nnew line 1\n| a | b |\n")
+    readme = "before\n\n<!-- quote: r.md -->\nold text\n<!-- end quote -->\n\nafter\n"
+    assert quote_records.requoted(readme, tmp_path) == (
+        "before\n\n<!-- quote: r.md -->\nnew line 1\n| a | b |\n<!-- end quote -->\n\nafter\n")
+    assert quote_records.quotes(readme) == {"r.md": "old text\n"}
