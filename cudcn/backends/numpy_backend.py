@@ -337,8 +337,15 @@ def _blas():
     return ThreadpoolController()
 
 
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The threads that run parts beside the calling thread (made once)."""
+    return ThreadPoolExecutor(max(_cpu_count() - 1, 1), thread_name_prefix="cudcn")
+
+
 def _in_threads(fn, parts: list[slice]) -> list:
-    """[fn(part) for part in parts], each part in a thread of its own.
+    """[fn(part) for part in parts], the first part in the calling thread and
+    each other in a thread of its own (the threads are made once and kept).
 
     scipy's sparse products and NumPy's gathers and GEMMs release the GIL, so
     the parts run at once; scipy's products are single-threaded, so this is
@@ -348,8 +355,10 @@ def _in_threads(fn, parts: list[slice]) -> list:
     """
     if len(parts) == 1:
         return [fn(parts[0])]
-    with _blas().limit(limits=1, user_api="blas"), ThreadPoolExecutor(len(parts)) as pool:
-        return list(pool.map(fn, parts))
+    with _blas().limit(limits=1, user_api="blas"):
+        others = [_pool().submit(fn, part) for part in parts[1:]]
+        results = [fn(parts[0])]
+        return results + [future.result() for future in others]
 
 
 def forward(geom, input, offset, weight, bias, mask):

@@ -20,6 +20,7 @@ when it is a terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -59,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use only the first LIMIT training and test images (quick tries)")
     parser.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the data set (default 0)")
     parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch threads when training on the CPU (default 1: the deformable layers "
-                             "run in NumPy between torch operations, and a second torch thread mostly "
-                             "competes with them for the cores)")
+                        help="torch threads, and NumPy's BLAS threads, when training on the CPU "
+                             "(default 1: the deformable layers run in NumPy between torch operations, "
+                             "with threads of their own; a second torch or BLAS thread mostly competes "
+                             "with them for the cores)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar and no line per run: only the table and where the files went")
 
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise CommandError(f"--out: cannot create {str(args.out)!r} ({error.strerror})") from None
 
+    import threadpoolctl
     import torch
     from tqdm import tqdm
 
@@ -94,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     load_at_start = load_average()
     device = pick_device(args.device)
+    blas_threads = contextlib.nullcontext()
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+        # NumPy's BLAS too: its idle threads spin and take the cores that
+        # torch and the NumPy backend's own threads are using.
+        blas_threads = threadpoolctl.threadpool_limits(args.threads, user_api="blas")
     data = make_datasets(args.data_seed)
     if args.limit:
         data = {k: v.subset(args.limit) for k, v in data.items()}
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     batches = -(-len(data["train"]) // 32)
     bar = tqdm(total=len(models) * args.seeds * args.epochs * batches, unit="batch", file=sys.stderr,
                dynamic_ncols=True, disable=args.quiet or not sys.stderr.isatty())
-    with bar:
+    with bar, blas_threads:
         for name in models:
             for seed in range(args.seeds):
                 bar.set_description(f"{name} seed {seed}")
@@ -138,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         "training_speed": report.training_speed(stored_runs) if "plain" in models else None,
         "runs": [r for model_runs in stored_runs.values() for r in model_runs],
         "environment": machine_record(("numpy", "scipy", "torch", "scikit-learn", "matplotlib"))
-        | {"torch_threads": torch.get_num_threads(), "load_average_at_start": load_at_start},
+        | {"torch_threads": torch.get_num_threads(), "blas_threads": args.threads if device.type == "cpu" else None,
+           "load_average_at_start": load_at_start},
         "wall_seconds": None,
     }
     plots.plot_data(data, args.out / "data.png")
