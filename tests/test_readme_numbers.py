@@ -96,20 +96,23 @@ def test_demo_record_is_the_default_run(demo_results):
 
 def test_what_readme_says_about_the_demo_holds_for_the_record(demo_results):
     """README: both deformable variants end at a lower training loss, reach the
-    plain network's final loss in fewer epochs but in more training time on
-    the CPU, and do better on the strongly deformed digits."""
+    plain network's final loss in fewer epochs, take longer per epoch on the
+    CPU, and do better on the strongly deformed digits."""
     runs: dict[str, list[dict]] = {}
     for run in demo_results["runs"]:
         runs.setdefault(run["model_name"], []).append(run)
     speed = report.training_speed(runs)
     plain = speed["plain"]
     section = _section("The demo: plain conv vs DCNv1 vs DCNv2 vs CoordConv")
-    assert "counted in epochs they reach the\nplain network's final loss sooner, but counted in training time on the CPU\nthey reach it later" in section
+    assert "counted in epochs they reach the\nplain network's final loss sooner, while counted in training time on the CPU\ntheir longer epochs (the s/epoch column) eat into that lead" in section
     assert demo_results["settings"]["device"] == "cpu"
     for name in ("dcnv1", "dcnv2"):
         assert speed[name]["final_loss"] < plain["final_loss"]
         assert speed[name]["epochs_to_plain_final_loss"] < plain["epochs_to_plain_final_loss"]
-        assert speed[name]["seconds_to_plain_final_loss"] > plain["seconds_to_plain_final_loss"]
+        # "eat into that lead": fewer epochs, but a smaller lead in seconds.
+        epochs_lead = plain["epochs_to_plain_final_loss"] / speed[name]["epochs_to_plain_final_loss"]
+        seconds_lead = plain["seconds_to_plain_final_loss"] / speed[name]["seconds_to_plain_final_loss"]
+        assert seconds_lead < epochs_lead
         summary = report.summarise(runs[name])
         assert summary["test_strong_accuracy"]["mean"] > report.summarise(runs["plain"])["test_strong_accuracy"]["mean"]
         assert summary["seconds_per_epoch"] > report.summarise(runs["plain"])["seconds_per_epoch"]
