@@ -65,25 +65,6 @@ struct FusedDataLayout {
 
 __device__ __forceinline__ int fused_min(int a, int b) { return a < b ? a : b; }
 
-/// f(row, column, value) for each element of the calling warp's part of the
-/// tile product (acc as warp_tile_product leaves it): row among the A
-/// tile's rows, column among the B tile's.
-template <typename F>
-__device__ __forceinline__ void fused_each_product(const float (&acc)[2][4][4], int warp_m, int warp_n, F&& f) {
-  const int lane = dcn_lane();
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int r, c;
-        dcn_mma_c_coord(lane, i, r, c);
-        f(warp_m * FusedTile::kWarpPixels + mi * 16 + r, warp_n * FusedTile::kWarpOutChannels + ni * 8 + c,
-          acc[mi][ni][i]);
-      }
-}
-
 /// Offset, mask and input gradients of a chunk of images, the column
 /// gradients computed on chip.
 ///

@@ -111,19 +111,9 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
 
   // Epilogue: every warp has read its last tiles before they become the output tile.
   __syncthreads();
-  const int lane = dcn_lane();
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int r, c;
-        dcn_mma_c_coord(lane, i, r, c);
-        const int pixel = warp_m * FusedTile::kWarpPixels + mi * 16 + r;
-        const int channel = warp_n * FusedTile::kWarpOutChannels + ni * 8 + c;
-        tiles[channel * OutLayout::kOutRowWords + pixel] = __float_as_uint(acc[mi][ni][i]);
-      }
+  fused_each_product(acc, warp_m, warp_n, [&](int pixel, int channel, float value) {
+    tiles[channel * OutLayout::kOutRowWords + pixel] = __float_as_uint(value);
+  });
   __syncthreads();
   for (int e = threadIdx.x; e < FusedTile::kPixels * FusedTile::kOutChannels; e += FusedTile::kThreads) {
     const int o = e / FusedTile::kPixels, r = e % FusedTile::kPixels;

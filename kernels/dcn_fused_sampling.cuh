@@ -17,6 +17,7 @@
 //   store_row_words<Op>(...)       values -> words of a tile row, zero past `count`
 //   load_b_row<Op>(...)            a thread's half of one B-tile row: consecutive values (weights)
 //   warp_tile_product<Op>(...)     acc += A B for the calling warp's 32 x 32 part of the tile
+//   fused_each_product(...)        f(row, column, value) over the calling warp's part of a product
 //
 // Tiles. A slice is `count` <= 32 consecutive input channels of one kernel point, all of one
 // offset group and one convolution group (so that one tap serves the whole slice). The A
@@ -323,4 +324,23 @@ __device__ __forceinline__ void warp_tile_product(float (&acc)[2][4][4], DCN_SHA
           for (int i = 0; i < 4; ++i) acc[mi][ni][i] += av[mi][i >> 1] * bv[ni][i & 1];
     }
   }
+}
+
+/// f(row, column, value) for each element of the calling warp's part of the
+/// tile product (acc as warp_tile_product leaves it): row among the A
+/// tile's rows, column among the B tile's.
+template <typename F>
+__device__ __forceinline__ void fused_each_product(const float (&acc)[2][4][4], int warp_m, int warp_n, F&& f) {
+  const int lane = dcn_lane();
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int r, c;
+        dcn_mma_c_coord(lane, i, r, c);
+        f(warp_m * FusedTile::kWarpPixels + mi * 16 + r, warp_n * FusedTile::kWarpOutChannels + ni * 8 + c,
+          acc[mi][ni][i]);
+      }
 }

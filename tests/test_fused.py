@@ -198,7 +198,7 @@ PLANTED = {
     "main-loop barrier dropped": (
         "dcn_fused_forward.cu", "        __syncthreads();\n        warp_tile_product", "        warp_tile_product"),
     "epilogue barrier dropped": (
-        "dcn_fused_forward.cu", "  __syncthreads();\n  const int lane = dcn_lane();", "  const int lane = dcn_lane();"),
+        "dcn_fused_forward.cu", "  __syncthreads();\n  fused_each_product(", "  fused_each_product("),
     "A fragment rows swapped": (
         "dcn_fused_sampling.cuh", "fa[mi][r] = a[(mi * 16 + row) * ld", "fa[mi][r] = a[(mi * 16 + (row ^ 8)) * ld"),
     "mask not applied": (

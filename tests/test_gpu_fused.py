@@ -47,22 +47,30 @@ PRECISIONS = {
 }
 
 
-def _dtype(name: str) -> np.dtype:
+def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def _usable(precision: str) -> None:
-    """Skip, naming the cause, where the device or CuPy lacks the precision."""
-    dtype, _, _ = PRECISIONS[precision]
-    if dtype == "bfloat16":
-        test_gpu.skip_without_cupy_bfloat16(_dtype(dtype))
+def cast(args: dict, name: str) -> dict:
+    """The call's arrays in the dtype called ``name``."""
+    return {k: v.astype(numpy_dtype(name)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+
+
+def require_fused_dtype(name: str) -> None:
+    """Skip, naming the cause, where the device or CuPy lacks the dtype for the fused kernels."""
+    if name == "bfloat16":
+        test_gpu.skip_without_cupy_bfloat16(numpy_dtype(name))
         if cupy_engine().capability < fused.BF16_TF32_CAPABILITY:
             pytest.skip("bfloat16 MMAs need compute capability 8.0")
 
 
+def _usable(precision: str) -> None:
+    require_fused_dtype(PRECISIONS[precision][0])
+
+
 def _check(args: dict, precision: str) -> None:
     dtype, tf32, tol = PRECISIONS[precision]
-    args = {k: v.astype(_dtype(dtype)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    args = cast(args, dtype)
     geom = validate(**args)
     engine = cupy_engine()
     with cudcn.tf32(tf32), cudcn.algorithm("fused"):
@@ -94,7 +102,7 @@ def test_batch_0_batch_33_in_chunks_and_strided_arguments(precision):
     args = test_gpu._fixed_case(rng, n=33)
     with cudcn.workspace_bytes(1):  # one image per chunk: 33 launches
         _check(args, precision)
-    dtype = _dtype(PRECISIONS[precision][0])
+    dtype = numpy_dtype(PRECISIONS[precision][0])
     args = {k: v.astype(dtype) if isinstance(v, np.ndarray) else v for k, v in test_gpu._fixed_case(rng).items()}
     dev = to_device(args)
     strided = dict(dev, input=cupy.asarray(np.concatenate([args["input"]] * 2, axis=3))[..., ::2],
@@ -111,7 +119,7 @@ def test_matches_torchvision(precision):
     dtype, tf32, _ = PRECISIONS[precision]
     rng = np.random.default_rng(22)
     args = test_gpu._fixed_case(rng, n=4, c=24, o=20, h=9, w=10, dtype="float64")
-    args = {k: v.astype(_dtype(dtype)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    args = cast(args, dtype)
     t = {k: torch.tensor(np.asarray(v, np.float64), device="cuda") for k, v in args.items() if isinstance(v, np.ndarray)}
     expected = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], stride=args["stride"],
                                  padding=args["padding"], dilation=args["dilation"], mask=t.get("mask"))
@@ -138,20 +146,29 @@ def test_auto_times_both_and_keeps_the_choice(monkeypatch):
     assert relative_error(first, expected) <= 4e-3 and relative_error(again, expected) <= 4e-3
 
 
-def test_input_above_2_to_the_31_elements():
-    """One float16 image of 2.4e9 input elements: the 64-bit index kernel,
-    offsets one integer shift (rows +1, columns -2), so that the output is an
-    ordinary convolution, checked at pixels near the end."""
+def big_shifted_case(seed: int, free_gib: int):
+    """x (1, 64, 6144, 6144) float16 (2.4e9 elements), offsets of one integer
+    shift (rows +1, columns -2), weight (4, 64, 3, 3); skips without
+    ``free_gib`` GiB of free GPU memory."""
     free, _ = cupy.cuda.runtime.memGetInfo()
-    if free < 24 * 2**30:
-        pytest.skip("needs 24 GiB of free GPU memory")
+    if free < free_gib * 2**30:
+        pytest.skip(f"needs {free_gib} GiB of free GPU memory")
     c, h, w, o = 64, 6144, 6144, 4
     assert c * h * w > 2**31
-    rng = cupy.random.default_rng(24)
+    rng = cupy.random.default_rng(seed)
     x = rng.standard_normal((1, c, h, w), dtype=cupy.float32).astype(cupy.float16)
     offset = cupy.zeros((1, 18, h, w), cupy.float16)
     offset[:, 0::2], offset[:, 1::2] = 1.0, -2.0
     weight = rng.standard_normal((o, c, 3, 3), dtype=cupy.float32).astype(cupy.float16)
+    return x, offset, weight
+
+
+def test_input_above_2_to_the_31_elements():
+    """One float16 image of 2.4e9 input elements: the 64-bit index kernel,
+    offsets one integer shift (rows +1, columns -2), so that the output is an
+    ordinary convolution, checked at pixels near the end."""
+    x, offset, weight = big_shifted_case(24, free_gib=24)
+    o, h, w = weight.shape[0], *x.shape[2:]
     with cudcn.algorithm("fused"):
         out = cudcn.deform_conv2d(x, offset, weight, padding=1)
     host_w = cupy.asnumpy(weight).astype(np.float64)

@@ -25,11 +25,12 @@ from hypothesis import given, settings
 
 import cudcn
 import test_gpu
+from test_gpu_fused import big_shifted_case, cast, numpy_dtype, require_fused_dtype
 from cudcn.backends import numpy_backend
 from cudcn.backends.cuda import algorithms, fused, fused_backward
 from cudcn.backends.cuda.engine import cupy_engine
 from cudcn.geometry import validate
-from emulation.cases import cases, ml_dtypes
+from emulation.cases import cases
 
 pytestmark = pytest.mark.gpu
 
@@ -49,21 +50,8 @@ PRECISIONS = {
 }
 
 
-def _dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
 def _usable(precision: str) -> None:
-    """Skip, naming the cause, where the device or CuPy lacks the precision."""
-    dtype = PRECISIONS[precision][0]
-    if dtype == "bfloat16":
-        test_gpu.skip_without_cupy_bfloat16(_dtype(dtype))
-        if cupy_engine().capability < fused.BF16_TF32_CAPABILITY:
-            pytest.skip("bfloat16 MMAs need compute capability 8.0")
-
-
-def _cast(args: dict, dtype: str) -> dict:
-    return {k: v.astype(_dtype(dtype)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    require_fused_dtype(PRECISIONS[precision][0])
 
 
 def _fused_backward(args: dict, grad_output: np.ndarray, tf32: bool):
@@ -76,7 +64,7 @@ def _fused_backward(args: dict, grad_output: np.ndarray, tf32: bool):
 
 def _check(args: dict, precision: str, rng: np.random.Generator) -> None:
     dtype, tf32, tol = PRECISIONS[precision]
-    args = _cast(args, dtype)
+    args = cast(args, dtype)
     geom = validate(**args)
     grad_output = rng.standard_normal((geom.batch, geom.out_channels, geom.out_h, geom.out_w)).astype(geom.dtype)
     grads = _fused_backward(args, grad_output, tf32)
@@ -111,9 +99,9 @@ def test_batch_0_batch_33_splits_and_strided_arguments(precision, monkeypatch):
     assert fused_backward.weight_splits(validate(**args)) > 1
     _check(args, precision, rng)
     dtype, tf32, _ = PRECISIONS[precision]
-    args = _cast(test_gpu._fixed_case(rng), dtype)
+    args = cast(test_gpu._fixed_case(rng), dtype)
     dev = to_device(args)
-    grad_output = cupy.asarray(rng.standard_normal(cudcn.deform_conv2d(**args).shape).astype(_dtype(dtype)))
+    grad_output = cupy.asarray(rng.standard_normal(cudcn.deform_conv2d(**args).shape).astype(numpy_dtype(dtype)))
     strided = dict(dev, input=cupy.asarray(np.concatenate([args["input"]] * 2, axis=3))[..., ::2],
                    weight=cupy.asfortranarray(dev["weight"]))
     with cudcn.algorithm("fused"), cudcn.tf32(tf32):
@@ -131,7 +119,7 @@ def test_offset_mask_and_weight_gradients_are_bitwise_repeatable(precision, monk
     _usable(precision)
     dtype, tf32, tol = PRECISIONS[precision]
     rng = np.random.default_rng(32)
-    args = _cast(test_gpu._fixed_case(rng, n=4, c=70, o=40, h=16, w=15), dtype)
+    args = cast(test_gpu._fixed_case(rng, n=4, c=70, o=40, h=16, w=15), dtype)
     geom = validate(**args)
     grad_output = rng.standard_normal((geom.batch, geom.out_channels, geom.out_h, geom.out_w)).astype(geom.dtype)
     runs = [_fused_backward(args, grad_output, tf32) for _ in range(3)]
@@ -164,13 +152,13 @@ def test_matches_torchvision(precision, mask):
     torch, ops = test_gpu._torchvision()
     dtype, tf32, tol = PRECISIONS[precision]
     rng = np.random.default_rng(34)
-    args = _cast(test_gpu._fixed_case(rng, n=4, c=24, o=20, h=9, w=10, mask=mask), dtype)
+    args = cast(test_gpu._fixed_case(rng, n=4, c=24, o=20, h=9, w=10, mask=mask), dtype)
     tensors = {k: torch.tensor(np.asarray(v, np.float64), device="cuda", requires_grad=True)
                for k, v in args.items() if isinstance(v, np.ndarray)}
     out = ops.deform_conv2d(tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"],
                             stride=args["stride"], padding=args["padding"], dilation=args["dilation"],
                             mask=tensors.get("mask"))
-    grad_output = rng.standard_normal(tuple(out.shape)).astype(_dtype(dtype))
+    grad_output = rng.standard_normal(tuple(out.shape)).astype(numpy_dtype(dtype))
     out.backward(torch.tensor(np.asarray(grad_output, np.float64), device="cuda"))
     grads = _fused_backward(args, grad_output, tf32)
     for name in NAMES:
@@ -201,16 +189,9 @@ def test_input_above_2_to_the_31_elements():
     offsets one integer shift (rows +1, columns -2), no mask: the input
     gradient is a plain convolution's, checked at pixels near the end, and
     so are a few weight-gradient entries."""
-    free, _ = cupy.cuda.runtime.memGetInfo()
-    if free < 48 * 2**30:
-        pytest.skip("needs 48 GiB of free GPU memory")
-    c, h, w, o = 64, 6144, 6144, 4
-    assert c * h * w > 2**31
-    rng = cupy.random.default_rng(36)
-    x = rng.standard_normal((1, c, h, w), dtype=cupy.float32).astype(cupy.float16)
-    offset = cupy.zeros((1, 18, h, w), cupy.float16)
-    offset[:, 0::2], offset[:, 1::2] = 1.0, -2.0
-    weight = rng.standard_normal((o, c, 3, 3), dtype=cupy.float32).astype(cupy.float16)
+    x, offset, weight = big_shifted_case(36, free_gib=48)
+    o, c, h, w = weight.shape[0], *x.shape[1:]
+    rng = cupy.random.default_rng(37)
     grad_output = rng.standard_normal((1, o, h, w), dtype=cupy.float32).astype(cupy.float16)
     with cudcn.algorithm("fused"):
         grads = cudcn.deform_conv2d_backward(grad_output, x, offset, weight, padding=1)
