@@ -1,0 +1,267 @@
+"""``cudcn.torch.deform_conv2d``: the custom ops, their fake implementations
+and autograd, and the public function."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import cudcn
+from cudcn.geometry import Geometry, validate
+from cudcn.torch._bridge import (
+    IntOrPair,
+    _backend_context,
+    _check_tensors,
+    _determinism,
+    _forward_settings,
+    _is_static,
+    _stand_in,
+    _tf32,
+    _to_array,
+    _to_tensor,
+)
+
+
+def _check(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    grad_output: Tensor | None = None,
+) -> Geometry:
+    """The core's validation, on data-less NumPy stand-ins of the tensors.
+
+    Gives the core's error messages before any data moves, also while
+    torch.compile traces with fake tensors.
+    """
+    tensors = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    if grad_output is not None:  # a backward's
+        tensors["grad_output"] = grad_output
+    given = _check_tensors(tensors)
+    stand_ins = {name: _stand_in(name, t) for name, t in given.items()}
+    return validate(**stand_ins, stride=stride, padding=padding, dilation=dilation)
+
+
+# --------------------------------------------------------------------------
+# The custom ops
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cudcn::deform_conv2d", mutates_args=())
+def _deform_conv2d_op(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Output (N, C_out, Ho, Wo) from the core's forward."""
+    _check_tensors({"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask})
+    with _backend_context(input), _tf32(cudcn.is_tf32_enabled()):
+        arrays = [_to_array(t) for t in (input, offset, weight, bias, mask)]
+        out = cudcn.deform_conv2d(
+            *arrays[:4], stride=stride, padding=padding, dilation=dilation, mask=arrays[4]
+        )
+        return _to_tensor(out, input.dtype)
+
+
+@_deform_conv2d_op.register_fake
+def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dilation):
+    if _is_static(input, offset, weight, bias, mask):
+        _check(input, offset, weight, bias, mask, stride, padding, dilation)
+    out_h = (input.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    out_w = (input.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+
+
+@torch.library.custom_op("cudcn::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    deterministic: bool,
+    tf32: bool = False,
+    algorithm: str = "",
+    workspace_bytes: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (input, offset, weight, bias, mask) from the core's backward.
+
+    The bias and mask gradients are empty tensors of shape (0,) when the call
+    had no bias or no mask (a custom op cannot return None). ``deterministic``
+    asks for the bitwise-repeatable path (as does
+    torch.use_deterministic_algorithms(True)); ``tf32`` lets float32 GEMMs
+    use TF32 (as does torch's float32 matmul precision); ``algorithm`` and
+    ``workspace_bytes`` are cudcn's settings at the forward ("" and 0: this
+    thread's own).
+    """
+    _check_tensors({
+        "input": input, "offset": offset, "weight": weight, "bias": bias,
+        "mask": mask, "grad_output": grad_output,
+    })
+    with _backend_context(input), _determinism(deterministic), _tf32(tf32), \
+            _forward_settings(algorithm, workspace_bytes):
+        arrays = [_to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
+        grads = cudcn.deform_conv2d_backward(
+            *arrays[:5], stride=stride, padding=padding, dilation=dilation, mask=arrays[5]
+        )
+        return tuple(
+            input.new_empty(0) if g is None else _to_tensor(g, input.dtype) for g in grads
+        )
+
+
+@_deform_conv2d_backward_op.register_fake
+def _deform_conv2d_backward_fake(grad_output, input, offset, weight, bias, mask, stride, padding, dilation,
+                                 deterministic, tf32=False, algorithm="", workspace_bytes=0):
+    if _is_static(grad_output, input, offset, weight, bias, mask):
+        _check(input, offset, weight, bias, mask, stride, padding, dilation, grad_output)
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(offset, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        input.new_empty(0) if bias is None else torch.empty_like(bias),
+        input.new_empty(0) if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format),
+    )
+
+
+# --------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, weight, bias, mask)
+    ctx.conv_args = (stride, padding, dilation)
+    # Read here, in the caller's thread: autograd runs a CUDA backward in its
+    # own device thread, where cudcn's per-thread setting is not visible.
+    ctx.deterministic = cudcn.are_deterministic_algorithms_enabled()
+    ctx.tf32 = cudcn.is_tf32_enabled()
+    ctx.settings = (cudcn.get_algorithm(), cudcn.get_workspace_bytes())
+
+
+def _backward(ctx, grad_output: Tensor):
+    input, offset, weight, bias, mask = ctx.saved_tensors
+    g_input, g_offset, g_weight, g_bias, g_mask = _deform_conv2d_backward_op(
+        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, ctx.deterministic, ctx.tf32,
+        *ctx.settings,
+    )
+    return (
+        g_input,
+        g_offset,
+        g_weight,
+        None if bias is None else g_bias,
+        None if mask is None else g_mask,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("cudcn::deform_conv2d", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------
+
+
+def _as_list(value: Any) -> Any:
+    """int or pair as [rows, columns] for the op; anything else as given."""
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    return [value, value]
+
+
+def _script_list(value: IntOrPair) -> list[int]:
+    """int or pair as [rows, columns]: :func:`_as_list` for TorchScript."""
+    if isinstance(value, int):
+        return [value, value]
+    return [value[0], value[1]]
+
+
+def _autocast(device_type: str, tensors: list[Tensor | None]) -> list[Tensor | None]:
+    """Cast floating tensors to the autocast dtype when autocast is on for the device."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    # Like torch's own autocast, float64 is left alone.
+    return [
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    ]
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Deformable convolution (DCNv1, or DCNv2 when a mask is given).
+
+    ``torchvision.ops.deform_conv2d``'s signature and results. In offset group
+    g, channel ``g*2*kh*kw + 2*k`` of ``offset`` is the row shift and the next
+    one the column shift of kernel point ``k = i*kw + j``.
+
+    Args:
+        input: (N, C_in, H, W).
+        offset: (N, 2*offset_groups*kh*kw, Ho, Wo).
+        weight: (C_out, C_in/groups, kh, kw); groups = C_in / weight.shape[1].
+        bias: (C_out,) or None.
+        stride, padding, dilation: int or (rows, columns).
+        mask: (N, offset_groups*kh*kw, Ho, Wo) modulation, or None for DCNv1.
+
+    Returns:
+        (N, C_out, Ho, Wo), ``Ho = (H + 2*pad_h - dil_h*(kh-1) - 1) // stride_h + 1``
+        (likewise Wo), on the input's device, in its dtype (or the autocast dtype).
+
+    Raises:
+        cudcn.ArgumentTypeError, cudcn.ArgumentError: the core's message when
+            an argument is wrong (TypeError / ValueError, and RuntimeError).
+
+    With ``torch.use_deterministic_algorithms(True)`` the backward is bitwise
+    repeatable on CUDA too (a sorted, atomic-free input gradient).
+
+    CUDA tensors run on torch's current stream; CPU tensors run on the NumPy
+    backend. All tensors must be on one device.
+
+    TorchScript compiles this function (and the modules) to a call of the op
+    ``torch.ops.cudcn.deform_conv2d``, whose implementation checks the
+    arguments as here; a scripted call does not apply autocast.
+    """
+    if torch.jit.is_scripting():
+        return torch.ops.cudcn.deform_conv2d(
+            input, offset, weight, bias, mask,
+            _script_list(stride), _script_list(padding), _script_list(dilation),
+        )
+    if isinstance(input, Tensor):
+        tensors = _autocast(input.device.type, [input, offset, weight, bias, mask])
+        input, offset, weight, bias, mask = tensors
+    if not torch.compiler.is_compiling():
+        # Report wrong arguments as the user wrote them (the op sees lists);
+        # under torch.compile the fake implementation checks instead.
+        _check(input, offset, weight, bias, mask, stride, padding, dilation)
+    return _deform_conv2d_op(
+        input, offset, weight, bias, mask,
+        _as_list(stride), _as_list(padding), _as_list(dilation),
+    )
