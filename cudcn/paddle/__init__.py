@@ -56,7 +56,7 @@ Where things are (``cudcn/paddle/``):
   stream for CuPy.
 - ``functional.py``: the autograd layer (``PyLayer``) and the public
   :func:`deform_conv2d`.
-- ``static.py``: the static-graph path (shapes paddle leaves unknown, and
+- ``_static.py``: the static-graph path (shapes paddle leaves unknown, and
   paddle's own op emitted into the graph).
 - ``layers.py``: the layers.
 """

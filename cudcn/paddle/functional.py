@@ -8,20 +8,18 @@ import paddle
 from paddle.autograd import PyLayer
 
 import cudcn
-from cudcn.errors import ArgumentError, ArgumentTypeError
+from cudcn.errors import ArgumentError
 from cudcn.geometry import Geometry, validate
 from cudcn.paddle._bridge import (
     IntOrPair,
-    _backend_context,
-    _count,
-    _dtype_name,
-    _is_tensor,
-    _stand_in,
-    _to_array,
-    _to_tensor,
-    _type_name,
+    backend_context,
+    check_tensors,
+    int_argument,
+    stand_in,
+    to_array,
+    to_tensor,
 )
-from cudcn.paddle.static import _static_deform_conv2d, _static_shapes
+from cudcn.paddle._static import static_deform_conv2d, static_shapes
 
 #: How the core's argument names read in paddle's signature.
 NAMES = {"input": "x"}
@@ -34,6 +32,9 @@ LAYOUTS = {
     "bias": "(C_out,)",
     "mask": "(N, deformable_groups*kh*kw, Ho, Wo)",
 }
+
+#: The tensors a call may leave out.
+OPTIONAL = ("bias", "mask")
 
 
 def _check(
@@ -49,32 +50,14 @@ def _check(
     groups: Any,
 ) -> Geometry:
     """The core's validation, on data-less NumPy stand-ins, with paddle's names and arguments."""
-    deformable_groups = _count(deformable_groups, "deformable_groups", 1)
-    groups = _count(groups, "groups", 1)
+    deformable_groups = int_argument(deformable_groups, "deformable_groups", 1)
+    groups = int_argument(groups, "groups", 1)
     tensors = {"x": x, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
-    for name, t in tensors.items():
-        if not (_is_tensor(t) or (t is None and name in ("bias", "mask"))):
-            raise ArgumentTypeError(
-                f"{name} must be a paddle.Tensor {LAYOUTS[name]}, got {_type_name(t)}"
-            )
-    given = {name: t for name, t in tensors.items() if t is not None}
-    static = not paddle.in_dynamic_mode()
-    if x is not None and not static:
-        for name, t in given.items():
-            if str(t.place) != str(x.place):
-                raise ArgumentError(f"{name} is on {t.place} but x is on {x.place}; pass tensors on one place")
-    # Stand-ins show bfloat16 as float32, so a bfloat16/float32 mix must be
-    # caught here; every other mix the core reports.
-    if x is not None and any(t.dtype == paddle.bfloat16 for t in given.values()):
-        for name, t in given.items():
-            if t.dtype != x.dtype:
-                raise ArgumentTypeError(
-                    f"{name}.dtype must equal x.dtype = {_dtype_name(x)}, got {_dtype_name(t)}"
-                )
+    given = check_tensors(tensors, LAYOUTS, OPTIONAL)
     shapes = {name: list(t.shape) for name, t in given.items()}
-    if static:
-        shapes = _static_shapes(shapes, stride, padding, dilation, deformable_groups, groups)
-    stand_ins: dict[str, Any] = {name: _stand_in(name, t, shapes[name]) for name, t in given.items()}
+    if not paddle.in_dynamic_mode():
+        shapes = static_shapes(shapes, stride, padding, dilation, deformable_groups, groups)
+    stand_ins: dict[str, Any] = {name: stand_in(name, t, shapes[name]) for name, t in given.items()}
     stand_ins["input"] = stand_ins.pop("x")
     geom = validate(
         **stand_ins, stride=stride, padding=padding, dilation=dilation, names=NAMES
@@ -100,24 +83,24 @@ def _check(
 
 def _forward(x, offset, weight, bias, mask, stride, padding, dilation) -> paddle.Tensor:
     """Output (N, C_out, Ho, Wo) from the core's forward."""
-    with _backend_context(x):
-        arrays = [_to_array(t) for t in (x, offset, weight, bias, mask)]
+    with backend_context(x):
+        arrays = [to_array(t) for t in (x, offset, weight, bias, mask)]
         out = cudcn.deform_conv2d(
             *arrays[:4], stride=stride, padding=padding, dilation=dilation,
             mask=arrays[4], names=NAMES,
         )
-        return _to_tensor(out, x.dtype)
+        return to_tensor(out, x.dtype)
 
 
 def _backward(grad_out, x, offset, weight, bias, mask, stride, padding, dilation) -> cudcn.Gradients:
     """Gradients (input, offset, weight, bias, mask) from the core's backward."""
-    with _backend_context(x):
-        arrays = [_to_array(t) for t in (grad_out, x, offset, weight, bias, mask)]
+    with backend_context(x):
+        arrays = [to_array(t) for t in (grad_out, x, offset, weight, bias, mask)]
         grads = cudcn.deform_conv2d_backward(
             *arrays[:5], stride=stride, padding=padding, dilation=dilation,
             mask=arrays[5], names=NAMES,
         )
-        return cudcn.Gradients(*(None if g is None else _to_tensor(g, x.dtype) for g in grads))
+        return cudcn.Gradients(*(None if g is None else to_tensor(g, x.dtype) for g in grads))
 
 
 class _DeformConv2dFunction(PyLayer):
@@ -199,5 +182,5 @@ def deform_conv2d(
     """
     geom = _check(x, offset, weight, bias, mask, stride, padding, dilation, deformable_groups, groups)
     if not paddle.in_dynamic_mode():
-        return _static_deform_conv2d(x, offset, weight, bias, mask, geom)
+        return static_deform_conv2d(x, offset, weight, bias, mask, geom)
     return _DeformConv2dFunction.apply(x, offset, weight, bias, mask, (stride, padding, dilation))

@@ -9,10 +9,9 @@ import paddle
 from paddle.nn.initializer import Constant, Normal
 
 from cudcn.errors import ArgumentError, ArgumentTypeError
-from cudcn.geometry import int_pair
-from cudcn.paddle._bridge import IntOrPair, _count, _dtype_name, _is_tensor, _type_name
+from cudcn.geometry import int_pair, output_size
+from cudcn.paddle._bridge import IntOrPair, dtype_name, int_argument, is_tensor, type_name
 from cudcn.paddle.functional import LAYOUTS, deform_conv2d
-from cudcn.paddle.static import _output_size
 
 
 @paddle.jit.not_to_static  # plain Python on static values: see deform_conv2d
@@ -24,8 +23,8 @@ def _check_layer_input(x: Any, layer: DeformConv2D | CoordConv2D, weight: paddle
     is left to paddle under automatic mixed precision, which casts for its
     convolutions.
     """
-    if not _is_tensor(x):
-        raise ArgumentTypeError(f"x must be a paddle.Tensor {LAYOUTS['x']}, got {_type_name(x)}")
+    if not is_tensor(x):
+        raise ArgumentTypeError(f"x must be a paddle.Tensor {LAYOUTS['x']}, got {type_name(x)}")
     if len(x.shape) != 4:
         raise ArgumentError(
             f"x must be a 4-D tensor (N, C_in, H, W), got {len(x.shape)}-D with shape {list(x.shape)}"
@@ -34,10 +33,13 @@ def _check_layer_input(x: Any, layer: DeformConv2D | CoordConv2D, weight: paddle
         raise ArgumentError(f"x.shape[1] (C_in) must be in_channels = {layer._in_channels}, got {x.shape[1]}")
     if x.dtype != weight.dtype and not paddle.amp.is_autocast_enabled():
         raise ArgumentTypeError(
-            f"x.dtype must equal the layer's weight.dtype = {_dtype_name(weight)}, got {_dtype_name(x)}"
+            f"x.dtype must equal the layer's weight.dtype = {dtype_name(weight)}, got {dtype_name(x)}"
         )
     sizes = list(x.shape[2:])
-    out = _output_size(sizes, layer._kernel_size, layer._stride, layer._padding, layer._dilation)
+    out = [
+        output_size(*axis)
+        for axis in zip(sizes, layer._kernel_size, layer._stride, layer._padding, layer._dilation)
+    ]
     if any(o < 1 and size >= 0 for o, size in zip(out, sizes)):
         raise ArgumentError(
             f"x.shape[2:] (H, W) = {tuple(sizes)} is too small: the output size (Ho, Wo) = "
@@ -59,9 +61,9 @@ def _conv_arguments(
 
     ``in_name`` is what the convolution's input channel count is called in messages.
     """
-    in_channels = _count(in_channels, in_name, 1)
-    out_channels = _count(out_channels, "out_channels", min_out_channels)
-    groups = _count(groups, "groups", 1)
+    in_channels = int_argument(in_channels, in_name, 1)
+    out_channels = int_argument(out_channels, "out_channels", min_out_channels)
+    groups = int_argument(groups, "groups", 1)
     pairs = [
         list(int_pair(value, name, minimum))
         for value, name, minimum in (
@@ -118,7 +120,7 @@ class DeformConv2D(paddle.nn.Layer):
         in_channels, out_channels, kernel, stride, padding, dilation, groups = _conv_arguments(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups
         )
-        deformable_groups = _count(deformable_groups, "deformable_groups", 1)
+        deformable_groups = int_argument(deformable_groups, "deformable_groups", 1)
         if in_channels % deformable_groups:
             raise ArgumentError(
                 f"in_channels = {in_channels} must be divisible by "
@@ -282,7 +284,7 @@ class CoordConv2D(paddle.nn.Layer):
         super().__init__()
         if weight_attr is False:
             raise ArgumentError("weight_attr must not be False: the layer needs a weight")
-        in_channels = _count(in_channels, "in_channels", 1)
+        in_channels = int_argument(in_channels, "in_channels", 1)
         _, out_channels, kernel, stride, padding, dilation, groups = _conv_arguments(
             in_channels + 2, out_channels, kernel_size, stride, padding, dilation, groups,
             min_out_channels=1, in_name="in_channels + 2",  # paddle's Conv2D needs a filter

@@ -1,15 +1,31 @@
 """What every torch op of cudcn needs, whatever its operator family.
 
-Tensors to arrays and back (DLPack), data-less stand-ins for the core's
-validation, where a call runs (device, stream, allocator) and cudcn's
-settings as a forward saw them, for its backward.
+An op of any family (deformable convolution, multi-scale deformable
+attention, ...) is built from these pieces:
+
+- checks and stand-ins: :func:`check_tensors` (dense tensors, one device,
+  no bfloat16 mixed with another dtype) and :func:`stand_ins`, data-less
+  NumPy arrays with the tensors' shapes and dtypes for the core's
+  validation, also while torch.compile traces with fake tensors
+  (:func:`is_static` says whether every size is known);
+- data: :func:`to_array` (a tensor as a CuPy or NumPy array on the same
+  memory, through DLPack) and :func:`to_tensor` (a result back);
+- where the call runs: :func:`backend_context` (CuPy on the tensor's
+  device and torch's current stream, memory from torch's caching
+  allocator);
+- cudcn's settings: :func:`tf32_setting` for a forward,
+  :func:`settings_at_forward` in an autograd ``setup_context`` and
+  :func:`backward_settings` around the backward op, which autograd may run
+  in another thread;
+- arguments: :func:`autocast`, :func:`as_list` and :func:`script_list`
+  (an int or a pair as a list, in Python and in TorchScript).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Collection, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,16 +40,20 @@ IntOrPair = int | tuple[int, int]
 
 
 # --------------------------------------------------------------------------
-# Tensors to arrays and back
+# Checks and stand-ins
 # --------------------------------------------------------------------------
 
 
 _ZERO_BYTES = bytes(16)  # the buffer of every stand-in (all strides are 0)
 
 
-def _stand_in(name: str, t: Tensor) -> np.ndarray:
-    """A NumPy array with t's shape and dtype and no data, for the core's validation."""
-    if t.dtype == torch.bfloat16:  # NumPy has none; _check_tensors keeps mixes out.
+def stand_in(name: str, t: Tensor) -> np.ndarray:
+    """A NumPy array with t's shape and dtype and no data, for the core's validation.
+
+    bfloat16 shows as float32 (NumPy has none): :func:`check_tensors` keeps
+    bfloat16 mixed with another dtype out.
+    """
+    if t.dtype == torch.bfloat16:
         dtype = np.dtype(np.float32)
     else:
         try:
@@ -46,19 +66,29 @@ def _stand_in(name: str, t: Tensor) -> np.ndarray:
     return np.ndarray(shape, dtype, buffer=_ZERO_BYTES, strides=(0,) * len(shape))
 
 
-#: The tensors a call cannot do without (bias and mask may be None).
-_REQUIRED = ("input", "offset", "weight", "grad_output")
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
-def _check_tensors(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
-    """The tensors that are given: dense Tensors on one device, no bfloat16
-    mixed with another dtype; None only for bias and mask.
+def check_tensors(
+    tensors: dict[str, Tensor | None], optional: Collection[str] = (), integer: Collection[str] = ()
+) -> dict[str, Tensor]:
+    """The tensors that are given: dense Tensors on the first one's device, and
+    no bfloat16 mixed with another dtype.
 
-    CPU bfloat16 reaches the core as float32, which would hide such a mix from it.
+    Args:
+        tensors: the call's tensors by argument name; the first (the input)
+            is the one the others must agree with.
+        optional: the names that may be None.
+        integer: the names of integer tensors (shapes, indices), which keep
+            their own dtype.
+
+    A CPU bfloat16 tensor reaches the core as float32, which would hide such
+    a mix from the core's own dtype checks.
     """
     for name, t in tensors.items():
         if t is None:
-            if name in _REQUIRED:
+            if name not in optional:
                 raise ArgumentTypeError(f"{name} must be a torch.Tensor, got None")
         elif not isinstance(t, Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -70,30 +100,49 @@ def _check_tensors(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
                 f"convert it with .to_dense()"
             )
     given = {name: t for name, t in tensors.items() if t is not None}
-    device, dtype = given["input"].device, given["input"].dtype
+    first_name, first = next(iter(given.items()))
     for name, t in given.items():
-        if t.device != device:
-            raise ArgumentError(f"{name} is on {t.device} but input is on {device}; pass tensors on one device")
-    if any(t.dtype == torch.bfloat16 for t in given.values()):
-        for name, t in given.items():
-            if t.dtype != dtype:
+        if t.device != first.device:
+            raise ArgumentError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; pass tensors on one device"
+            )
+    floating = {name: t for name, t in given.items() if name not in integer}
+    if any(t.dtype == torch.bfloat16 for t in floating.values()):
+        for name, t in floating.items():
+            if t.dtype != first.dtype:
                 raise ArgumentTypeError(
-                    f"{name}.dtype must equal input.dtype = "
-                    f"{str(dtype).removeprefix('torch.')}, "
-                    f"got {str(t.dtype).removeprefix('torch.')}"
+                    f"{name}.dtype must equal {first_name}.dtype = {_dtype_name(first)}, got {_dtype_name(t)}"
                 )
     return given
 
 
-def _is_static(*tensors: Tensor | None) -> bool:
+def stand_ins(
+    tensors: dict[str, Tensor | None], optional: Collection[str] = (), integer: Collection[str] = ()
+) -> dict[str, np.ndarray]:
+    """:func:`check_tensors`, then a :func:`stand_in` for each tensor given, by name.
+
+    Hand them to the core's validation: its error messages come before any
+    data moves, also while torch.compile traces with fake tensors.
+    """
+    given = check_tensors(tensors, optional, integer)
+    return {name: stand_in(name, t) for name, t in given.items()}
+
+
+def is_static(*tensors: Tensor | None) -> bool:
     """True when no shape is symbolic (torch.compile with dynamic shapes)."""
     return all(
         isinstance(size, int) for t in tensors if t is not None for size in t.shape
     )
 
 
-def _to_array(t: Tensor | None) -> Any:
-    """A contiguous tensor as a CuPy (CUDA) or NumPy (CPU) array on the same memory."""
+# --------------------------------------------------------------------------
+# Tensors to arrays and back
+# --------------------------------------------------------------------------
+
+
+def to_array(t: Tensor | None) -> Any:
+    """A contiguous tensor as a CuPy (CUDA) or NumPy (CPU) array on the same memory
+    (None stays None). A CPU bfloat16 tensor becomes a float32 copy."""
     if t is None:
         return None
     t = t.detach().contiguous()
@@ -114,12 +163,17 @@ def _to_array(t: Tensor | None) -> Any:
     return np.from_dlpack(t)
 
 
-def _to_tensor(array: Any, dtype: torch.dtype) -> Tensor:
+def to_tensor(array: Any, dtype: torch.dtype) -> Tensor:
     """A backend result as a contiguous tensor of ``dtype`` (no copy when it is one)."""
     return torch.from_dlpack(array).to(dtype).contiguous()
 
 
-def _torch_allocator(stream: int) -> Any:
+# --------------------------------------------------------------------------
+# Where a call runs
+# --------------------------------------------------------------------------
+
+
+def torch_allocator(stream: int) -> Any:
     """A CuPy allocator that takes memory from torch's caching allocator, on ``stream``."""
     import cupy
 
@@ -133,7 +187,7 @@ def _torch_allocator(stream: int) -> Any:
 
 
 @contextlib.contextmanager
-def _backend_context(t: Tensor) -> Iterator[None]:
+def backend_context(t: Tensor) -> Iterator[None]:
     """Where a call on ``t`` runs: for CUDA, CuPy on t's device and torch's stream.
 
     DLPack exchanges inside this context see one stream on both sides, so
@@ -146,13 +200,18 @@ def _backend_context(t: Tensor) -> Iterator[None]:
 
     device_id = t.device.index
     stream = torch.cuda.current_stream(t.device)
-    allocator = _torch_allocator(stream.cuda_stream)
+    allocator = torch_allocator(stream.cuda_stream)
     cupy_stream = external_stream(cupy, stream.cuda_stream, device_id)  # 0, torch's default stream, made explicit
     with cupy.cuda.Device(device_id), cupy_stream, cupy.cuda.using_allocator(allocator):
         yield
 
 
-def _torch_allows_tf32() -> bool:
+# --------------------------------------------------------------------------
+# cudcn's settings, from a forward to its backward
+# --------------------------------------------------------------------------
+
+
+def torch_allows_tf32() -> bool:
     """Whether torch lets float32 matmuls on CUDA use TF32 (torch's global setting).
 
     torch.set_float32_matmul_precision("high" or "medium"),
@@ -167,32 +226,88 @@ def _torch_allows_tf32() -> bool:
     return precision == "tf32"
 
 
-def _tf32(requested: bool) -> contextlib.AbstractContextManager:
+def tf32_setting(requested: bool) -> contextlib.AbstractContextManager:
     """TF32 for a call's float32 GEMMs on CUDA: on when cudcn's setting was
     on at the forward (``requested``) or torch allows TF32 for float32
     matmuls (read where the op runs: torch's setting is global)."""
-    if requested or _torch_allows_tf32():
+    if requested or torch_allows_tf32():
         return cudcn.tf32(True)
     return contextlib.nullcontext()
 
 
-def _determinism(requested: bool) -> contextlib.AbstractContextManager:
-    """The deterministic path for a backward: on when the forward was called
-    under cudcn's setting (``requested``) or while
-    torch.use_deterministic_algorithms(True) is set."""
-    if requested or torch.are_deterministic_algorithms_enabled():
-        return cudcn.deterministic_algorithms(True)
-    return contextlib.nullcontext()
+class ForwardSettings(NamedTuple):
+    """cudcn's settings in force at a forward call, which hold for its backward.
+
+    The fields are the backward op's last arguments, in this order.
+    """
+
+    deterministic: bool
+    tf32: bool
+    algorithm: str
+    workspace_bytes: int
+
+
+def settings_at_forward() -> ForwardSettings:
+    """cudcn's settings in the calling thread, for an autograd ``setup_context``
+    to save: autograd runs a CUDA backward in its own device thread, where
+    cudcn's per-thread settings are not visible."""
+    return ForwardSettings(
+        cudcn.are_deterministic_algorithms_enabled(),
+        cudcn.is_tf32_enabled(),
+        cudcn.get_algorithm(),
+        cudcn.get_workspace_bytes(),
+    )
 
 
 @contextlib.contextmanager
-def _forward_settings(algorithm: str, workspace_bytes: int) -> Iterator[None]:
-    """cudcn's algorithm and workspace budget as they were at the forward
-    ("" and 0: leave this thread's own), for a backward that autograd may run
-    in another thread."""
+def backward_settings(
+    deterministic: bool, tf32: bool, algorithm: str = "", workspace_bytes: int = 0
+) -> Iterator[None]:
+    """cudcn's settings for a backward op, from :func:`settings_at_forward`:
+
+    - the deterministic path when the forward ran under cudcn's setting
+      (``deterministic``) or while torch.use_deterministic_algorithms(True) is set;
+    - TF32 as :func:`tf32_setting`;
+    - the forward's algorithm and workspace budget ("" and 0: leave this
+      thread's own).
+    """
     with contextlib.ExitStack() as stack:
+        if deterministic or torch.are_deterministic_algorithms_enabled():
+            stack.enter_context(cudcn.deterministic_algorithms(True))
+        stack.enter_context(tf32_setting(tf32))
         if algorithm:
             stack.enter_context(cudcn.algorithm(algorithm))
         if workspace_bytes:
             stack.enter_context(cudcn.workspace_bytes(workspace_bytes))
         yield
+
+
+# --------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------
+
+
+def autocast(device_type: str, tensors: list[Tensor | None]) -> list[Tensor | None]:
+    """Cast floating tensors to the autocast dtype when autocast is on for the device."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    # Like torch's own autocast, float64 is left alone.
+    return [
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    ]
+
+
+def as_list(value: Any) -> Any:
+    """int or pair as [rows, columns] for an op; anything else as given."""
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    return [value, value]
+
+
+def script_list(value: IntOrPair) -> list[int]:
+    """int or pair as [rows, columns]: :func:`as_list` for TorchScript."""
+    if isinstance(value, int):
+        return [value, value]
+    return [value[0], value[1]]

@@ -1,5 +1,14 @@
 """``cudcn.torch.deform_conv2d``: the custom ops, their fake implementations
-and autograd, and the public function."""
+and autograd, and the public function.
+
+The pattern for an operator family: a forward op and a backward op
+(``torch.library.custom_op``), each checking its tensors and running the
+core inside :func:`~cudcn.torch._bridge.backend_context`; fake
+implementations that run the core's validation on stand-ins; autograd that
+saves :func:`~cudcn.torch._bridge.settings_at_forward` for the backward op;
+and a public function that applies autocast, checks the call as the user
+wrote it and calls the forward op.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +19,25 @@ import torch
 from torch import Tensor
 
 import cudcn
-from cudcn.geometry import Geometry, validate
+from cudcn.geometry import Geometry, output_size, validate
 from cudcn.torch._bridge import (
     IntOrPair,
-    _backend_context,
-    _check_tensors,
-    _determinism,
-    _forward_settings,
-    _is_static,
-    _stand_in,
-    _tf32,
-    _to_array,
-    _to_tensor,
+    as_list,
+    autocast,
+    backend_context,
+    backward_settings,
+    check_tensors,
+    is_static,
+    script_list,
+    settings_at_forward,
+    stand_ins,
+    tf32_setting,
+    to_array,
+    to_tensor,
 )
+
+#: The tensors a call may leave out.
+OPTIONAL = ("bias", "mask")
 
 
 def _check(
@@ -44,9 +59,7 @@ def _check(
     tensors = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     if grad_output is not None:  # a backward's
         tensors["grad_output"] = grad_output
-    given = _check_tensors(tensors)
-    stand_ins = {name: _stand_in(name, t) for name, t in given.items()}
-    return validate(**stand_ins, stride=stride, padding=padding, dilation=dilation)
+    return validate(**stand_ins(tensors, OPTIONAL), stride=stride, padding=padding, dilation=dilation)
 
 
 # --------------------------------------------------------------------------
@@ -66,21 +79,22 @@ def _deform_conv2d_op(
     dilation: Sequence[int],
 ) -> Tensor:
     """Output (N, C_out, Ho, Wo) from the core's forward."""
-    _check_tensors({"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask})
-    with _backend_context(input), _tf32(cudcn.is_tf32_enabled()):
-        arrays = [_to_array(t) for t in (input, offset, weight, bias, mask)]
+    check_tensors({"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}, OPTIONAL)
+    with backend_context(input), tf32_setting(cudcn.is_tf32_enabled()):
+        arrays = [to_array(t) for t in (input, offset, weight, bias, mask)]
         out = cudcn.deform_conv2d(
             *arrays[:4], stride=stride, padding=padding, dilation=dilation, mask=arrays[4]
         )
-        return _to_tensor(out, input.dtype)
+        return to_tensor(out, input.dtype)
 
 
 @_deform_conv2d_op.register_fake
 def _deform_conv2d_fake(input, offset, weight, bias, mask, stride, padding, dilation):
-    if _is_static(input, offset, weight, bias, mask):
+    if is_static(input, offset, weight, bias, mask):
         _check(input, offset, weight, bias, mask, stride, padding, dilation)
-    out_h = (input.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-    out_w = (input.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    out_h, out_w = (
+        output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)
+    )
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
 
 
@@ -110,25 +124,24 @@ def _deform_conv2d_backward_op(
     ``workspace_bytes`` are cudcn's settings at the forward ("" and 0: this
     thread's own).
     """
-    _check_tensors({
+    check_tensors({
         "input": input, "offset": offset, "weight": weight, "bias": bias,
         "mask": mask, "grad_output": grad_output,
-    })
-    with _backend_context(input), _determinism(deterministic), _tf32(tf32), \
-            _forward_settings(algorithm, workspace_bytes):
-        arrays = [_to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
+    }, OPTIONAL)
+    with backend_context(input), backward_settings(deterministic, tf32, algorithm, workspace_bytes):
+        arrays = [to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
         grads = cudcn.deform_conv2d_backward(
             *arrays[:5], stride=stride, padding=padding, dilation=dilation, mask=arrays[5]
         )
         return tuple(
-            input.new_empty(0) if g is None else _to_tensor(g, input.dtype) for g in grads
+            input.new_empty(0) if g is None else to_tensor(g, input.dtype) for g in grads
         )
 
 
 @_deform_conv2d_backward_op.register_fake
 def _deform_conv2d_backward_fake(grad_output, input, offset, weight, bias, mask, stride, padding, dilation,
                                  deterministic, tf32=False, algorithm="", workspace_bytes=0):
-    if _is_static(grad_output, input, offset, weight, bias, mask):
+    if is_static(grad_output, input, offset, weight, bias, mask):
         _check(input, offset, weight, bias, mask, stride, padding, dilation, grad_output)
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
@@ -148,18 +161,13 @@ def _setup_context(ctx, inputs, output) -> None:
     input, offset, weight, bias, mask, stride, padding, dilation = inputs
     ctx.save_for_backward(input, offset, weight, bias, mask)
     ctx.conv_args = (stride, padding, dilation)
-    # Read here, in the caller's thread: autograd runs a CUDA backward in its
-    # own device thread, where cudcn's per-thread setting is not visible.
-    ctx.deterministic = cudcn.are_deterministic_algorithms_enabled()
-    ctx.tf32 = cudcn.is_tf32_enabled()
-    ctx.settings = (cudcn.get_algorithm(), cudcn.get_workspace_bytes())
+    ctx.settings = settings_at_forward()  # here, in the caller's thread
 
 
 def _backward(ctx, grad_output: Tensor):
     input, offset, weight, bias, mask = ctx.saved_tensors
     g_input, g_offset, g_weight, g_bias, g_mask = _deform_conv2d_backward_op(
-        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, ctx.deterministic, ctx.tf32,
-        *ctx.settings,
+        grad_output, input, offset, weight, bias, mask, *ctx.conv_args, *ctx.settings
     )
     return (
         g_input,
@@ -179,32 +187,6 @@ torch.library.register_autograd("cudcn::deform_conv2d", _backward, setup_context
 # --------------------------------------------------------------------------
 # The public function
 # --------------------------------------------------------------------------
-
-
-def _as_list(value: Any) -> Any:
-    """int or pair as [rows, columns] for the op; anything else as given."""
-    if isinstance(value, (tuple, list)):
-        return list(value)
-    return [value, value]
-
-
-def _script_list(value: IntOrPair) -> list[int]:
-    """int or pair as [rows, columns]: :func:`_as_list` for TorchScript."""
-    if isinstance(value, int):
-        return [value, value]
-    return [value[0], value[1]]
-
-
-def _autocast(device_type: str, tensors: list[Tensor | None]) -> list[Tensor | None]:
-    """Cast floating tensors to the autocast dtype when autocast is on for the device."""
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    # Like torch's own autocast, float64 is left alone.
-    return [
-        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
-    ]
 
 
 def deform_conv2d(
@@ -252,10 +234,10 @@ def deform_conv2d(
     if torch.jit.is_scripting():
         return torch.ops.cudcn.deform_conv2d(
             input, offset, weight, bias, mask,
-            _script_list(stride), _script_list(padding), _script_list(dilation),
+            script_list(stride), script_list(padding), script_list(dilation),
         )
     if isinstance(input, Tensor):
-        tensors = _autocast(input.device.type, [input, offset, weight, bias, mask])
+        tensors = autocast(input.device.type, [input, offset, weight, bias, mask])
         input, offset, weight, bias, mask = tensors
     if not torch.compiler.is_compiling():
         # Report wrong arguments as the user wrote them (the op sees lists);
@@ -263,5 +245,5 @@ def deform_conv2d(
         _check(input, offset, weight, bias, mask, stride, padding, dilation)
     return _deform_conv2d_op(
         input, offset, weight, bias, mask,
-        _as_list(stride), _as_list(padding), _as_list(dilation),
+        as_list(stride), as_list(padding), as_list(dilation),
     )

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import FLOAT_DTYPES, int_pair
-from cudcn.torch._bridge import IntOrPair, _check_tensors
+from cudcn.torch._bridge import IntOrPair, check_tensors
 from cudcn.torch.functional import deform_conv2d
 
 
@@ -61,7 +61,7 @@ def _layer_arguments(
 def _check_layer_input(input: Any, in_channels: int, unbatched: bool = False) -> None:
     """What a layer that runs its own convolution first needs of ``input``
     (the call's checks would come too late to name it)."""
-    _check_tensors({"input": input})
+    check_tensors({"input": input})
     if not input.is_floating_point():
         raise ArgumentTypeError(
             f"input.dtype must be one of {', '.join(FLOAT_DTYPES)}, got {str(input.dtype).removeprefix('torch.')}"

@@ -8,21 +8,10 @@ from typing import Any
 import paddle
 
 from cudcn.errors import ArgumentError
-from cudcn.geometry import Geometry, int_pair
+from cudcn.geometry import Geometry, int_pair, output_size
 
 
-def _output_size(
-    sizes: list[int], kernel: list[int], stride: tuple[int, int], padding: tuple[int, int],
-    dilation: tuple[int, int],
-) -> list[int]:
-    """(Ho, Wo) for input sizes (H, W): ``(H + 2*pad - dil*(k-1) - 1) // stride + 1`` each."""
-    return [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, k, s, p, d in zip(sizes, kernel, stride, padding, dilation)
-    ]
-
-
-def _static_shapes(
+def static_shapes(
     shapes: dict[str, list[int]], stride: Any, padding: Any, dilation: Any,
     deformable_groups: int, groups: int,
 ) -> dict[str, list[int]]:
@@ -50,7 +39,7 @@ def _static_shapes(
     sizes = [
         size if size >= 0 else d * (k - 1) + 1 for size, k, d in zip(x[2:], kernel, dilation)
     ]
-    out = _output_size(sizes, kernel, stride, padding, dilation)
+    out = [output_size(*axis) for axis in zip(sizes, kernel, stride, padding, dilation)]
 
     def resolved(shape: list[int], channels: int) -> list[int]:
         spatial = [o if own < 0 or size < 0 else own for own, o, size in zip(shape[2:], out, x[2:])]
@@ -64,7 +53,7 @@ def _static_shapes(
     return result
 
 
-def _static_deform_conv2d(x, offset, weight, bias, mask, geom: Geometry) -> Any:
+def static_deform_conv2d(x, offset, weight, bias, mask, geom: Geometry) -> Any:
     """paddle's own deform_conv2d op, emitted into the static graph being built."""
     if geom.out_channels % geom.offset_groups:
         raise ArgumentError(
