@@ -49,7 +49,8 @@ stride/padding/dilation); both are also RuntimeErrors.
 
 Where things are (``cudcn/paddle/``):
 
-- ``__init__.py``: the public names, nothing else.
+- ``__init__.py``: the public names (and, without paddle, an error that
+  names the extra to install).
 - ``_bridge.py``: what every op needs whatever its family: checks of int
   and tensor arguments, data-less NumPy stand-ins for the core's
   validation, DLPack to CuPy/NumPy arrays and back, paddle's memory and
@@ -61,8 +62,12 @@ Where things are (``cudcn/paddle/``):
 - ``layers.py``: the layers.
 """
 
-from cudcn.paddle.functional import LAYOUTS, NAMES, deform_conv2d
-from cudcn.paddle.layers import (
+from cudcn.errors import import_framework
+
+import_framework("paddle", "paddlepaddle")  # without paddle, an error that names cudcn's extra
+
+from cudcn.paddle.functional import LAYOUTS, NAMES, deform_conv2d  # noqa: E402
+from cudcn.paddle.layers import (  # noqa: E402
     CoordConv2D,
     DeformConv2D,
     DeformConv2DPack,

@@ -61,7 +61,8 @@ at import (legacy exporter).
 
 Where things are (``cudcn/torch/``):
 
-- ``__init__.py``: the public names, nothing else.
+- ``__init__.py``: the public names (and, without torch, an error that
+  names the extra to install).
 - ``_bridge.py``: what every op needs whatever its family: tensor checks,
   data-less NumPy stand-ins of (fake) tensors for the core's validation,
   DLPack to CuPy/NumPy arrays and back, torch's allocator and stream for
@@ -73,9 +74,13 @@ Where things are (``cudcn/torch/``):
   exporter's symbolic, registered when ``cudcn.torch`` is imported).
 """
 
-from cudcn.torch.export import ONNX_MIN_OPSET, onnx_translation_table
-from cudcn.torch.functional import deform_conv2d
-from cudcn.torch.modules import (
+from cudcn.errors import import_framework
+
+import_framework("torch", "torch")  # without torch, an error that names cudcn's extra
+
+from cudcn.torch.export import ONNX_MIN_OPSET, onnx_translation_table  # noqa: E402
+from cudcn.torch.functional import deform_conv2d  # noqa: E402
+from cudcn.torch.modules import (  # noqa: E402
     CoordConv2d,
     DeformConv2d,
     DeformConv2dPack,
