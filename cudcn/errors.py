@@ -3,7 +3,8 @@
 For a malformed call, each is a ValueError or TypeError, as Python code
 expects of a bad argument, and also a RuntimeError, which is what
 torchvision and torch raise for bad shapes: code written for either catches
-them. For an adapter whose framework is missing, a
+them. For what cudcn does not do (double backward), an
+:class:`UnsupportedError`. For an adapter whose framework is missing, a
 ModuleNotFoundError naming the extra to install.
 """
 
@@ -19,6 +20,20 @@ class ArgumentError(ValueError, RuntimeError):
 
 class ArgumentTypeError(TypeError, RuntimeError):
     """An argument has the wrong type, array kind or dtype (a TypeError and a RuntimeError)."""
+
+
+class UnsupportedError(NotImplementedError):
+    """Something cudcn does not do, such as double backward (a
+    NotImplementedError, and so a RuntimeError)."""
+
+
+def double_backward_error(operation: str) -> UnsupportedError:
+    """The error for differentiating the backward of ``operation`` (a second derivative)."""
+    return UnsupportedError(
+        f"double backward of cudcn's {operation} is not supported: cudcn computes its first "
+        f"derivatives only, so a second derivative through it (backward through gradients taken "
+        f"with create_graph=True, gradgradcheck, a gradient penalty) cannot be taken"
+    )
 
 
 def import_framework(module: str, package: str) -> ModuleType:

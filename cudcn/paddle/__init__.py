@@ -41,6 +41,10 @@ divisible by deformable_groups; float16 (and on GPU bfloat16) inputs run in thei
 dtype; paddle's automatic mixed precision does not cast for this function, so
 all floating arguments must share one dtype.
 
+Double backward is not supported: differentiating gradients taken with
+``create_graph=True`` raises cudcn.UnsupportedError in the backward, which
+paddle hands on as an OSError carrying its message.
+
 Errors name the arguments as paddle does (``x`` for the input): a malformed
 call raises :class:`cudcn.ArgumentTypeError` (a TypeError: None or a wrong
 type where a tensor or an int is required, e.g. ``groups=2.0``, as paddle's

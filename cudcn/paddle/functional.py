@@ -8,7 +8,7 @@ import paddle
 from paddle.autograd import PyLayer
 
 import cudcn
-from cudcn.errors import ArgumentError
+from cudcn.errors import ArgumentError, double_backward_error
 from cudcn.geometry import Geometry, validate
 from cudcn.paddle._bridge import (
     IntOrPair,
@@ -103,6 +103,21 @@ def _backward(grad_out, x, offset, weight, bias, mask, stride, padding, dilation
         return cudcn.Gradients(*(None if g is None else to_tensor(g, x.dtype) for g in grads))
 
 
+class _DeformConv2dBackward(PyLayer):
+    """The backward, as a layer of its own: its gradients, taken with
+    ``create_graph=True``, then lead back here when they are differentiated
+    again, and that raises cudcn's error. (Were they plain results, paddle
+    would take them for constants and give no second derivative, silently.)"""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, offset, weight, bias, mask, conv_args):
+        return tuple(_backward(grad_out, x, offset, weight, bias, mask, *conv_args))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise double_backward_error("deformable convolution (cudcn.paddle.deform_conv2d)")
+
+
 class _DeformConv2dFunction(PyLayer):
     """Autograd for :func:`deform_conv2d`; bias and mask may be None."""
 
@@ -122,7 +137,7 @@ class _DeformConv2dFunction(PyLayer):
         x, offset, weight = saved[:3]
         bias = saved.pop(3) if ctx.has_bias else None
         mask = saved[3] if ctx.has_mask else None
-        grads = _backward(grad_out, x, offset, weight, bias, mask, *ctx.conv_args)
+        grads = _DeformConv2dBackward.apply(grad_out, x, offset, weight, bias, mask, ctx.conv_args)
         present = [g for g, given in zip(grads, (True, True, True, ctx.has_bias, ctx.has_mask)) if given]
         return tuple(g if needed else None for g, needed in zip(present, ctx.needs_grad))
 

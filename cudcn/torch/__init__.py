@@ -51,7 +51,8 @@ Precision and determinism:
 - cudcn's algorithm (``cudcn.algorithm``) and workspace budget
   (``cudcn.workspace_bytes``) in force at the forward call hold for its
   backward too, for the same reason.
-- Double backward is not supported.
+- Double backward is not supported: differentiating gradients taken with
+  ``create_graph=True`` raises :class:`cudcn.UnsupportedError`.
 
 Leaving Python: TorchScript compiles the function and the modules to calls of
 the op; torch.export captures the op (a dynamic batch works); ONNX export

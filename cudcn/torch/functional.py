@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 import cudcn
+from cudcn.errors import double_backward_error
 from cudcn.geometry import Geometry, output_size, validate
 from cudcn.torch._bridge import (
     IntOrPair,
@@ -182,6 +183,15 @@ def _backward(ctx, grad_output: Tensor):
 
 
 torch.library.register_autograd("cudcn::deform_conv2d", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise double_backward_error("deformable convolution (cudcn.torch.deform_conv2d)")
+
+
+# Gradients taken with create_graph=True are fine; differentiating them again
+# reaches this, and says so, instead of torch's "no autograd formula".
+torch.library.register_autograd("cudcn::deform_conv2d_backward", _no_double_backward)
 
 
 # --------------------------------------------------------------------------
