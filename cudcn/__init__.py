@@ -22,7 +22,7 @@ from cudcn.config import (
     use_tf32,
     workspace_bytes,
 )
-from cudcn.errors import ArgumentError, ArgumentTypeError
+from cudcn.errors import ArgumentError, ArgumentTypeError, UnsupportedError
 from cudcn.ops import (
     Gradients,
     deform_col2im,
@@ -50,6 +50,7 @@ __all__ = [
     "set_algorithm",
     "ArgumentError",
     "ArgumentTypeError",
+    "UnsupportedError",
     "Gradients",
     "are_deterministic_algorithms_enabled",
     "deterministic_algorithms",

@@ -117,6 +117,16 @@ def int_pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
+def output_size(size: Any, kernel: Any, stride: Any, padding: Any, dilation: Any) -> Any:
+    """A convolution's output size along one axis:
+    ``(size + 2*padding - dilation*(kernel - 1) - 1) // stride + 1``.
+
+    Arithmetic only, nothing checked: also for symbolic sizes (torch.compile)
+    and for the adapters' checks before :func:`validate`.
+    """
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _is_int(value: Any) -> bool:
     try:
         operator.index(value)
@@ -286,8 +296,8 @@ def validate(
             f"kernels index in 32 bits); (H, W) = ({height}, {width}), "
             f"{nm('padding')} = ({pad_h}, {pad_w})"
         )
-    out_h = (height + 2 * pad_h - dil_h * (kernel_h - 1) - 1) // stride_h + 1
-    out_w = (width + 2 * pad_w - dil_w * (kernel_w - 1) - 1) // stride_w + 1
+    out_h = output_size(height, kernel_h, stride_h, pad_h, dil_h)
+    out_w = output_size(width, kernel_w, stride_w, pad_w, dil_w)
     if out_h < 1 or out_w < 1:
         raise ArgumentError(
             f"output size (Ho, Wo) = ({out_h}, {out_w}) must be at least 1x1; "

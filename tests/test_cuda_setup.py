@@ -97,4 +97,5 @@ def test_external_stream_through_cupys_own_from_external():
     cupy = pytest.importorskip("cupy")
     stream = external_stream(cupy, 0, 0)
     assert stream.ptr == 1 and stream.device_id == 0  # cudaStreamLegacy, on device 0
-    assert external_stream(cupy, 12345, 2).ptr == 12345
+    stream = external_stream(cupy, 12345, 2)
+    assert stream.ptr == 12345 and stream.device_id == 2

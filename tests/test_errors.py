@@ -214,3 +214,32 @@ def test_images_of_2_to_the_31_pixels_are_refused():
     geom = validate(input=_stand_in(1, 1, side, side - 1), offset=_stand_in(1, 2, side, side - 1),
                     weight=_stand_in(1, 1, 1, 1))
     assert geom.out_pixels == side * (side - 1) < 2**31
+
+
+# ---------------------------------------------------------------------------
+# A framework that is not installed
+
+
+def test_import_framework_names_the_extra_for_a_missing_framework():
+    from cudcn.errors import import_framework
+
+    with pytest.raises(ModuleNotFoundError, match=re.escape(
+            'cudcn.cudcn_absent_framework needs cudcn_absent_framework (the absent-framework package), '
+            'which is not installed: pip install "cudcn[cudcn_absent_framework]"')) as raised:
+        import_framework("cudcn_absent_framework", "absent-framework")
+    assert raised.value.name == "cudcn_absent_framework"
+    cause = raised.value.__cause__
+    assert isinstance(cause, ModuleNotFoundError) and cause.name == "cudcn_absent_framework"
+
+
+def test_import_framework_passes_on_a_frameworks_own_import_errors(tmp_path, monkeypatch):
+    """A framework that is there but misses one of its own dependencies: import's error as it is."""
+    from cudcn.errors import import_framework
+
+    (tmp_path / "cudcn_broken_framework").mkdir()
+    (tmp_path / "cudcn_broken_framework" / "__init__.py").write_text("import cudcn_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="^No module named 'cudcn_missing_dependency'$"):
+        import_framework("cudcn_broken_framework", "broken-framework")
+    (tmp_path / "cudcn_present_framework.py").write_text("VALUE = 7\n")
+    assert import_framework("cudcn_present_framework", "present-framework").VALUE == 7

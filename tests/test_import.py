@@ -1,10 +1,14 @@
-"""`import cudcn` pulls in no framework: not torch, not paddle, not CuPy."""
+"""`import cudcn` pulls in no framework: not torch, not paddle, not CuPy; and
+an adapter whose framework is missing says which extra to install."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +46,49 @@ def test_subprocess_sees_this_checkout():
         capture_output=True, text=True, check=True, cwd=ROOT,
     )
     assert Path(result.stdout.strip()).resolve().parent == ROOT / "cudcn"
+
+
+# Run before the import under test: the framework (and its submodules) cannot
+# be found, as if it were not installed; nothing is uninstalled.
+HIDE_FRAMEWORK = """
+import importlib.abc, sys
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == {framework!r} or name.startswith({framework!r} + "."):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Hide())
+"""
+
+IMPORT_ADAPTER = """
+import json
+import cudcn  # cudcn alone still imports
+try:
+    import cudcn.{framework}
+except ImportError as error:
+    cause = error.__cause__
+    print(json.dumps(dict(type=type(error).__name__, name=error.name, message=str(error),
+                          cause_type=type(cause).__name__, cause_name=getattr(cause, "name", None),
+                          loaded={framework!r} in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("framework, package", [("torch", "torch"), ("paddle", "paddlepaddle")])
+def test_adapter_without_its_framework_names_the_extra(framework, package):
+    script = (HIDE_FRAMEWORK + IMPORT_ADAPTER).format(framework=framework)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    error = json.loads(result.stdout)
+    assert error["type"] == "ModuleNotFoundError" and error["name"] == framework
+    assert f'pip install "cudcn[{framework}]"' in error["message"], error["message"]
+    assert error["message"].startswith(f"cudcn.{framework} needs {framework}")
+    assert (error["cause_type"], error["cause_name"]) == ("ModuleNotFoundError", framework)  # chained
+    assert not error["loaded"]
+    # The extra the message names exists and brings the framework.
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        return
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(requirement.startswith(package) for requirement in extras[framework]), extras[framework]

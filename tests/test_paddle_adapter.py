@@ -130,6 +130,31 @@ def test_stop_gradient_inputs_get_no_gradient():
     assert offset.grad.shape == offset.shape and weight.grad.shape == weight.shape and bias.grad.shape == bias.shape
 
 
+@pytest.mark.parametrize("differentiate", ["backward", "grad"])
+def test_double_backward_says_it_is_not_supported(differentiate):
+    arrays, conv = make_arrays(GEOMETRIES[0])
+    leaves = to_leaves(arrays, "float64")
+    x, offset, weight, bias, mask = leaves
+    plain = paddle.grad(cpd.deform_conv2d(x, offset, weight, bias, mask=mask, **conv).sum(), leaves)
+    # Gradients taken with create_graph=True are the plain ones...
+    grads = paddle.grad(cpd.deform_conv2d(x, offset, weight, bias, mask=mask, **conv).sum(), leaves, create_graph=True)
+    for g, expected in zip(grads, plain):
+        assert not g.stop_gradient
+        np.testing.assert_array_equal(g.numpy(), expected.numpy())
+    # ...and differentiating them again is refused with cudcn's error (without
+    # it paddle took them for constants: no error and no second derivative).
+    # paddle 3.3 hands an error raised in a backward on as an OSError with the
+    # error's type and message in its text.
+    second = (grads[1] ** 2).sum()
+    with pytest.raises((OSError, cudcn.UnsupportedError),
+                       match="UnsupportedError: double backward of cudcn's deformable convolution .* is not supported"):
+        if differentiate == "backward":
+            second.backward()
+        else:
+            paddle.grad(second, [weight])
+    assert all(leaf.grad is None for leaf in leaves)
+
+
 def test_empty_batch():
     arrays, conv = make_arrays((0, *GEOMETRIES[0][1:]))
     leaves = to_leaves(arrays, "float64")

@@ -21,7 +21,7 @@ import pytest
 
 paddle = pytest.importorskip("paddle")
 
-import cudcn.paddle as cpd  # noqa: E402
+from cudcn.paddle import _bridge  # noqa: E402
 
 pytestmark = pytest.mark.paddle
 
@@ -38,7 +38,7 @@ def test_memory_blocks_are_aligned_paddle_tensors_kept_until_freed(monkeypatch):
 
     monkeypatch.setattr(paddle, "empty", recording_empty)
     place = paddle.CPUPlace()
-    malloc, free = cpd._paddle_memory(place)
+    malloc, free = _bridge.paddle_memory(place)
     sizes = [0, 1, 1000, 4096]
     pointers = [malloc(n, 0) for n in sizes]
 
@@ -69,29 +69,14 @@ def test_stream_handle_of_paddles_stream():
         def __cuda_stream__(self):
             return (0, self.handle)
 
-    assert cpd._stream_pointer(ProtocolStream(0x7F00)) == 0x7F00
+    assert _bridge.stream_pointer(ProtocolStream(0x7F00)) == 0x7F00
     # The legacy default stream: 1, never 0, which CuPy would read as its own
     # default stream (per-thread under CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1,
     # DLPack value 2, which paddle's __dlpack__ rejects).
-    assert cpd._stream_pointer(ProtocolStream(0)) == 1
+    assert _bridge.stream_pointer(ProtocolStream(0)) == 1
     older = SimpleNamespace(stream_base=SimpleNamespace(cuda_stream=0x7F08))
-    assert cpd._stream_pointer(older) == 0x7F08
-    assert cpd._stream_pointer(SimpleNamespace(stream_base=SimpleNamespace(cuda_stream=0))) == 1
-
-
-def test_cupy_stream_carries_the_handle_and_the_device():
-    cupy = pytest.importorskip("cupy")
-    stream = cpd._cupy_stream(cupy, 0x7F00, 3)
-    assert isinstance(stream, cupy.cuda.Stream)
-    # Stream.from_external leaves device_id at -1 (unknown); the adapter sets it.
-    assert stream.ptr == 0x7F00 and stream.device_id == 3
-
-    made = []
-    older_cupy = SimpleNamespace(cuda=SimpleNamespace(
-        Stream=type("Stream", (), {}),  # no from_external
-        ExternalStream=lambda pointer, device_id: made.append((pointer, device_id)) or "external",
-    ))
-    assert cpd._cupy_stream(older_cupy, 0x7F00, 3) == "external" and made == [(0x7F00, 3)]
+    assert _bridge.stream_pointer(older) == 0x7F08
+    assert _bridge.stream_pointer(SimpleNamespace(stream_base=SimpleNamespace(cuda_stream=0))) == 1
 
 
 class Recorder:
@@ -162,9 +147,9 @@ def test_backend_context_runs_cupy_on_the_device_stream_and_memory_of_paddle(mon
 
     monkeypatch.setattr(paddle.device, "current_stream", current_stream)
     memory = (lambda nbytes, device: 0, lambda pointer, device: None)
-    monkeypatch.setattr(cpd, "_paddle_memory", lambda p: memory if p is place else None)
+    monkeypatch.setattr(_bridge, "paddle_memory", lambda p: memory if p is place else None)
 
-    with cpd._backend_context(tensor):
+    with _bridge.backend_context(tensor):
         inside = list(recorder.events)
     assert asked == ["gpu:1"]
     assert inside == [("enter", "device 1"), ("enter", "stream 1 on device 1"), ("enter", "allocator")]
@@ -174,5 +159,5 @@ def test_backend_context_runs_cupy_on_the_device_stream_and_memory_of_paddle(mon
 
 def test_backend_context_leaves_cpu_calls_alone(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # importing CuPy would fail
-    with cpd._backend_context(paddle.to_tensor(np.zeros(2))):
+    with _bridge.backend_context(paddle.to_tensor(np.zeros(2))):
         pass

@@ -17,6 +17,7 @@ import pytest
 paddle = pytest.importorskip("paddle")
 
 import cudcn.paddle as cpd  # noqa: E402
+from cudcn.paddle import _static  # noqa: E402
 
 pytestmark = pytest.mark.paddle
 
@@ -147,7 +148,7 @@ def test_static_graph_checks_what_is_known_when_the_graph_is_built():
 
 def test_unknown_static_sizes_take_the_sizes_the_call_implies():
     shapes = {"x": [-1, 4, -1, 6], "offset": [2, 36, 5, -1], "weight": [6, 2, 3, 3], "mask": [-1, -1, -1, -1]}
-    resolved = cpd._static_shapes(shapes, 2, 1, (1, 2), deformable_groups=2, groups=2)
+    resolved = _static.static_shapes(shapes, 2, 1, (1, 2), deformable_groups=2, groups=2)
     # x's batch from offset; x's height the smallest a 3-row kernel fits (3): Ho = (3 + 2 - 2 - 1) // 2 + 1 = 2;
     # Wo = (6 + 2 - 4 - 1) // 2 + 1 = 2; offset's known Ho = 5 cannot be checked against an unknown H.
     assert resolved["x"] == [2, 4, 3, 6]

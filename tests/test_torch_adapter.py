@@ -123,6 +123,35 @@ def test_gradcheck_every_input(geometry, with_mask, with_bias):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
 
 
+DOUBLE_BACKWARD = "double backward of cudcn's deformable convolution .* is not supported"
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_double_backward_says_it_is_not_supported(with_mask):
+    input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0], with_mask=with_mask)
+    leaves = [t.requires_grad_() for t in (input, offset, weight, bias, mask) if t is not None]
+    plain = torch.autograd.grad(ct.deform_conv2d(input, offset, weight, bias, mask=mask, **conv).sum(), leaves)
+    # Gradients taken with create_graph=True are the plain ones...
+    grads = torch.autograd.grad(
+        ct.deform_conv2d(input, offset, weight, bias, mask=mask, **conv).sum(), leaves, create_graph=True
+    )
+    for g, expected in zip(grads, plain):
+        assert g.requires_grad
+        torch.testing.assert_close(g, expected, rtol=0, atol=0)
+    # ...and differentiating them again is refused with cudcn's error.
+    with pytest.raises(cudcn.UnsupportedError, match=DOUBLE_BACKWARD) as raised:
+        (grads[1] ** 2).sum().backward()
+    assert isinstance(raised.value, NotImplementedError) and isinstance(raised.value, RuntimeError)
+    assert all(leaf.grad is None for leaf in leaves)
+
+
+def test_gradgradcheck_says_double_backward_is_not_supported():
+    input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[2])
+    leaves = [t.requires_grad_() for t in (input, offset, weight)]
+    with pytest.raises(cudcn.UnsupportedError, match=DOUBLE_BACKWARD):
+        torch.autograd.gradgradcheck(lambda x, off, w: ct.deform_conv2d(x, off, w, **conv), leaves)
+
+
 @pytest.mark.parametrize("with_mask,with_bias", [(True, True), (False, False), (True, False)])
 def test_opcheck(with_mask, with_bias):
     input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[1], with_mask=with_mask, with_bias=with_bias)

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 
 import cudcn  # noqa: E402
 import cudcn.torch as ct  # noqa: E402
+from cudcn.torch import _bridge  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -97,14 +98,14 @@ def test_cudcn_tf32_setting_at_the_forward_reaches_the_backward_thread(tf32_seen
 
 def test_torch_allows_tf32_reads_both_spellings(torch_precision, monkeypatch):
     torch_precision.fp32_precision = "ieee"
-    assert not ct._torch_allows_tf32()
+    assert not _bridge.torch_allows_tf32()
     torch_precision.fp32_precision = "tf32"
-    assert ct._torch_allows_tf32()
+    assert _bridge.torch_allows_tf32()
     legacy = SimpleNamespace(allow_tf32=True)  # torch before fp32_precision
     monkeypatch.setattr(torch.backends.cuda, "matmul", legacy)
-    assert ct._torch_allows_tf32()
+    assert _bridge.torch_allows_tf32()
     legacy.allow_tf32 = False
-    assert not ct._torch_allows_tf32()
+    assert not _bridge.torch_allows_tf32()
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def test_bfloat16_error_names_the_cause(monkeypatch):
     monkeypatch.setattr(np, "__version__", "2.0.2")
     with pytest.raises(TypeError, match=r"bfloat16 CUDA tensors need CuPy's bfloat16: .*NumPy >= 2\.1\.2, "
                                         r"this is NumPy 2\.0\.2"):
-        ct._to_array(FakeCudaBfloat16())
+        _bridge.to_array(FakeCudaBfloat16())
     monkeypatch.setattr(np, "__version__", "2.4.0")  # every requirement met: say what failed
     with pytest.raises(TypeError, match="could not import the tensor through DLPack: unsupported dtype"):
-        ct._to_array(FakeCudaBfloat16())
+        _bridge.to_array(FakeCudaBfloat16())

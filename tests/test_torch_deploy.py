@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 import cudcn  # noqa: E402
 import cudcn.torch as ct  # noqa: E402
+from cudcn.torch import export as onnx_rules  # noqa: E402
 from strategies import calls  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -295,9 +296,9 @@ def test_onnx_attributes_respect_onnxruntimes_index_range():
     """onnxruntime indexes the image in 32 bits: (H + 1) * W <= 2**31 - 1
     (checked on the shapes alone: such an input is too large for a test)."""
     conv = ([1, 1], [0, 0], [1, 1])
-    assert ct._onnx_attributes([1, 1, 2**16 - 2, 2**15], [1, 2, 1, 1], [1, 1, 1, 1], *conv, 19)["group"] == 1
+    assert onnx_rules._onnx_attributes([1, 1, 2**16 - 2, 2**15], [1, 2, 1, 1], [1, 1, 1, 1], *conv, 19)["group"] == 1
     with pytest.raises(ValueError, match=re.escape("input (H, W) = (65535, 32768) is too large for onnxruntime's DeformConv")):
-        ct._onnx_attributes([1, 1, 2**16 - 1, 2**15], [1, 2, 1, 1], [1, 1, 1, 1], *conv, 19)
+        onnx_rules._onnx_attributes([1, 1, 2**16 - 1, 2**15], [1, 2, 1, 1], [1, 1, 1, 1], *conv, 19)
 
 
 def test_onnx_export_needs_static_channels():
