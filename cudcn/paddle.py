@@ -317,8 +317,8 @@ def _to_array(t: paddle.Tensor | None) -> Any:
 
 
 def _to_tensor(array: Any, dtype: Any) -> paddle.Tensor:
-    """A backend result as a tensor of ``dtype`` (no copy when it is one)."""
-    t = paddle.utils.dlpack.from_dlpack(array)
+    """A backend result as a contiguous tensor of ``dtype`` (no copy when it is one)."""
+    t = paddle.utils.dlpack.from_dlpack(array).contiguous()
     return t if t.dtype == dtype else t.astype(dtype)
 
 
