@@ -164,8 +164,13 @@ def to_array(t: paddle.Tensor | None) -> Any:
 
 
 def to_tensor(array: Any, dtype: Any) -> paddle.Tensor:
-    """A backend result as a tensor of ``dtype`` (no copy when it is one)."""
-    t = paddle.utils.dlpack.from_dlpack(array)
+    """A backend result as a contiguous tensor of ``dtype`` (no copy when it is one).
+
+    Contiguous: paddle.DataParallel leaves strided gradients out of its
+    all-reduce, silently (the NumPy backend's weight gradient is a
+    transposed view).
+    """
+    t = paddle.utils.dlpack.from_dlpack(array).contiguous()
     return t if t.dtype == dtype else t.astype(dtype)
 
 
