@@ -19,7 +19,7 @@ def _modules_after(code: str) -> set[str]:
 
 def test_import_cudcn_imports_no_framework():
     loaded = _modules_after(
-        "import cudcn, cudcn.ops, cudcn.geometry, cudcn.backends, cudcn.backends.numpy_backend, cudcn.cli"
+        "import cudcn, cudcn.ops, cudcn.geometry, cudcn.backends, cudcn.backends.numpy, cudcn.cli"
     )
     assert "cudcn" in loaded and "numpy" in loaded
     # The NumPy backend's own dependencies wait until it first runs, too.

@@ -30,7 +30,7 @@ import numpy as np
 
 from cudcn.errors import ArgumentTypeError
 
-_MODULES = {"numpy": "cudcn.backends.numpy_backend", "cupy": "cudcn.backends.cuda"}
+_MODULES = {"numpy": "cudcn.backends.numpy", "cupy": "cudcn.backends.cuda"}
 
 
 def array_kind(value: Any, name: str) -> str:
