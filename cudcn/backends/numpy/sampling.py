@@ -191,26 +191,31 @@ def corner_products(sampling: Sampling, grad_rows: np.ndarray, pixels: np.ndarra
 
     grad_rows: G, (rows of S, channels); pixels: X, (columns of S, channels).
     The corner rows of X are gathered (``take`` on the 2-D X) for a block of
-    rows at a time, so that they are read back from cache; a block is also at
-    most an eighth of the rows, so the gathered rows never take more than
-    half as much memory as G.
+    rows at a time, about _GATHER_BYTES, so that they are read back from
+    cache; a block is also at most an eighth of the rows, so that for small
+    calls the gathered rows (4 * points_per_row per row of G) never take more
+    than points_per_row / 2 times G's memory.
     """
     rows, width = grad_rows.shape
     per_row = sampling.points_per_row
-    s = np.empty((4, rows * per_row), grad_rows.dtype)
-    # (per_row, 4, rows) view of s: s[c, r*per_row + p] is element (p, c, r).
-    s_view = np.lib.stride_tricks.as_strided(
-        s, (per_row, 4, rows), (s.strides[1], s.strides[0], per_row * s.strides[1]))
-    corners = sampling.matrix.indices.reshape(rows, per_row, 4)
-    block = max(1, min(_GATHER_BYTES // (4 * per_row * width * grad_rows.itemsize), rows // 8))
-    gathered = np.empty((min(block, rows), per_row, 4, width), grad_rows.dtype)
+    dtype = grad_rows.dtype
+    corners = sampling.matrix.indices.reshape(rows, 4 * per_row)
+    block = max(1, min(_GATHER_BYTES // (4 * per_row * width * dtype.itemsize), rows // 8))
+    gathered = np.empty((min(block, rows), 4 * per_row, width), dtype)
+    # One point per row: the products go straight to s. Several: a batched
+    # matrix-vector product per block (BLAS; einsum is slower with these
+    # many products per G row), (rows, 4 * per_row), seen as s afterwards.
+    s = np.empty((4, rows), dtype) if per_row == 1 else np.empty((rows, 4 * per_row), dtype)
     for start in range(0, rows, block):
         part = slice(start, start + block)
         corner_rows = gathered[:len(grad_rows[part])]
         # Every index is valid; mode="clip" spares the copy NumPy makes of `out` otherwise.
-        pixels.take(corners[part], axis=0, out=corner_rows, mode="clip")  # (block, per_row, 4, C)
-        np.einsum("rpkc,rc->pkr", corner_rows, grad_rows[part], out=s_view[:, :, part])
-    return s
+        pixels.take(corners[part], axis=0, out=corner_rows, mode="clip")  # (block, 4 * per_row, C)
+        if per_row == 1:
+            np.einsum("rkc,rc->kr", corner_rows, grad_rows[part], out=s[:, part])
+        else:
+            np.matmul(corner_rows, grad_rows[part, :, None], out=s[part, :, None])
+    return s if per_row == 1 else s.reshape(-1, 4).T
 
 
 def location_gradients(sampling: Sampling, s: np.ndarray):
