@@ -157,7 +157,7 @@ def backward(geom: MSDAGeometry, grad_output, value, sampling_locations, attenti
     pixels = _pixel_rows(geom, value, dtype)
     locations, weights, grad_rows = _pairs(
         geom, sampling_locations, attention_weights, grad_output.reshape(geom.batch, geom.queries, M, D))
-    grad_value = np.zeros((geom.batch, M * geom.pixels, D), dtype)
+    grad_value = np.zeros(value.shape, dtype)
     grad_locations = np.empty((geom.batch * geom.queries, M, L, P, 2), dtype)
     grad_weights = np.empty((geom.batch * geom.queries, M, L, P), dtype)
     heights, widths = _level_sizes(geom, dtype)
@@ -175,10 +175,11 @@ def backward(geom: MSDAGeometry, grad_output, value, sampling_locations, attenti
 
     for chunk in _chunks(geom):
         for images, part_grad in parallel.in_threads(run, _parts(geom, chunk)):
-            grad_value[images] += part_grad[:, :-1]  # in a fixed order: bitwise repeatable
-    grad_value = grad_value.reshape(geom.batch, M, geom.pixels, D).transpose(0, 2, 1, 3)
+            # X's rows (head, pixel) back to the value's (pixel, head), summed in a fixed order.
+            part_grad = part_grad[:, :-1].reshape(-1, M, geom.pixels, D).swapaxes(1, 2)
+            grad_value[images] += part_grad
     return (
-        np.ascontiguousarray(grad_value, geom.dtype),
+        grad_value.astype(geom.dtype, copy=False),
         grad_locations.reshape(sampling_locations.shape).astype(geom.dtype, copy=False),
         grad_weights.reshape(attention_weights.shape).astype(geom.dtype, copy=False),
     )
