@@ -1,7 +1,9 @@
-"""cudcn: deformable convolution (DCNv1 and modulated DCNv2) for any array framework.
+"""cudcn: deformable convolution (DCNv1 and modulated DCNv2) and multi-scale
+deformable attention for any array framework.
 
 - :mod:`cudcn.ops`: the public functions (start here).
-- :mod:`cudcn.geometry`: the one validation function.
+- :mod:`cudcn.geometry`, :mod:`cudcn.msda_geometry`: the validation, one
+  function per operator family.
 - :mod:`cudcn.backends`: NumPy (the readable specification) and CUDA (CuPy).
 - ``cudcn.torch`` / ``cudcn.paddle``: framework adapters, imported on demand.
 
@@ -25,12 +27,15 @@ from cudcn.config import (
 from cudcn.errors import ArgumentError, ArgumentTypeError, UnsupportedError
 from cudcn.ops import (
     Gradients,
+    MSDeformAttnGradients,
     deform_col2im,
     deform_col2im_coord,
     deform_conv,
     deform_conv2d,
     deform_conv2d_backward,
     deform_im2col,
+    ms_deform_attn,
+    ms_deform_attn_backward,
 )
 
 __version__ = "0.1.0"
@@ -52,6 +57,7 @@ __all__ = [
     "ArgumentTypeError",
     "UnsupportedError",
     "Gradients",
+    "MSDeformAttnGradients",
     "are_deterministic_algorithms_enabled",
     "deterministic_algorithms",
     "deform_col2im",
@@ -62,6 +68,8 @@ __all__ = [
     "deform_im2col",
     "get_workspace_bytes",
     "is_tf32_enabled",
+    "ms_deform_attn",
+    "ms_deform_attn_backward",
     "set_workspace_bytes",
     "tf32",
     "use_deterministic_algorithms",

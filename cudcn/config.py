@@ -6,7 +6,9 @@ buffer stays under this budget (always at least one image per chunk). Other
 temporaries come on top: the NumPy backend peaks at under 2 column buffers in
 the forward and under 3 in the backward with 64 or more channels per offset
 group (its sampling matrix costs about 50 bytes per column-buffer row, so it
-weighs more when a row holds few channels).
+weighs more when a row holds few channels). Multi-scale deformable
+attention splits its queries into chunks whose sampling matrix (about 100
+bytes per sampling point) stays under the same budget.
 The process-wide default can be set with the environment variable
 CUDCN_WORKSPACE_BYTES (a byte count, or a size such as 256MB or 1GiB); a
 temporary budget (:func:`workspace_bytes`) holds in one thread only.

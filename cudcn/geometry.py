@@ -23,7 +23,7 @@ G          offset groups (offset.shape[1] / (2 * K))
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +135,7 @@ def _is_int(value: Any) -> bool:
     return True
 
 
-def _check_ndim(array: Any, name: str, ndim: int, layout: str) -> None:
+def check_ndim(array: Any, name: str, ndim: int, layout: str) -> None:
     if array.ndim != ndim:
         raise ArgumentError(
             f"{name} must be a {ndim}-D array {layout}, "
@@ -143,9 +143,47 @@ def _check_ndim(array: Any, name: str, ndim: int, layout: str) -> None:
         )
 
 
-def _check_dim(name: str, got: int, expected: int, meaning: str) -> None:
+def check_dim(name: str, got: int, expected: int, meaning: str) -> None:
     if got != expected:
         raise ArgumentError(f"{name} must be {meaning} = {expected}, got {got}")
+
+
+def check_float_arrays(arrays: Mapping[str, Any], nm: Callable[[str], str]) -> tuple[str, np.dtype]:
+    """The one array kind and floating dtype of ``arrays`` (argument key ->
+    array, in the order errors should name them), or a clear error naming an
+    argument: not an array, of another kind, not floating, of another dtype,
+    or (CuPy) on another device. ``nm`` turns a key into its name in errors.
+    """
+    kinds = {key: array_kind(value, nm(key)) for key, value in arrays.items()}
+    first = next(iter(kinds))
+    for key, kind in kinds.items():
+        if kind != kinds[first]:
+            raise ArgumentTypeError(
+                f"{nm(key)} is a {kind} array but {nm(first)} is a "
+                f"{kinds[first]} array; pass arrays of one kind"
+            )
+    for key, value in arrays.items():
+        if value.dtype not in _FLOAT_DTYPE_OBJECTS and value.dtype.name not in FLOAT_DTYPES:
+            raise ArgumentTypeError(
+                f"{nm(key)}.dtype must be one of {', '.join(FLOAT_DTYPES)}, "
+                f"got {value.dtype.name}"
+            )
+    for key, value in arrays.items():
+        if value.dtype != arrays[first].dtype:
+            raise ArgumentTypeError(
+                f"{nm(key)}.dtype must equal {nm(first)}.dtype = "
+                f"{arrays[first].dtype.name}, got {value.dtype.name}"
+            )
+
+    if kinds[first] == "cupy":
+        devices = {key: value.device.id for key, value in arrays.items()}
+        for key, device in devices.items():
+            if device != devices[first]:
+                raise ArgumentError(
+                    f"{nm(key)} is on GPU {device} but {nm(first)} is on GPU "
+                    f"{devices[first]}; pass arrays on one device"
+                )
+    return kinds[first], arrays[first].dtype
 
 
 def validate(
@@ -216,39 +254,11 @@ def validate(
     arrays = {key: value for key, value in arrays.items() if value is not None and value is not _ABSENT}
 
     # Array kinds and dtypes first: shapes mean nothing on a list.
-    kinds = {key: array_kind(value, nm(key)) for key, value in arrays.items()}
-    first = next(iter(kinds))
-    for key, kind in kinds.items():
-        if kind != kinds[first]:
-            raise ArgumentTypeError(
-                f"{nm(key)} is a {kind} array but {nm(first)} is a "
-                f"{kinds[first]} array; pass arrays of one kind"
-            )
-    for key, value in arrays.items():
-        if value.dtype not in _FLOAT_DTYPE_OBJECTS and value.dtype.name not in FLOAT_DTYPES:
-            raise ArgumentTypeError(
-                f"{nm(key)}.dtype must be one of {', '.join(FLOAT_DTYPES)}, "
-                f"got {value.dtype.name}"
-            )
-    for key, value in arrays.items():
-        if value.dtype != arrays[first].dtype:
-            raise ArgumentTypeError(
-                f"{nm(key)}.dtype must equal {nm(first)}.dtype = "
-                f"{arrays[first].dtype.name}, got {value.dtype.name}"
-            )
-
-    if kinds[first] == "cupy":
-        devices = {key: value.device.id for key, value in arrays.items()}
-        for key, device in devices.items():
-            if device != devices[first]:
-                raise ArgumentError(
-                    f"{nm(key)} is on GPU {device} but {nm(first)} is on GPU "
-                    f"{devices[first]}; pass arrays on one device"
-                )
+    kind, dtype = check_float_arrays(arrays, nm)
 
     # Input size.
     if input is not None:
-        _check_ndim(input, nm("input"), 4, "(N, C_in, H, W)")
+        check_ndim(input, nm("input"), 4, "(N, C_in, H, W)")
         batch, in_channels, height, width = map(int, input.shape)
     else:
         shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
@@ -264,7 +274,7 @@ def validate(
     # Kernel and convolution groups.
     groups, out_channels = 1, 0
     if weight is not None:
-        _check_ndim(weight, nm("weight"), 4, "(C_out, C_in/groups, kh, kw)")
+        check_ndim(weight, nm("weight"), 4, "(C_out, C_in/groups, kh, kw)")
         out_channels, per_group, kernel_h, kernel_w = map(int, weight.shape)
         if per_group < 1 or in_channels % per_group:
             raise ArgumentError(
@@ -313,8 +323,8 @@ def validate(
 
     # Offset: (N, 2*G*K, Ho, Wo).
     kernel_points = kernel_h * kernel_w
-    _check_ndim(offset, nm("offset"), 4, "(N, 2*offset_groups*kh*kw, Ho, Wo)")
-    _check_dim(f"{nm('offset')}.shape[0]", offset.shape[0], batch, f"{nm('input')}.shape[0] (N)")
+    check_ndim(offset, nm("offset"), 4, "(N, 2*offset_groups*kh*kw, Ho, Wo)")
+    check_dim(f"{nm('offset')}.shape[0]", offset.shape[0], batch, f"{nm('input')}.shape[0] (N)")
     channels = int(offset.shape[1])
     if channels < 1 or channels % (2 * kernel_points):
         raise ArgumentError(
@@ -335,9 +345,9 @@ def validate(
         )
 
     if mask is not None:
-        _check_ndim(mask, nm("mask"), 4, "(N, offset_groups*kh*kw, Ho, Wo)")
-        _check_dim(f"{nm('mask')}.shape[0]", mask.shape[0], batch, f"{nm('input')}.shape[0] (N)")
-        _check_dim(
+        check_ndim(mask, nm("mask"), 4, "(N, offset_groups*kh*kw, Ho, Wo)")
+        check_dim(f"{nm('mask')}.shape[0]", mask.shape[0], batch, f"{nm('input')}.shape[0] (N)")
+        check_dim(
             f"{nm('mask')}.shape[1]",
             mask.shape[1],
             offset_groups * kernel_points,
@@ -375,8 +385,8 @@ def validate(
             )
 
     return Geometry(
-        kind=kinds[first],
-        dtype=arrays[first].dtype,
+        kind=kind,
+        dtype=dtype,
         batch=batch,
         in_channels=in_channels,
         height=height,

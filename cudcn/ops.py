@@ -1,6 +1,6 @@
 """Public functions: validate once, then hand over to the array's backend.
 
-Shapes (notation of :mod:`cudcn.geometry`):
+Deformable convolution, shapes in the notation of :mod:`cudcn.geometry`:
 
 - input ``(N, C_in, H, W)``
 - offset ``(N, 2*G*kh*kw, Ho, Wo)``; in offset group g, channel
@@ -15,6 +15,16 @@ Shapes (notation of :mod:`cudcn.geometry`):
   times the mask.
 
 stride, padding and dilation are an int or a pair (rows, columns).
+
+Multi-scale deformable attention, shapes in the notation of
+:mod:`cudcn.msda_geometry` (Deformable DETR's):
+
+- value ``(N, S, M, D)``, S = sum of H_l*W_l
+- spatial_shapes ``(L, 2)`` integer, (H_l, W_l) per level
+- level_start_index ``(L,)`` integer, the cumulative sum of H_l*W_l from 0
+- sampling_locations ``(N, Lq, M, L, P, 2)``, normalised (x, y)
+- attention_weights ``(N, Lq, M, L, P)``
+- output ``(N, Lq, M*D)``
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from typing import Any, NamedTuple
 
 from cudcn import backends
 from cudcn.geometry import validate
+from cudcn.msda_geometry import validate_msda
 
 IntOrPair = int | tuple[int, int]
 
@@ -170,3 +181,87 @@ def deform_col2im_coord(
         kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
     )
     return backends.load(geom.kind).col2im_coord(geom, columns, input, offset, mask)
+
+
+class MSDeformAttnGradients(NamedTuple):
+    """Gradients of multi-scale deformable attention, each shaped like its argument."""
+
+    value: Any
+    sampling_locations: Any
+    attention_weights: Any
+
+
+def ms_deform_attn(
+    value: Any,
+    spatial_shapes: Any,
+    level_start_index: Any,
+    sampling_locations: Any,
+    attention_weights: Any,
+    im2col_step: int = 64,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> Any:
+    """Multi-scale deformable attention (Deformable DETR's MSDeformAttn core).
+
+    The semantics are those of Deformable DETR's ``ms_deform_attn_core_pytorch``
+    (``grid_sample`` with ``align_corners=False``, ``padding_mode="zeros"``):
+    ``out[n, q, m*D + d]`` is the sum over levels l and points p of
+    ``attention_weights[n, q, m, l, p]`` times level l of the value (head m,
+    channel d) sampled bilinearly at pixel (x*W_l - 0.5, y*H_l - 0.5), where
+    (x, y) = ``sampling_locations[n, q, m, l, p]``. No softmax is applied.
+
+    Args:
+        value: (N, S, M, D), S = sum of H_l*W_l.
+        spatial_shapes: (L, 2) integer array of (H_l, W_l), read on the host.
+        level_start_index: (L,) integer array, the first pixel of each level
+            in S (checked: the cumulative sum of H_l*W_l from 0).
+        sampling_locations: (N, Lq, M, L, P, 2), normalised (x, y); points
+            may lie outside [0, 1].
+        attention_weights: (N, Lq, M, L, P).
+        im2col_step: accepted for compatibility with Deformable DETR and
+            mmcv, and ignored (a positive int): any batch size works.
+        names: how to call the arguments in error messages (for adapters).
+
+    Returns:
+        (N, Lq, M*D), of the value's array type and dtype (float16 and
+        bfloat16 compute in float32).
+    """
+    geom = validate_msda(
+        value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+        sampling_locations=sampling_locations, attention_weights=attention_weights,
+        im2col_step=im2col_step, names=names,
+    )
+    run = backends.function(geom.kind, "ms_deform_attn_forward", (names or {}).get("value", "value"))
+    return run(geom, value, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_backward(
+    grad_output: Any,
+    value: Any,
+    spatial_shapes: Any,
+    level_start_index: Any,
+    sampling_locations: Any,
+    attention_weights: Any,
+    im2col_step: int = 64,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> MSDeformAttnGradients:
+    """Gradients of :func:`ms_deform_attn` given grad_output (N, Lq, M*D).
+
+    At an integer pixel coordinate (a kink of the bilinear sample) the
+    location gradient is the one-sided derivative towards +1, as for
+    :func:`deform_conv2d`; elsewhere all three gradients are those of
+    ``grid_sample``'s backward.
+
+    Returns:
+        :class:`MSDeformAttnGradients` (value, sampling_locations,
+        attention_weights), in the arguments' array type and dtype; the
+        location gradient is in normalised units.
+    """
+    geom = validate_msda(
+        value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+        sampling_locations=sampling_locations, attention_weights=attention_weights,
+        grad_output=grad_output, im2col_step=im2col_step, names=names,
+    )
+    run = backends.function(geom.kind, "ms_deform_attn_backward", (names or {}).get("value", "value"))
+    return MSDeformAttnGradients(*run(geom, grad_output, value, sampling_locations, attention_weights))

@@ -41,7 +41,7 @@ def test_check_covers_each_installed_adapter_forward_and_all_gradients(capsys, f
 
 def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     """A backend that is off by a little must make the command exit 1."""
-    import cudcn.backends.numpy_backend as numpy_backend
+    import cudcn.backends.numpy as numpy_backend
 
     real_forward = numpy_backend.forward
 

@@ -20,7 +20,7 @@ import cudcn
 from cudcn.backends.cuda import gemms, im2col_gemm, launchers
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.backends.cuda.engine import Launch
-from cudcn.backends import numpy_backend
+from cudcn.backends import numpy as numpy_backend
 from cudcn.geometry import validate
 from emulation import harness
 from emulation.cases import assert_close, cases, ml_dtypes

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cudcn
-from cudcn.backends import numpy_backend
+from cudcn.backends import numpy as numpy_backend
 from cudcn.backends.cuda import fused, fused_backward
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.geometry import validate

@@ -34,7 +34,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cudcn
-from cudcn.backends import layout, numpy_backend
+from cudcn.backends import layout, numpy as numpy_backend
 from cudcn.backends.cuda.engine import cupy_bfloat16_problem
 from cudcn.geometry import validate
 from emulation.cases import cases, ml_dtypes

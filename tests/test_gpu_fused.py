@@ -22,7 +22,7 @@ from hypothesis import given, settings
 
 import cudcn
 import test_gpu
-from cudcn.backends import numpy_backend
+from cudcn.backends import numpy as numpy_backend
 from cudcn.backends.cuda import algorithms, fused
 from cudcn.backends.cuda.engine import cupy_engine
 from cudcn.geometry import validate

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 import cudcn
 import test_gpu
 from test_gpu_fused import big_shifted_case, cast, numpy_dtype, require_fused_dtype
-from cudcn.backends import numpy_backend
+from cudcn.backends import numpy as numpy_backend
 from cudcn.backends.cuda import algorithms, fused, fused_backward
 from cudcn.backends.cuda.engine import cupy_engine
 from cudcn.geometry import validate

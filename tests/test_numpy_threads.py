@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import cudcn
-from cudcn.backends import numpy_backend
+from cudcn.backends.numpy import dcn as numpy_backend
+from cudcn.backends.numpy import parallel
 from cudcn.geometry import validate
 
 FIELDS = ("input", "offset", "weight", "bias", "mask")
@@ -24,13 +25,13 @@ def _geometry(batch: int, size: int):
     (1, slice(0, 3), 3, [(0, 3)]),
 ])
 def test_parts_cover_the_chunk(monkeypatch, cpus, chunk, batch, expected):
-    monkeypatch.setattr(numpy_backend, "_cpu_count", lambda: cpus)
+    monkeypatch.setattr(parallel, "cpu_count", lambda: cpus)
     geom = _geometry(batch, 128)  # 442368 values per image
     assert [(p.start, p.stop) for p in numpy_backend._parts(geom, chunk)] == expected
 
 
 def test_little_work_stays_in_one_thread(monkeypatch):
-    monkeypatch.setattr(numpy_backend, "_cpu_count", lambda: 4)
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 4)
     assert len(numpy_backend._parts(_geometry(8, 8), slice(0, 8))) == 1  # 13824 values in all
     assert len(numpy_backend._parts(_geometry(8, 64), slice(0, 8))) == 4
     assert len(numpy_backend._parts(_geometry(3, 64), slice(0, 3))) == 2  # 331776 values: two parts' worth
@@ -44,10 +45,10 @@ def test_results_do_not_depend_on_the_threads(monkeypatch, cpus):
         weight=rng.standard_normal((6, 2, 3, 3)), bias=rng.standard_normal(6), mask=rng.random((5, 18, 6, 6)),
     )
     grad_output = rng.standard_normal((5, 6, 6, 6))
-    monkeypatch.setattr(numpy_backend, "_cpu_count", lambda: 1)
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 1)
     out = cudcn.deform_conv2d(**args, padding=1)
     grads = cudcn.deform_conv2d_backward(grad_output, **args, padding=1)
-    monkeypatch.setattr(numpy_backend, "_cpu_count", lambda: cpus)
+    monkeypatch.setattr(parallel, "cpu_count", lambda: cpus)
     monkeypatch.setattr(numpy_backend, "_MIN_PART_VALUES", 1)
     with cudcn.workspace_bytes(4 * 36 * 9 * 4 * 8):  # chunks of four images, shared out among the threads
         np.testing.assert_allclose(cudcn.deform_conv2d(**args, padding=1), out, rtol=1e-13, atol=1e-13)
@@ -74,7 +75,7 @@ def _check_blas_threads(monkeypatch, threadpoolctl):
         return real_part(*args)
 
     monkeypatch.setattr(numpy_backend, "_forward_part", spy)
-    monkeypatch.setattr(numpy_backend, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)
     monkeypatch.setattr(numpy_backend, "_MIN_PART_VALUES", 1)
     rng = np.random.default_rng(0)
     cudcn.deform_conv2d(rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((2, 18, 5, 5)),

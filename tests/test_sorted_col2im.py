@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cudcn
-from cudcn.backends import numpy_backend
+from cudcn.backends import numpy as numpy_backend
 from cudcn.backends.cuda import im2col_gemm, launchers
 from cudcn.geometry import validate
 from emulation import harness

@@ -1,6 +1,6 @@
 """The NumPy backend's sampling matrix S, entry by entry, and its memory.
 
-S (see cudcn/backends/numpy_backend.py) has a row per (image, output pixel,
+S (see cudcn/backends/numpy/sampling.py and dcn.py) has a row per (image, output pixel,
 kernel point, offset group) and a column per (image, input pixel, offset
 group), plus a last column for "outside the image". These tests build S
 densely from the formula, with loops that share nothing with the backend,
@@ -18,7 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cudcn.backends import numpy_backend
+from cudcn.backends.numpy import dcn as numpy_backend
+from cudcn.backends.numpy import parallel
+from cudcn.backends.numpy.sampling import compute_dtype
 from cudcn.cli.bench import peak_traced_bytes
 from cudcn.geometry import validate
 from strategies import calls, offsets_on_kinks
@@ -101,7 +103,7 @@ def test_sampling_matrix_dtypes(dtype, values):
     x = rng.standard_normal((2, 4, 6, 6)).astype(dtype)
     offset = rng.standard_normal((2, 18, 6, 6)).astype(dtype)
     geom = validate(input=x, offset=offset, weight=np.ones((3, 4, 3, 3), dtype), padding=1)
-    sampling = numpy_backend._sampling(geom, offset, None, numpy_backend._compute_dtype(geom.dtype))
+    sampling = numpy_backend._sampling(geom, offset, None, compute_dtype(geom.dtype))
     assert sampling.matrix.data.dtype == values
     assert sampling.matrix.indices.dtype == np.int32 and sampling.matrix.indptr.dtype == np.int32
     assert numpy_backend._pixel_rows(geom, x, sampling.matrix.data.dtype).dtype == values
@@ -114,7 +116,7 @@ def test_peak_memory_is_a_small_multiple_of_the_column_buffer(monkeypatch, offse
     that the peak does not depend on how the threads' parts overlap in time
     (they share the chunk's column buffer out: together they need about the
     same)."""
-    monkeypatch.setattr(numpy_backend, "_cpu_count", lambda: 1)
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 1)
     rng = np.random.default_rng(0)
     n, c, size, k = 4, 64, 16, 9
     x = rng.standard_normal((n, c, size, size), dtype=np.float32)

@@ -1,6 +1,6 @@
 """The column layout and GEMM plumbing that every backend shares.
 
-Columns are (n, Ho*Wo, kh*kw, C_in) (see :mod:`cudcn.backends.numpy_backend`).
+Columns are (n, Ho*Wo, kh*kw, C_in) (see :mod:`cudcn.backends.numpy.dcn`).
 A deformable convolution is then one batched matrix product per convolution
 group, between the columns seen as (groups, n*Ho*Wo, kh*kw*C_in/groups) and
 the weight seen as (groups, kh*kw*C_in/groups, C_out/groups). These helpers

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from hypothesis import strategies as st
 
-from cudcn.backends import layout, numpy_backend
+from cudcn.backends import layout, numpy as numpy_backend
 from emulation.cublas import round_to_tf32
 
 try:

@@ -1,6 +1,6 @@
 """The im2col + GEMM algorithm: kernels/*.cu through CuPy, the GEMMs through cuBLAS.
 
-The same three steps as the NumPy backend (:mod:`cudcn.backends.numpy_backend`,
+The same three steps as the NumPy backend (:mod:`cudcn.backends.numpy.dcn`,
 the specification this backend matches), per chunk of images:
 
 1. ``to_channels_last`` turns the chunk's input (n, C, H, W) into

@@ -1,6 +1,8 @@
 """NumPy backend: deformable convolution as a sparse sampling matrix.
 
-This file is cudcn's readable specification. A deformable convolution is
+This module is the readable specification of deformable convolution (the
+sampling matrix S itself is built by the shared core,
+:mod:`cudcn.backends.numpy.sampling`). A deformable convolution is
 
     out[n, o, h, w] = bias[o] + sum_{c in group(o), i, j}
         weight[o, c, i, j] * mask[n, g(c), k, h, w] * bilinear(input[n, c], y, x)
@@ -86,35 +88,19 @@ so results are bitwise repeatable on a given number of CPUs.
 
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
-
 import numpy as np
 
 from cudcn.backends import layout
+from cudcn.backends.numpy import parallel
+from cudcn.backends.numpy.sampling import (
+    Sampling,
+    compute_dtype,
+    corner_products,
+    location_gradients,
+    pixel_rows,
+    sample,
+)
 from cudcn.geometry import Geometry
-
-
-def _compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float64 stays float64; float16, bfloat16 and float32 compute in float32."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
-class _Sampling(NamedTuple):
-    """Bilinear sampling of n images, rows r = ((image*L + l)*K + k)*G + g."""
-
-    images: int  # n
-    matrix: Any  # S: scipy.sparse.csr_array (n*L*K*G, n*H*W*G + 1), 4 entries per row
-    frac_y: np.ndarray  # (rows,) y - floor(y); 0 for a point that counts 0
-    frac_x: np.ndarray  # (rows,) x - floor(x)
-    mask: np.ndarray | None  # (rows,) or None
-
-    @property
-    def corners(self) -> np.ndarray:
-        """(rows, 4) column of S (row of X) of each corner."""
-        return self.matrix.indices.reshape(-1, 4)
 
 
 def _mask_rows(geom: Geometry, mask: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
@@ -126,127 +112,55 @@ def _mask_rows(geom: Geometry, mask: np.ndarray | None, dtype: np.dtype) -> np.n
     return np.ascontiguousarray(m, dtype=dtype).reshape(-1)
 
 
-def _sampling(geom: Geometry, offset: np.ndarray, mask: np.ndarray | None, dtype: np.dtype) -> _Sampling:
-    """S and the fractions of the sampling points of offset (n, 2*G*K, Ho, Wo)."""
-    from scipy import sparse  # only when the NumPy backend runs: `import cudcn` stays NumPy-only
-
+def _sampling(geom: Geometry, offset: np.ndarray, mask: np.ndarray | None, dtype: np.dtype) -> Sampling:
+    """S, rows r = ((image*L + l)*K + k)*G + g, and the fractions of the
+    sampling points of offset (n, 2*G*K, Ho, Wo)."""
     n, G, K = offset.shape[0], geom.offset_groups, geom.kernel_points
     H, W = geom.height, geom.width
-    rows = n * geom.out_pixels * K * G
     outside = n * H * W * G  # the last column of S
-    index_dtype = np.int32 if max(outside, 4 * rows) < 2**31 else np.int64
 
     # Sampling points (n, Ho, Wo, K, G), flat in row order: the regular grid plus the offsets.
     off = offset.reshape(n, G, K, 2, geom.out_h, geom.out_w).transpose(3, 0, 4, 5, 2, 1)
     i, j = np.divmod(np.arange(K), geom.kernel_w)
     grid_y = np.arange(geom.out_h) * geom.stride_h - geom.pad_h
     grid_x = np.arange(geom.out_w) * geom.stride_w - geom.pad_w
-    y = np.add(off[0], (grid_y[:, None, None] + i * geom.dil_h)[:, :, :, None], dtype=dtype).reshape(-1)
-    x = np.add(off[1], (grid_x[:, None] + j * geom.dil_w)[:, :, None], dtype=dtype).reshape(-1)
+    shape = (n, geom.out_pixels * K, G)
+    y = np.add(off[0], (grid_y[:, None, None] + i * geom.dil_h)[:, :, :, None], dtype=dtype).reshape(shape)
+    x = np.add(off[1], (grid_x[:, None] + j * geom.dil_w)[:, :, None], dtype=dtype).reshape(shape)
 
-    # NaN fails every comparison, so non-finite offsets land outside too.
-    # A point on row -1 (or column -1) has value 0 but, as in torchvision, the
-    # one-sided slope towards row 0: it reaches the image for the derivatives.
-    reach = (y >= -1) & (y < H) & (x >= -1) & (x < W)
-    np.copyto(y, 0, where=~reach)
-    np.copyto(x, 0, where=~reach)
-    y0, x0 = np.floor(y), np.floor(x)
-    frac_y, frac_x = y - y0, x - x0
-    y0, x0 = y0.astype(index_dtype), x0.astype(index_dtype)
-
-    # A point that reaches the image has -1 <= y0 <= H - 1: row y0 is inside
-    # unless it is -1, row y0 + 1 unless it is H (likewise for columns).
-    row_in = (y0 >= 0) & reach, (y0 < H - 1) & reach
-    col_in = x0 >= 0, x0 < W - 1
-    # Bilinear weights of the rows with the mask and "inside" folded in, and of the columns.
-    weight_y = (1 - frac_y) * row_in[0], frac_y * row_in[1]
-    weight_x = (1 - frac_x) * col_in[0], frac_x * col_in[1]
-    mask_rows = _mask_rows(geom, mask, dtype)
-    if mask_rows is not None:
-        for w in weight_y:
-            w *= mask_rows
-
-    # Column of S of the corner (y0, x0): (image*H*W + y0*W + x0)*G + g.
-    image_group = np.arange(n, dtype=index_dtype)[:, None] * (H * W * G) + np.arange(G, dtype=index_dtype)
-    top_left = (y0 * W + x0) * G
-    top_left.reshape(n, geom.out_pixels * K, G)[...] += image_group[:, None, :]
-
-    index = np.empty((rows, 4), index_dtype)
-    values = np.empty((rows, 4), dtype)
-    for c, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-        np.add(top_left, (a * W + b) * G, out=index[:, c])
-        np.copyto(index[:, c], outside, where=~(row_in[a] & col_in[b]))
-        np.multiply(weight_y[a], weight_x[b], out=values[:, c])
-
-    matrix = sparse.csr_array(
-        (values.reshape(-1), index.reshape(-1), np.arange(0, 4 * rows + 1, 4, dtype=index_dtype)),
-        shape=(rows, outside + 1),
-    )
-    return _Sampling(n, matrix, frac_y, frac_x, mask_rows)
+    # Column of S of pixel (0, 0) of image i in group g: i*H*W*G + g; pixels G apart.
+    image_group = np.arange(n)[:, None, None] * (H * W * G) + np.arange(G)
+    return sample(y, x, H, W, image_group, G, outside, _mask_rows(geom, mask, dtype))
 
 
 def _pixel_rows(geom: Geometry, input: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """X: input (n, C, H, W) channels-last as (n*H*W*G + 1, C/G), a zero row last."""
     n, C, G = input.shape[0], geom.in_channels, geom.offset_groups
-    pixels = np.empty((n * geom.height * geom.width * C + C // G,), dtype)
-    pixels[-(C // G):] = 0
-    pixels[:-(C // G)].reshape(n, geom.height, geom.width, C)[...] = input.transpose(0, 2, 3, 1)
-    return pixels.reshape(-1, C // G)
+    pixels = pixel_rows(n * geom.height * geom.width * G, C // G, dtype)
+    pixels[:-1].reshape(n, geom.height, geom.width, C)[...] = input.transpose(0, 2, 3, 1)
+    return pixels
 
 
-def _im2col(sampling: _Sampling, pixels: np.ndarray) -> np.ndarray:
+def _im2col(sampling: Sampling, pixels: np.ndarray) -> np.ndarray:
     """S·X: columns as (n*L*K*G, C/G)."""
     return sampling.matrix @ pixels
 
 
-def _col2im(geom: Geometry, sampling: _Sampling, grad_columns: np.ndarray) -> np.ndarray:
+def _col2im(geom: Geometry, sampling: Sampling, grad_columns: np.ndarray) -> np.ndarray:
     """Sᵀ·dcol: input gradient (n, C, H, W) from column gradients (n*L*K*G, C/G)."""
     grad = sampling.matrix.T @ grad_columns  # (n*H*W*G + 1, C/G)
-    grad = grad[:-1].reshape(sampling.images, geom.height, geom.width, geom.in_channels)
+    grad = grad[:-1].reshape(-1, geom.height, geom.width, geom.in_channels)
     return grad.transpose(0, 3, 1, 2)
-
-
-#: Bytes of corner rows gathered at once for the corner products: enough to
-#: amortise the loop, few enough to be read back from cache.
-_GATHER_BYTES = 2**20
-
-
-def _corner_products(sampling: _Sampling, grad_columns: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    """s (4, rows): s[c, r] = <dcol[r], X[corner c of row r]>, rows (n*L*K*G, C/G).
-
-    The four corner rows of X are gathered (``take`` on the 2-D X) for a block
-    of rows at a time, so that they are read back from cache; a block is also
-    at most an eighth of the rows, so the gathered rows never take more than
-    half a column buffer.
-    """
-    rows, width = grad_columns.shape
-    s = np.empty((4, rows), grad_columns.dtype)
-    block = max(1, min(_GATHER_BYTES // (4 * width * grad_columns.itemsize), rows // 8))
-    gathered = np.empty((min(block, rows), 4, width), grad_columns.dtype)
-    for start in range(0, rows, block):
-        part = slice(start, start + block)
-        corners = gathered[:len(grad_columns[part])]
-        # Every index is valid; mode="clip" spares the copy NumPy makes of `out` otherwise.
-        pixels.take(sampling.corners[part], axis=0, out=corners, mode="clip")  # (block, 4, C/G)
-        np.einsum("rkc,rc->kr", corners, grad_columns[part], out=s[:, part])
-    return s
 
 
 def _col2im_coord(geom, sampling, grad_columns, pixels, dtype):
     """Offset (n, 2GK, Ho, Wo) and mask (n, GK, Ho, Wo) gradients (None without
     a mask) from column gradients (n*L*K*G, C/G) and X (n*H*W*G + 1, C/G)."""
-    s = _corner_products(sampling, grad_columns, pixels)
-    fy, fx = sampling.frac_y, sampling.frac_x
-    top = s[0] + fx * (s[1] - s[0])  # row y0, interpolated in x
-    bottom = s[2] + fx * (s[3] - s[2])  # row y0 + 1
-    left = s[0] + fy * (s[2] - s[0])  # column x0, interpolated in y
-    right = s[1] + fy * (s[3] - s[1])  # column x0 + 1
-    grad_y, grad_x = bottom - top, right - left
-    if sampling.mask is not None:
-        grad_y *= sampling.mask
-        grad_x *= sampling.mask
+    s = corner_products(sampling, grad_columns, pixels)
+    grad_y, grad_x, grad_mask = location_gradients(sampling, s)
 
-    n, G, K, L = sampling.images, geom.offset_groups, geom.kernel_points, geom.out_pixels
+    G, K, L = geom.offset_groups, geom.kernel_points, geom.out_pixels
+    n = len(grad_y) // (L * K * G)
 
     def offset_layout(a):  # rows (n, L, K, G) -> (n, G, K, L)
         return a.reshape(n, L, K, G).transpose(0, 3, 2, 1)
@@ -255,9 +169,8 @@ def _col2im_coord(geom, sampling, grad_columns, pixels, dtype):
     grad_offset[:, :, :, 0] = offset_layout(grad_y)
     grad_offset[:, :, :, 1] = offset_layout(grad_x)
     grad_offset = grad_offset.reshape(n, 2 * G * K, geom.out_h, geom.out_w)
-    if sampling.mask is None:
+    if grad_mask is None:
         return grad_offset, None
-    grad_mask = top + fy * (bottom - top)
     return grad_offset, np.ascontiguousarray(offset_layout(grad_mask)).reshape(n, G * K, geom.out_h, geom.out_w)
 
 
@@ -306,13 +219,6 @@ def _backward_part(geom, grad_output, input, offset, mask, w, dtype):
     return grad_input, grad_offset, grad_mask, grad_w
 
 
-def _cpu_count() -> int:
-    """CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 #: Fewest column-buffer values worth a thread of their own: for less work,
 #: starting and joining the thread costs about what it saves.
 _MIN_PART_VALUES = 2**17
@@ -324,46 +230,12 @@ def _parts(geom: Geometry, chunk: slice) -> list[slice]:
     column buffers together are the chunk's."""
     images = range(geom.batch)[chunk]
     values = len(images) * geom.out_pixels * geom.kernel_points * geom.in_channels
-    count = max(1, min(_cpu_count(), len(images), values // _MIN_PART_VALUES))
-    bounds = [images.start + len(images) * i // count for i in range(count + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-@functools.cache
-def _blas():
-    """threadpoolctl's handle on the BLAS libraries NumPy loaded (found once)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """The threads that run parts beside the calling thread (made once)."""
-    return ThreadPoolExecutor(max(_cpu_count() - 1, 1), thread_name_prefix="cudcn")
-
-
-def _in_threads(fn, parts: list[slice]) -> list:
-    """[fn(part) for part in parts], the first part in the calling thread and
-    each other in a thread of its own (the threads are made once and kept).
-
-    scipy's sparse products and NumPy's gathers and GEMMs release the GIL, so
-    the parts run at once; scipy's products are single-threaded, so this is
-    how they use every core. Meanwhile BLAS runs one thread per part: its own
-    threads would only compete with the parts' (and, waiting for each other,
-    stall whenever a core is busy with something else).
-    """
-    if len(parts) == 1:
-        return [fn(parts[0])]
-    with _blas().limit(limits=1, user_api="blas"):
-        others = [_pool().submit(fn, part) for part in parts[1:]]
-        results = [fn(parts[0])]
-        return results + [future.result() for future in others]
+    return parallel.parts(images, values, _MIN_PART_VALUES)
 
 
 def forward(geom, input, offset, weight, bias, mask):
     """Output (N, C_out, Ho, Wo) in the input's dtype."""
-    dtype = _compute_dtype(geom.dtype)
+    dtype = compute_dtype(geom.dtype)
     out = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
     w = layout.weight_matrix(geom, weight, dtype)
 
@@ -371,7 +243,7 @@ def forward(geom, input, offset, weight, bias, mask):
         out[part] = _forward_part(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype)
 
     for chunk in layout.chunks(geom, dtype):
-        _in_threads(run, _parts(geom, chunk))
+        parallel.in_threads(run, _parts(geom, chunk))
     if bias is not None:
         out += bias.astype(dtype).reshape(1, -1, 1, 1)
     return out.astype(geom.dtype, copy=False)
@@ -379,7 +251,7 @@ def forward(geom, input, offset, weight, bias, mask):
 
 def backward(geom, grad_output, input, offset, weight, mask):
     """Gradients (input, offset, weight, bias or None, mask or None)."""
-    dtype = _compute_dtype(geom.dtype)
+    dtype = compute_dtype(geom.dtype)
     grad_input = np.empty((geom.batch, geom.in_channels, geom.height, geom.width), dtype)
     grad_offset = np.empty(offset.shape, dtype)
     grad_mask = np.empty(mask.shape, dtype) if mask is not None else None
@@ -395,7 +267,7 @@ def backward(geom, grad_output, input, offset, weight, mask):
 
     grad_w = np.zeros_like(w)
     for chunk in layout.chunks(geom, dtype):
-        for part_grad_w in _in_threads(run, _parts(geom, chunk)):
+        for part_grad_w in parallel.in_threads(run, _parts(geom, chunk)):
             grad_w += part_grad_w  # in a fixed order: bitwise repeatable
     grad_bias = None
     if geom.has_bias:
@@ -406,7 +278,7 @@ def backward(geom, grad_output, input, offset, weight, mask):
 
 def im2col(geom, input, offset, mask):
     """Columns (N, Ho*Wo, kh*kw, C_in), mask applied."""
-    dtype = _compute_dtype(geom.dtype)
+    dtype = compute_dtype(geom.dtype)
     sampling = _sampling(geom, offset, mask, dtype)
     columns = _im2col(sampling, _pixel_rows(geom, input, dtype))
     return columns.reshape(geom.columns_shape).astype(geom.dtype, copy=False)
@@ -414,7 +286,7 @@ def im2col(geom, input, offset, mask):
 
 def col2im(geom, columns, offset, mask):
     """Input gradient (N, C_in, H, W) from column gradients (N, Ho*Wo, kh*kw, C_in)."""
-    dtype = _compute_dtype(geom.dtype)
+    dtype = compute_dtype(geom.dtype)
     sampling = _sampling(geom, offset, mask, dtype)
     grad = _col2im(geom, sampling, _column_rows(geom, columns, dtype))
     return np.ascontiguousarray(grad, dtype=geom.dtype)
@@ -422,7 +294,7 @@ def col2im(geom, columns, offset, mask):
 
 def col2im_coord(geom, columns, input, offset, mask):
     """Offset gradient (N, 2GK, Ho, Wo) and mask gradient (N, GK, Ho, Wo) or None."""
-    dtype = _compute_dtype(geom.dtype)
+    dtype = compute_dtype(geom.dtype)
     sampling = _sampling(geom, offset, mask, dtype)
     pixels = _pixel_rows(geom, input, dtype)
     grad_columns = _column_rows(geom, columns, dtype)
