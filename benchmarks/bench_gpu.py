@@ -37,6 +37,20 @@ the library, the same script each time:
     PYTHONPATH=. python benchmarks/bench_gpu.py --output new
 
 The record names the cudcn it imported (directory and git commit).
+
+``--quick`` (the quick GPU validation): the first shape only, each
+precision once, 5 repetitions.
+
+Where ``benchmarks/gpu_model.py`` exists, a last table puts the performance
+model's prediction beside each measurement it predicts (labelled predicted;
+the record keeps both), else says "no model". The model's interface:
+``predict(shape, precision) -> dict``, with ``shape`` a value of
+:data:`SHAPES` (N, C_in, C_out, H, W, k, offset_groups) and ``precision`` a
+key of :data:`PRECISIONS`, returning predicted milliseconds keyed
+``"<library>.<measurement>"`` after this script's own names: ``cudcn.``
+forward_ms, backward_ms, im2col_ms, col2im_ms, col2im_coord_ms,
+{im2col,fused,auto}_{forward,backward}_ms; ``torchvision.`` forward_ms,
+backward_ms; ``cudnn.forward_ms`` (any subset).
 """
 
 from __future__ import annotations
@@ -71,6 +85,8 @@ PRECISIONS = {
     "bfloat16": ("bfloat16", False),
 }
 ROTATE = 3
+#: The performance model, where it exists (see the module docstring).
+MODEL = Path(__file__).resolve().parent / "gpu_model.py"
 
 
 class PeakTracker:
@@ -355,7 +371,7 @@ def _torchvision():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="first shape only, fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="first shape only (each precision), fewer repetitions")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--output", type=Path, help="directory for bench_gpu.md and bench_gpu.json")
@@ -396,14 +412,69 @@ def main(argv: list[str] | None = None) -> int:
             del sets
             cupy.get_default_memory_pool().free_all_blocks()
 
+    model = load_model()
+    for row in rows:
+        row["model"] = predict(model, row)
     table = "\n\n".join([render(rows, record), render_sampling(rows), render_algorithms(rows),
-                           render_backward_algorithms(rows)])
+                           render_backward_algorithms(rows), render_model(rows, model is not None)])
     print(table)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "bench_gpu.md").write_text(table + "\n")
         (args.output / "bench_gpu.json").write_text(json.dumps({"environment": record, "rows": rows}, indent=2))
     return 0
+
+
+def load_model(path: Path = MODEL):
+    """The performance model (benchmarks/gpu_model.py) as a module, or None where the file is absent."""
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("gpu_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def predict(model, row: dict) -> dict:
+    """The model's predicted milliseconds for one row ({} without a model;
+    {"error": ...} when it fails, which never stops the benchmark)."""
+    if model is None:
+        return {}
+    try:
+        return {str(k): float(v) for k, v in model.predict(SHAPES[row["shape"]], row["dtype"]).items()}
+    except Exception as error:  # a model under development: report, go on
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def measured(row: dict, key: str) -> float | None:
+    """The measurement "<library>.<name>" of a row, or None."""
+    library, _, name = key.partition(".")
+    value = (row.get(library) or {}).get(name)
+    return value if isinstance(value, (int, float)) else None
+
+
+def render_model(rows: list[dict], have_model: bool) -> str:
+    """The last table: each prediction beside its measurement, or "no model"."""
+    if not have_model:
+        return f"Performance model: no model ({MODEL.parent.name}/{MODEL.name} not present)."
+    lines = [
+        f"Performance model ({MODEL.parent.name}/{MODEL.name}): predicted milliseconds (not measured) beside "
+        "the measurement; ratio = measured / predicted:",
+        "",
+        "| shape | precision | measurement | predicted ms | measured ms | measured/predicted |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        predictions = r.get("model") or {}
+        if "error" in predictions:
+            lines.append(f"| {r['shape']} | {r['dtype']} | model failed: {predictions['error']} | - | - | - |")
+            continue
+        for key, predicted in predictions.items():
+            value = measured(r, key)
+            ratio = "-" if value is None or not predicted else f"{value / predicted:.2f}"
+            lines.append(f"| {r['shape']} | {r['dtype']} | {key} | {predicted:.3f} "
+                         f"| {'-' if value is None else format(value, '.3f')} | {ratio} |")
+    return "\n".join(lines)
 
 
 def _bfloat16_problem(cupy) -> str | None:

@@ -155,13 +155,15 @@ def _fixed_case(rng, n=4, c=8, o=6, h=9, w=7, k=(3, 2), groups=2, offset_groups=
     return args
 
 
-def test_empty_batch_and_a_batch_that_does_not_divide_the_chunk():
+@pytest.mark.quick
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_empty_batch_and_a_batch_that_does_not_divide_the_chunk(dtype):
     rng = np.random.default_rng(1)
-    _check_call(_fixed_case(rng, n=0), rng, 1e-10)
-    args = _fixed_case(rng, n=33)
+    _check_call(_fixed_case(rng, n=0, dtype=dtype), rng, TOLERANCE[dtype])
+    args = _fixed_case(rng, n=33, dtype=dtype)
     per_image = 9 * 7 * 3 * 2 * 8 * 8  # more than one image per chunk, not a divisor of 33
     with cudcn.workspace_bytes(4 * per_image):
-        _check_call(args, rng, 1e-10)
+        _check_call(args, rng, TOLERANCE[dtype])
 
 
 def test_non_contiguous_arguments():
@@ -284,6 +286,7 @@ def test_arrays_on_a_second_gpu():
 # Deterministic algorithms.
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 def test_deterministic_backward_is_bitwise_repeatable(dtype):
     """Many sampling points on few pixels (so atomics would collide): the
@@ -376,6 +379,7 @@ def skip_without_cupy_bfloat16(dtype) -> None:
         pytest.skip(f"CuPy has no bfloat16 here: {cupy_bfloat16_problem() or error}")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=[t.name for t in HALF_TYPES])
 @pytest.mark.parametrize("seed", range(4))
 def test_half_precision_error_at_most_twice_plain(dtype, seed):
@@ -423,6 +427,7 @@ def _torchvision():
     return torch, torchvision.ops
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("mask", [True, False])
 def test_matches_torchvision(dtype, mask):

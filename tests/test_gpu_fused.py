@@ -94,6 +94,7 @@ def test_fused_forward_matches_numpy(precision, case):
     _check(args, precision)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_batch_0_batch_33_in_chunks_and_strided_arguments(precision):
     _usable(precision)
@@ -111,6 +112,7 @@ def test_batch_0_batch_33_in_chunks_and_strided_arguments(precision):
         assert relative_error(cudcn.deform_conv2d(**strided), cupy.asnumpy(cudcn.deform_conv2d(**dev))) == 0
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("precision", ["float16", "bfloat16", "float32 tf32", "float32"])
 def test_matches_torchvision(precision):
     """Against torchvision's float64 forward of the same (rounded) values."""

@@ -86,6 +86,7 @@ def test_fused_backward_matches_numpy(precision, case):
     _check(args, precision, rng)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_batch_0_batch_33_splits_and_strided_arguments(precision, monkeypatch):
     _usable(precision)
@@ -112,6 +113,7 @@ def test_batch_0_batch_33_splits_and_strided_arguments(precision, monkeypatch):
     assert relative_error(got.input, cupy.asnumpy(plain.input).astype(np.float64)) <= PRECISIONS[precision][2]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_offset_mask_and_weight_gradients_are_bitwise_repeatable(precision, monkeypatch):
     """Three runs, and grids of 8192, 7 and 1 blocks: the same bits (the
@@ -144,6 +146,7 @@ def test_deterministic_algorithms_take_im2col():
         assert cupy.asnumpy(getattr(runs[0], name)).tobytes() == cupy.asnumpy(getattr(runs[1], name)).tobytes()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("mask", [True, False])
 def test_matches_torchvision(precision, mask):

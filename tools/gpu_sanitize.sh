@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer on a small CUDA-backend run (tools/sanitize_case.py).
-# Run from the repository root with PYTHONPATH=.
+# Run from the repository root with PYTHONPATH=.; arguments go to
+# tools/sanitize_case.py (--quick: one case).
 #
 # Tools (docs/gpu-validation.md says what each proves):
 #   memcheck   out-of-bounds and misaligned device memory accesses, and
@@ -50,7 +51,7 @@ echo "compute-sanitizer: $sanitizer; tools: $tools"
 status=0
 for tool in $tools; do
   log="$out_dir/sanitizer-$tool.log"
-  "$sanitizer" --tool "$tool" --error-exitcode 99 "$python" tools/sanitize_case.py >"$log" 2>&1
+  "$sanitizer" --tool "$tool" --error-exitcode 99 "$python" tools/sanitize_case.py "$@" >"$log" 2>&1
   code=$?
   summary="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
   echo "$tool: exit $code; ${summary:-no summary line} (log: $log)"

@@ -8,34 +8,46 @@ barriers and tensor-core MMAs, for racecheck and synccheck). CuPy's
 memory pool is switched off so that every array is its own allocation:
 memcheck then sees any access past its end, and initcheck any read of
 memory that nothing wrote since it was allocated.
+
+``--quick``: one case (float16 with a mask: im2col and the fused kernels,
+forward and backward), for the quick GPU validation.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 
 import cudcn
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one case: float16 with a mask")
+    options = parser.parse_args(argv)
     import cupy
 
     cupy.cuda.set_allocator(None)
     cudcn.set_workspace_bytes(20_000)  # several chunks
     runs = [("float64", False), ("float32", False), ("float32", True), ("float16", False)]  # (dtype, TF32)
-    try:
-        import ml_dtypes
+    masks = (True, False)
+    if options.quick:
+        runs, masks = [("float16", False)], (True,)
+    else:
+        try:
+            import ml_dtypes
 
-        cupy.empty(1, ml_dtypes.bfloat16)
-        runs.append((np.dtype(ml_dtypes.bfloat16), False))
-    except Exception as error:  # no ml_dtypes, or CuPy without bfloat16 (NumPy < 2.1.2)
-        print(f"bfloat16 left out: {error}")
+            cupy.empty(1, ml_dtypes.bfloat16)
+            runs.append((np.dtype(ml_dtypes.bfloat16), False))
+        except Exception as error:  # no ml_dtypes, or CuPy without bfloat16 (NumPy < 2.1.2)
+            print(f"bfloat16 left out: {error}")
     rng = np.random.default_rng(0)
     n, c, o, h, w, kh, kw, groups, offset_groups = 5, 6, 4, 7, 9, 3, 2, 2, 3
     ho, wo = h, (w + 2 - 1 * (kw - 1) - 1) // 2 + 1
     stream = cupy.cuda.Stream(non_blocking=True)
     for dtype, tf32 in runs:
-        for with_mask in (True, False):
+        for with_mask in masks:
             offset = rng.uniform(-4, 4, (n, 2 * offset_groups * kh * kw, ho, wo))
             offset.flat[::7] = np.nan
             offset.flat[1::9] = 1e30

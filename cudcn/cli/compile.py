@@ -8,6 +8,16 @@ instantiation, naming kernel and dtype; ``-q``: only failures and the total)
 and exits 1 on any failure, with the failing instantiations and NVRTC's log.
 Where CuPy sees a device, the command then loads every dtype's module on it,
 which fills CuPy's on-disk kernel cache.
+
+With ``--resources`` it compiles the same way (default architectures sm_80
+and sm_90) and prints instead, per instantiation and architecture, what
+ptxas reports (registers, spill stores and loads, stack frame, static shared
+memory), the launches' block size and dynamic shared memory, and the
+theoretical blocks per SM and occupancy on an A100 (sm_80) and an H100
+(sm_90), with the budgets each row breaks
+(:mod:`cudcn.backends.cuda.resources`). It is a flag of ``compile`` rather
+than a command of its own because it is the same compile -- same options,
+architectures, dtypes and failures -- read for its resources.
 """
 
 from __future__ import annotations
@@ -20,15 +30,23 @@ from cudcn.backends.cuda import kernels
 from cudcn.cli.arguments import CommandError, require
 
 DEFAULT_ARCHS = ("sm_75", "sm_80", "sm_90")
+#: Architectures of the resource report by default: those of the GPUs it knows (A100, H100).
+RESOURCE_ARCHS = ("sm_80", "sm_90")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         nargs="+",
-        default=list(DEFAULT_ARCHS),
         metavar="SM",
-        help=f"target architectures, e.g. sm_80 (default: {' '.join(DEFAULT_ARCHS)})",
+        help=f"target architectures, e.g. sm_80 (default: {' '.join(DEFAULT_ARCHS)}; "
+             f"with --resources {' '.join(RESOURCE_ARCHS)})",
+    )
+    parser.add_argument(
+        "--resources",
+        action="store_true",
+        help="print registers, spills and shared memory of every instantiation (ptxas), and the blocks per "
+             "SM and theoretical occupancy of its launches on an A100 (sm_80) and an H100 (sm_90)",
     )
     parser.add_argument(
         "--dtype",
@@ -51,7 +69,7 @@ def _arch_number(arch: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    archs = [_arch_number(a) for a in args.arch]
+    archs = [_arch_number(a) for a in args.arch or (RESOURCE_ARCHS if args.resources else DEFAULT_ARCHS)]
     require({"cupy": "CuPy"}, "cudcn compile",
             'install the CUDA extra that matches your driver: pip install "cudcn[cuda12]" or "cudcn[cuda13]"')
     try:
@@ -76,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
 
     say(f"NVRTC {version[0]}.{version[1]}; kernels from {kernels.kernel_dir()}")
     source = kernels.source()
+    if args.resources:
+        unsupported = [f"sm_{a}" for a in archs if a not in supported]
+        if unsupported:
+            print(f"{' '.join(unsupported)}: this NVRTC cannot target it (supported: {sorted(supported)})  FAIL")
+            return 1
+        return _resources(source, archs, args.dtype, quiet=args.quiet)
     failed = total = 0
     for arch in archs:
         if arch not in supported:
@@ -110,3 +134,28 @@ def run(args: argparse.Namespace) -> int:
         say(f"device   {len(loaded) - load_failed} of {len(loaded)} instantiations loaded (kernel cache filled)")
     print(f"{total - failed} of {total} instantiations compiled" + (", FAILED" if failed else ""))
     return 1 if failed else 0
+
+
+def _resources(source: str, archs: list[int], dtypes: list[str], quiet: bool) -> int:
+    """Print the resource report (a Markdown table; ``quiet``: only the rows
+    that break a budget) and a summary line; 1 if a compile failed."""
+    from cupy.cuda import compiler
+
+    from cudcn.backends.cuda import resources
+
+    rows = []
+    for arch in archs:
+        for dtype in dtypes:
+            try:
+                rows += resources.rows_for(source, dtype, arch)
+            except (compiler.CompileException, RuntimeError) as error:
+                print(f"sm_{arch} {dtype}: compile failed  FAIL\n{error}")
+                return 1
+    broken = [row for row in rows if resources.budget_problems(row)]
+    print(resources.table(broken if quiet else rows))
+    gpus = ", ".join(f"sm_{a} = {resources.GPUS[a].name}" for a in archs if a in resources.GPUS)
+    print(f"{len(rows)} instantiations ({gpus or 'no GPU model for these architectures'}); "
+          f"budgets (no spills or stack frame; on sm_{resources.BUDGET_ARCH} occupancy >= "
+          f"{resources.FUSED_FLOOR:.0%} fused, >= {resources.OTHER_FLOOR:.0%} others): "
+          f"{len(broken)} broken")
+    return 0

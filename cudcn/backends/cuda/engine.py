@@ -5,7 +5,9 @@ instantiation with a :class:`Launch` shape: grid, block, dynamic shared
 memory), ``gemm`` (one strided batched cuBLAS GEMM, :class:`Gemm`) and the
 compute ``capability`` of the device it runs on (which kernels it can run).
 :func:`grid_stride` is the one policy for the grid-stride launches of the
-sampling and layout kernels (the engine's block size and block cap). On a
+sampling and layout kernels (the engine's block size and block cap), and
+:func:`kernel_launch` gives every launch its block and dynamic shared
+memory (:func:`cudcn.backends.cuda.kernels.block_shape`). On a
 GPU the engine is :class:`CupyEngine`; the test suite runs the very same
 launchers and algorithms with an engine of NumPy arrays and the kernels
 compiled for the host (tests/emulation), so layouts, chunking and GEMM
@@ -139,16 +141,20 @@ class Engine(Protocol):
         """Run one strided batched GEMM (see :class:`Gemm`)."""
 
 
-def grid_stride(engine: Engine, threads: int, whole_warps: bool = False) -> Launch:
-    """A 1-D launch of the engine's blocks for a grid-stride loop wanting
-    ``threads`` threads, capped at ``engine.max_blocks`` blocks.
+def kernel_launch(kernel: str, grid: tuple[int, int, int], block: int = kernels.BLOCK) -> Launch:
+    """A launch of ``kernel`` over ``grid``, its block and dynamic shared
+    memory as :func:`cudcn.backends.cuda.kernels.block_shape` gives them
+    for an engine whose grid-stride block is ``block``."""
+    threads, shared_bytes = kernels.block_shape(kernel, block)
+    return Launch(grid=grid, block=(threads, 1, 1), shared_bytes=shared_bytes)
 
-    whole_warps: kernels that give a warp's lanes to one task (their loops
-    are warp-uniform) need blocks of whole warps; the block is then rounded
-    up to a multiple of 32.
-    """
-    block = -(-engine.block // WARP) * WARP if whole_warps else engine.block
-    return Launch(grid=(min(max(-(-threads // block), 1), engine.max_blocks), 1, 1), block=(block, 1, 1))
+
+def grid_stride(engine: Engine, kernel: str, threads: int) -> Launch:
+    """A 1-D launch of ``kernel`` for a grid-stride loop wanting ``threads``
+    threads, capped at ``engine.max_blocks`` blocks; the block is the
+    engine's (whole warps for the sampling kernels: :func:`kernel_launch`)."""
+    per_block, _ = kernels.block_shape(kernel, engine.block)
+    return kernel_launch(kernel, (min(max(-(-threads // per_block), 1), engine.max_blocks), 1, 1), engine.block)
 
 
 class CupyEngine:

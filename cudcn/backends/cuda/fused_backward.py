@@ -44,7 +44,7 @@ import numpy as np
 
 from cudcn import config
 from cudcn.backends.cuda import kernels, launchers
-from cudcn.backends.cuda.engine import Engine, Launch, grid_stride
+from cudcn.backends.cuda.engine import Engine, Launch, grid_stride, kernel_launch
 from cudcn.backends.layout import weight_matrix
 from cudcn.geometry import Geometry
 
@@ -109,9 +109,9 @@ def _segments_per_group(geom: Geometry) -> int:
     )
 
 
-def _units_launch(engine: Engine, units: int) -> Launch:
-    """Blocks striding over `units` work units, at most the engine's block cap."""
-    return Launch(grid=(max(1, min(units, engine.max_blocks)), 1, 1), block=(kernels.FUSED_THREADS, 1, 1))
+def _units_launch(engine: Engine, kernel: str, units: int) -> Launch:
+    """Blocks of ``kernel`` striding over `units` work units, at most the engine's block cap."""
+    return kernel_launch(kernel, (max(1, min(units, engine.max_blocks)), 1, 1), engine.block)
 
 
 def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, input, offset, mask,
@@ -135,8 +135,9 @@ def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, i
     index, itype = launchers.index_type(
         engine, grad_output.size, input.size, offset.size, grad_weight.size * splits, units
     )
+    kernel = "fused_backward_weight" + suffix
     engine.launch(
-        "fused_backward_weight" + suffix, geom.dtype.name, index, _units_launch(engine, units),
+        kernel, geom.dtype.name, index, _units_launch(engine, kernel, units),
         [grad_output, input, offset, *launchers.mask_args(mask, offset),
          *launchers.shape_args(geom, geom.batch, geom.groups), np.int32(geom.out_channels),
          np.int32(segments), np.int32(splits), itype(split_pixels), grad_weight,
@@ -145,7 +146,8 @@ def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, i
     if parts is not None:
         index, itype = launchers.index_type(engine, parts.size)
         engine.launch(
-            "fused_weight_split_sum", geom.dtype.name, index, grid_stride(engine, grad_weight.size),
+            "fused_weight_split_sum", geom.dtype.name, index,
+            grid_stride(engine, "fused_weight_split_sum", grad_weight.size),
             [parts, np.int32(splits), itype(grad_weight.size), grad_weight],
         )
 
@@ -172,8 +174,9 @@ def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, in
         index, itype = launchers.index_type(
             engine, grad_output[part].size, input[part].size, chunk_offset.size, units
         )
+        kernel = "fused_backward_data" + suffix
         engine.launch(
-            "fused_backward_data" + suffix, geom.dtype.name, index, _units_launch(engine, units),
+            kernel, geom.dtype.name, index, _units_launch(engine, kernel, units),
             [grad_output[part], input[part], chunk_offset, *launchers.mask_args(chunk_mask, chunk_offset),
              matrix, *launchers.shape_args(geom, n, geom.groups), np.int32(geom.out_channels), accumulator,
              chunk_grad_offset, chunk_grad_offset if grad_mask is None else grad_mask[part]],
@@ -183,7 +186,8 @@ def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, in
             # H*W fits the kernel's int (validate), C*H*W may not.
             index, itype = launchers.index_type(engine, accumulator.size)
             engine.launch(
-                "from_channels_last", geom.dtype.name, index, grid_stride(engine, accumulator.size),
+                "from_channels_last", geom.dtype.name, index,
+                grid_stride(engine, "from_channels_last", accumulator.size),
                 [accumulator, itype(accumulator.size), np.int32(1), np.int32(geom.height * geom.width),
                  grad_input[part]],
             )

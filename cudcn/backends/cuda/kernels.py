@@ -136,9 +136,43 @@ def has_kernel(kernel: str, dtype: str) -> bool:
     return kernel not in FUSED_KERNELS or dtype in FUSED_KERNELS[kernel][1]
 
 
+def instantiations(dtype: str) -> list[tuple[str, str, str]]:
+    """(kernel, index type, name expression) of every instantiation one dtype
+    needs: each kernel it has, both index types."""
+    return [(k, index, name_expression(k, dtype, index))
+            for index in INDEX_TYPES for k in KERNELS if has_kernel(k, dtype)]
+
+
 def name_expressions(dtype: str) -> list[str]:
     """Every instantiation one dtype needs (each kernel it has, both index types)."""
-    return [name_expression(k, dtype, index) for index in INDEX_TYPES for k in KERNELS if has_kernel(k, dtype)]
+    return [name for _, _, name in instantiations(dtype)]
+
+
+#: The sampling kernels give each sampling point a group of lanes of one
+#: warp (their loops are warp-uniform, their sums warp shuffles): their
+#: blocks are whole warps.
+WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord")
+
+
+def block_shape(kernel: str, block: int = BLOCK) -> tuple[int, int]:
+    """(threads per block, dynamic shared-memory bytes) of every launch of
+    ``kernel`` (a launchable name), for an engine whose grid-stride block is
+    ``block`` (:data:`BLOCK` on a GPU; the emulator's engines take smaller ones).
+
+    The column-free kernels are written for blocks of :data:`FUSED_THREADS`
+    (``FusedTile::kThreads``); the sampling kernels (:data:`WARP_KERNELS`)
+    take ``block`` rounded up to whole warps, the others ``block`` as it is.
+    No kernel takes dynamic shared memory. Every launch's shape comes from
+    here (:func:`cudcn.backends.cuda.engine.kernel_launch`), and so does the
+    resource report's occupancy (:mod:`cudcn.backends.cuda.resources`).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; kernels: {', '.join(KERNELS)}")
+    if kernel in FUSED_KERNELS:
+        return FUSED_THREADS, 0
+    if kernel in WARP_KERNELS:
+        return -(-block // 32) * 32, 0
+    return block, 0
 
 
 def kernel_dir() -> Path:

@@ -23,7 +23,7 @@ import numpy as np
 
 from cudcn import config
 from cudcn.backends.cuda import kernels
-from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, Launch, grid_stride
+from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, grid_stride, kernel_launch
 from cudcn.geometry import Geometry
 
 
@@ -47,12 +47,12 @@ def lanes_per_point(geom: Geometry) -> int:
     return min(WARP, 1 << (blocks - 1).bit_length())
 
 
-def _sampling_launch(engine: Engine, geom: Geometry, n: int):
+def _sampling_launch(engine: Engine, kernel: str, geom: Geometry, n: int):
     """(points, lanes per point, launch) of a sampling kernel over n images."""
     points = sampling_points(geom, n)
     lanes = lanes_per_point(geom)
     warps = -(-points * lanes // WARP)
-    return points, lanes, grid_stride(engine, warps * WARP, whole_warps=True)
+    return points, lanes, grid_stride(engine, kernel, warps * WARP)
 
 
 def shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
@@ -84,7 +84,7 @@ def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -
     if out.size:
         index, itype = index_type(engine, out.size)
         engine.launch(
-            "to_channels_last", geom.dtype.name, index, grid_stride(engine, out.size),
+            "to_channels_last", geom.dtype.name, index, grid_stride(engine, "to_channels_last", out.size),
             [input, itype(out.size), np.int32(geom.in_channels), np.int32(pixels), out],
         )
     return out
@@ -102,7 +102,7 @@ def im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any, 
         (groups, n * geom.out_pixels, per_group), kernels.TYPES[geom.dtype.name].column_dtype
     )
     if columns.size:
-        points, lanes, launch = _sampling_launch(engine, geom, n)
+        points, lanes, launch = _sampling_launch(engine, "deform_im2col", geom, n)
         index, itype = index_type(engine, columns.size, pixels.size, offset.size)
         engine.launch(
             "deform_im2col", geom.dtype.name, index, launch,
@@ -129,7 +129,7 @@ def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any,
     else:
         accum = xp.zeros((n, pixels, geom.in_channels), types.accum_dtype)
         if columns.size:
-            points, lanes, launch = _sampling_launch(engine, geom, n)
+            points, lanes, launch = _sampling_launch(engine, "deform_col2im", geom, n)
             index, itype = index_type(engine, columns.size, accum.size, offset.size)
             engine.launch(
                 "deform_col2im", geom.dtype.name, index, launch,
@@ -138,7 +138,7 @@ def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any,
             )
     index, itype = index_type(engine, accum.size)
     engine.launch(
-        "from_channels_last", geom.dtype.name, index, grid_stride(engine, accum.size),
+        "from_channels_last", geom.dtype.name, index, grid_stride(engine, "from_channels_last", accum.size),
         [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
     )
 
@@ -184,7 +184,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     weights = xp.empty(entries, types.accum_dtype)
     if points:
         engine.launch(
-            "deform_col2im_keys", geom.dtype.name, index, grid_stride(engine, points),
+            "deform_col2im_keys", geom.dtype.name, index, grid_stride(engine, "deform_col2im_keys", points),
             [offset, *mask_args(mask, offset), *shape_args(geom, n, groups), itype(points), keys, weights],
         )
     # A stable sort keeps the entries of one key in entry order: one result,
@@ -194,7 +194,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     accum = xp.empty((n, pixels, geom.in_channels), types.accum_dtype)
     index, itype = index_type(engine, columns.size, accum.size, entries, segments + 1)
     engine.launch(
-        "deform_col2im_gather", geom.dtype.name, index, grid_stride(engine, accum.size),
+        "deform_col2im_gather", geom.dtype.name, index, grid_stride(engine, "deform_col2im_gather", accum.size),
         [columns, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), weights,
          *shape_args(geom, n, groups), itype(accum.size), accum],
     )
@@ -209,7 +209,7 @@ def col2im_coord(
     n = offset.shape[0]
     if sampling_points(geom, n) == 0:
         return
-    points, lanes, launch = _sampling_launch(engine, geom, n)
+    points, lanes, launch = _sampling_launch(engine, "deform_col2im_coord", geom, n)
     index, itype = index_type(engine, columns.size, pixels.size, offset.size)
     engine.launch(
         "deform_col2im_coord", geom.dtype.name, index, launch,
@@ -264,7 +264,7 @@ def fused_forward(
                          f"more than a grid has ({MAX_GRID[0]}): take fewer images per launch")
     index, _ = index_type(engine, pixels.size, offset.size, out.size, weight.size, n * geom.out_pixels)
     engine.launch(
-        kernel, geom.dtype.name, index, Launch(grid, (kernels.FUSED_THREADS, 1, 1)),
+        kernel, geom.dtype.name, index, kernel_launch(kernel, grid, engine.block),
         [pixels, offset, *mask_args(mask, offset), weight, weight if bias is None else bias,
          np.int32(bias is not None), *shape_args(geom, n, geom.groups), np.int32(geom.out_channels), out],
     )
