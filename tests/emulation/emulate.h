@@ -110,7 +110,7 @@
 //     (sectors; wavefronts of one phase, the conflict degree).
 //   Requests complete at a __syncthreads every thread reached and at the end
 //   of a block, and are counted then. Off, the accounting costs a branch per
-//   access; on, about 1.3-2x the launch's time.
+//   access; on, it takes up to about twice the launch's time.
 //
 // Writing a cooperative kernel that runs both here and on a GPU
 //   - Declare shared memory with DCN_SHARED(float, tile, 256) or
