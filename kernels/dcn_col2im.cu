@@ -55,7 +55,7 @@ __global__ void deform_col2im(const TCol* __restrict__ columns, const T* __restr
         TAcc* target = image + (Index(p[q].y) * s.width + p[q].x) * s.channels + channel;
 #pragma unroll
         for (int v = 0; v < V; ++v)
-          if (v < count) atomicAdd(target + v, static_cast<TAcc>(p[q].weight * (grad[v] * m)));
+          if (v < count) dcn_atomic_add(target + v, static_cast<TAcc>(p[q].weight * (grad[v] * m)));
       }
     }
   }

@@ -52,13 +52,13 @@ __global__ void deform_col2im_keys(const T* __restrict__ offset, const T* __rest
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const Index e = index * 4 + q;
-      keys[e] = sentinel;
-      weights[e] = Acc(0);
+      dcn_store(keys, e, sentinel);
+      dcn_store(weights, e, Acc(0));
       if (!counts) continue;
       const Corner<Acc> p = corner(q, y0, x0, ly, lx, s.height, s.width);
       if (!p.valid) continue;
-      keys[e] = segment + static_cast<Index>(p.y) * s.width + p.x;
-      weights[e] = p.weight * m;
+      dcn_store(keys, e, segment + static_cast<Index>(p.y) * s.width + p.x);
+      dcn_store(weights, e, p.weight * m);
     }
   }
 }
@@ -98,13 +98,13 @@ __global__ void deform_col2im_gather(const TCol* __restrict__ columns,
     const long long key = (static_cast<long long>(n) * s.offset_groups + g) * pixels + pixel;
     const TCol* group_columns = columns + (Index(conv_group) * s.batch + n) * L * K * group_channels;
     Acc sum = Acc(0);
-    for (long long at = starts[key]; at < starts[key + 1]; ++at) {
-      const long long e = order[at];
+    for (long long at = dcn_load(starts, key); at < dcn_load(starts, key + 1); ++at) {
+      const long long e = dcn_load(order, at);
       const long long point = e >> 2;  // ((n*G + g)*K + k)*L + l
       const int l = static_cast<int>(point % L);
       const int k = static_cast<int>((point / L) % K);
-      sum += weights[e] * to_compute(group_columns[(Index(l) * K + k) * group_channels +
-                                                   c % group_channels]);
+      sum += dcn_load(weights, e) *
+             to_compute(dcn_load(group_columns, (Index(l) * K + k) * group_channels + c % group_channels));
     }
     store(grad_input + index, sum);
   }

@@ -1,8 +1,11 @@
 // dcn_common.cuh: what every deformable-convolution kernel shares.
 //
+//   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
+//                              global memory accesses (see below)
 //   dcn_half, dcn_bfloat16     2-byte storage types (bit patterns of IEEE half / bfloat16)
 //   ComputeType<T>::type       float for float16, bfloat16 and float32; double for float64
 //   to_compute(v)              storage value -> compute type
+//   to_storage<T>(v)           compute value -> storage type, rounded to nearest even
 //   store(p, v)                compute value -> *p, rounded to nearest even
 //   dcn_floor(v)               floor in float or double
 //   ConvShape, DCN_SHAPE_*     the geometry of one launch, passed as plain int arguments
@@ -28,14 +31,39 @@
 
 // Shared memory is declared through these macros: on the device they are
 // plain __shared__ arrays; under the emulator (which defines them for the
-// host) they are bounds-checked proxies that feed its race detector. Index
-// them only (tile[i]); DCN_SHARED_PTR(T) is the type of a pointer into them.
+// host) they are bounds-checked proxies that feed its race detector and its
+// memory accounting. Index them only (tile[i]); DCN_SHARED_PTR(T) is the
+// type of a pointer into them.
+//
+// Global memory is read, written and atomically added to through
+// dcn_load(p, i) (p[i]; dcn_load(p) is *p), dcn_store(p, i, v) (p[i] = v;
+// dcn_store(p, v) is *p = v) and dcn_atomic_add(p, v), of any element type,
+// 16-byte vectors included: on the device each is the plain access it wraps,
+// the same instruction; the emulator (tests/emulation/emulate.h) defines them
+// for the host, where they also record the access, with its line, for the
+// memory accounting (sectors per warp request). A helper that touches memory
+// for its caller takes a defaulted DcnCaller last, so that the accounting
+// names the kernel line that called it; dcn_reconverge() marks a step of a
+// warp-uniform loop. On the device both are empty and compile to nothing.
 #ifdef __CUDA_ARCH__
 #define DCN_SHARED(type, name, count) __shared__ type name[count]
 #define DCN_SHARED_DYNAMIC(type, name)                                   \
   extern __shared__ __align__(16) unsigned char dcn_dynamic_shared[];   \
   type* const name = reinterpret_cast<type*>(dcn_dynamic_shared)
 #define DCN_SHARED_PTR(type) type*
+
+template <typename T>
+__device__ __forceinline__ T dcn_load(const T* p) { return *p; }
+template <typename T, typename I>
+__device__ __forceinline__ T dcn_load(const T* p, I i) { return p[i]; }
+template <typename T>
+__device__ __forceinline__ void dcn_store(T* p, const T& value) { *p = value; }
+template <typename T, typename I>
+__device__ __forceinline__ void dcn_store(T* p, I i, const T& value) { p[i] = value; }
+template <typename T>
+__device__ __forceinline__ T dcn_atomic_add(T* p, T value) { return atomicAdd(p, value); }
+struct DcnCaller {};
+__device__ __forceinline__ void dcn_reconverge() {}
 #elif !defined(DCN_SHARED)
 #error "on the host, include tests/emulation/emulate.h before the kernels"
 #endif
@@ -76,24 +104,38 @@ __device__ __forceinline__ float to_compute(dcn_half v) {
 #endif
 }
 
-/// Compute type -> storage, rounding to nearest even.
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(dcn_bfloat16* p, float v) {
+/// Compute type -> storage type T, rounding to nearest even.
+template <typename T>
+__device__ __forceinline__ T to_storage(typename ComputeType<T>::type v);
+template <>
+__device__ __forceinline__ float to_storage<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double to_storage<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ dcn_bfloat16 to_storage<dcn_bfloat16>(float v) {
   const unsigned int u = __float_as_uint(v);
   // Rounding a NaN's bits could carry into the exponent and make infinity.
-  p->bits = (u & 0x7fffffffu) > 0x7f800000u
-                ? static_cast<unsigned short>((u >> 16) | 0x0040u)
-                : static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  dcn_bfloat16 r;
+  r.bits = (u & 0x7fffffffu) > 0x7f800000u
+               ? static_cast<unsigned short>((u >> 16) | 0x0040u)
+               : static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return r;
 }
-__device__ __forceinline__ void store(dcn_half* p, float v) {
+template <>
+__device__ __forceinline__ dcn_half to_storage<dcn_half>(float v) {
+  dcn_half r;
 #ifdef __CUDA_ARCH__
-  unsigned short bits;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(v));
-  p->bits = bits;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
 #else
-  p->bits = dcn_host_float_to_half(v);  // provided by the emulation shim
+  r.bits = dcn_host_float_to_half(v);  // provided by the emulation shim
 #endif
+  return r;
+}
+
+/// *p = v rounded to T (global memory).
+template <typename T>
+__device__ __forceinline__ void store(T* p, typename ComputeType<T>::type v, DcnCaller = {}) {
+  dcn_store(p, to_storage<T>(v));
 }
 
 /// floor in the compute type.
@@ -124,10 +166,11 @@ struct ConvShape {
 
 // The grid is capped, so one thread handles several elements. The launcher
 // picks Index = int only when total plus one grid's worth of threads stays
-// below 2^31, so the increment cannot overflow.
+// below 2^31, so the increment cannot overflow. (dcn_reconverge: each step
+// starts with the warp's lanes together, for the emulator's accounting.)
 #define DCN_GRID_STRIDE_LOOP(i, total)                                          \
   for (Index i = Index(blockIdx.x) * Index(blockDim.x) + Index(threadIdx.x);   \
-       i < (total); i += Index(blockDim.x) * Index(gridDim.x))
+       i < (total); i += Index(blockDim.x) * Index(gridDim.x), dcn_reconverge())
 
 /// The sampling point `index` of the layout (batch, G, K, Ho*Wo) (that of the
 /// mask): image n, offset group g, kernel point k, output pixel l.
@@ -160,7 +203,8 @@ __device__ __forceinline__ int dcn_lane() {
 #define DCN_POINT_LOOP(first, points, group_lanes)                                         \
   for (Index first = (Index(blockIdx.x) * Index(blockDim.x) + Index(threadIdx.x)) / 32 *  \
                      Index(32 / (group_lanes));                                            \
-       first < (points); first += Index(gridDim.x) * Index(blockDim.x) / Index(group_lanes))
+       first < (points);                                                                   \
+       first += Index(gridDim.x) * Index(blockDim.x) / Index(group_lanes), dcn_reconverge())
 
 /// The sampling point `index` of the order (batch, Ho*Wo, K, G), offset group
 /// fastest (the order of the column rows, so that neighbouring points write
@@ -182,25 +226,25 @@ __device__ __forceinline__ void column_point(const ConvShape& s, Index index, In
 template <typename T, typename Index, typename Acc>
 __device__ __forceinline__ void sampling_point(const ConvShape& s, const T* offset,
                                                Index n, int g, int k, int l, Acc& y,
-                                               Acc& x) {
+                                               Acc& x, DcnCaller = {}) {
   const int K = s.kernel_h * s.kernel_w;
   const int L = s.out_h * s.out_w;
   const int i = k / s.kernel_w, j = k % s.kernel_w;
   const int h = l / s.out_w, w = l % s.out_w;
   const Index at = ((n * s.offset_groups + g) * 2 * K + 2 * k) * L + l;
-  y = Acc(h * s.stride_h - s.pad_h + i * s.dil_h) + to_compute(offset[at]);
-  x = Acc(w * s.stride_w - s.pad_w + j * s.dil_w) + to_compute(offset[at + L]);
+  y = Acc(h * s.stride_h - s.pad_h + i * s.dil_h) + to_compute(dcn_load(offset, at));
+  x = Acc(w * s.stride_w - s.pad_w + j * s.dil_w) + to_compute(dcn_load(offset, at + L));
 }
 
 /// Modulation of kernel point k of output pixel l of image n in offset group
 /// g; mask is (batch, G*K, Ho, Wo) and is not read when has_mask is 0.
 template <typename T, typename Index>
 __device__ __forceinline__ typename ComputeType<T>::type mask_value(
-    const ConvShape& s, const T* mask, int has_mask, Index n, int g, int k, int l) {
+    const ConvShape& s, const T* mask, int has_mask, Index n, int g, int k, int l, DcnCaller = {}) {
   typedef typename ComputeType<T>::type Acc;
   if (!has_mask) return Acc(1);
   const int K = s.kernel_h * s.kernel_w;
-  return to_compute(mask[((n * s.offset_groups + g) * K + k) * Index(s.out_h * s.out_w) + l]);
+  return to_compute(dcn_load(mask, ((n * s.offset_groups + g) * K + k) * Index(s.out_h * s.out_w) + l));
 }
 
 /// Whether the point (y, x) counts at all (-1 < y < H and -1 < x < W); if so,
@@ -290,14 +334,15 @@ __device__ __forceinline__ bool aligned_for(const T* p) {
 /// values[v] = p[v] for v < count, 0 beyond; one vector load when `vector`
 /// (then count is V and p aligned).
 template <int V, typename T, typename Acc>
-__device__ __forceinline__ void load_channels(const T* p, int count, bool vector, Acc (&values)[V]) {
+__device__ __forceinline__ void load_channels(const T* p, int count, bool vector, Acc (&values)[V],
+                                              DcnCaller = {}) {
   if (vector) {
-    const ChannelVector<T, V> x = *reinterpret_cast<const ChannelVector<T, V>*>(p);
+    const ChannelVector<T, V> x = dcn_load(reinterpret_cast<const ChannelVector<T, V>*>(p));
 #pragma unroll
     for (int v = 0; v < V; ++v) values[v] = to_compute(x.v[v]);
   } else {
 #pragma unroll
-    for (int v = 0; v < V; ++v) values[v] = v < count ? to_compute(p[v]) : Acc(0);
+    for (int v = 0; v < V; ++v) values[v] = v < count ? to_compute(dcn_load(p, v)) : Acc(0);
   }
 }
 
@@ -315,13 +360,13 @@ __device__ __forceinline__ Index column_index(const ConvShape& s, Index n, int l
 template <int V, typename TCol, typename Index, typename Acc>
 __device__ __forceinline__ void load_column_block(const ConvShape& s, const TCol* columns, Index n,
                                                   int l, int k, int c, int count, bool vector,
-                                                  Acc (&values)[V]) {
+                                                  Acc (&values)[V], DcnCaller = {}) {
   if (vector) {
     load_channels<V>(columns + column_index(s, n, l, k, c), V, true, values);
   } else {
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      values[v] = v < count ? to_compute(columns[column_index(s, n, l, k, c + v)]) : Acc(0);
+      values[v] = v < count ? to_compute(dcn_load(columns, column_index(s, n, l, k, c + v))) : Acc(0);
   }
 }
 
@@ -329,12 +374,12 @@ __device__ __forceinline__ void load_column_block(const ConvShape& s, const TCol
 template <int V, typename TCol, typename Index, typename Acc>
 __device__ __forceinline__ void store_column_block(const ConvShape& s, TCol* columns, Index n, int l,
                                                    int k, int c, int count, bool vector,
-                                                   const Acc (&values)[V]) {
+                                                   const Acc (&values)[V], DcnCaller = {}) {
   if (vector) {
     ChannelVector<TCol, V> x;
 #pragma unroll
-    for (int v = 0; v < V; ++v) store(&x.v[v], values[v]);
-    *reinterpret_cast<ChannelVector<TCol, V>*>(columns + column_index(s, n, l, k, c)) = x;
+    for (int v = 0; v < V; ++v) x.v[v] = to_storage<TCol>(values[v]);
+    dcn_store(reinterpret_cast<ChannelVector<TCol, V>*>(columns + column_index(s, n, l, k, c)), x);
   } else {
 #pragma unroll
     for (int v = 0; v < V; ++v)

@@ -152,7 +152,8 @@ __global__ void __launch_bounds__(FusedTile::kThreads, 1)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int o = o0 + part * FusedTile::kHalf + j + e;
-              outputs[e] = live && o < Og ? to_compute(grad_output[output_row + Index(group * Og + o) * L]) : 0.0f;
+              outputs[e] = live && o < Og ? to_compute(dcn_load(grad_output, output_row + Index(group * Og + o) * L))
+                                          : 0.0f;
             }
             store_row_words<Op>(a_tile + m * Layout::kRowWords, part * FusedTile::kHalf + j, outputs);
           }
@@ -184,11 +185,11 @@ __global__ void __launch_bounds__(FusedTile::kThreads, 1)
             for (int q = 0; q < 4; ++q) {
               if (!corners[q].valid) continue;
               const Index at = plane + Index(corners[q].y) * s.width + corners[q].x;
-              const float product = grad * to_compute(input[at]);
+              const float product = grad * to_compute(dcn_load(input, at));
               grad_y += corners[q].d_dy * product;
               grad_x += corners[q].d_dx * product;
               grad_m += corners[q].weight * product;
-              if (value) atomicAdd(grad_input + at, corners[q].weight * (grad * mask_m));
+              if (value) dcn_atomic_add(grad_input + at, corners[q].weight * (grad * mask_m));
             }
           }
         }
@@ -309,14 +310,15 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           outputs[e] = output_row[e] >= 0 && r < outs
-                           ? to_compute(grad_output[output_row[e] + Index(group * Og + o0 + r) * L])
+                           ? to_compute(dcn_load(grad_output, output_row[e] + Index(group * Og + o0 + r) * L))
                            : 0.0f;
           samples[e] = 0.0f;
           if (r < count) {
             const T* image = input + plane[e] + Index(c0 + r) * plane_size;
 #pragma unroll
             for (int q = 0; q < 4; ++q)
-              if (tap[e].pixel[q] >= 0) samples[e] += tap[e].weight[q] * to_compute(image[tap[e].pixel[q]]);
+              if (tap[e].pixel[q] >= 0)
+                samples[e] += tap[e].weight[q] * to_compute(dcn_load(image, tap[e].pixel[q]));
             samples[e] *= tap[e].mask;
           }
         }
@@ -335,7 +337,7 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
       if (splits == 1)
         store(grad_weight + at, sum);
       else
-        split_parts[split * weight_size + at] = sum;
+        dcn_store(split_parts, split * weight_size + at, sum);
     });
   }
 }
@@ -346,8 +348,8 @@ template <typename T, typename Index>
 __global__ void fused_weight_split_sum(const float* __restrict__ split_parts, int splits, Index size,
                                        T* __restrict__ grad_weight) {
   DCN_GRID_STRIDE_LOOP(i, size) {
-    float sum = split_parts[i];
-    for (int split = 1; split < splits; ++split) sum += split_parts[split * size + i];
+    float sum = dcn_load(split_parts, i);
+    for (int split = 1; split < splits; ++split) sum += dcn_load(split_parts, split * size + i);
     store(grad_weight + i, sum);
   }
 }

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(FusedTile::kThreads)
     const unsigned w = tiles[o * OutLayout::kOutRowWords + r];
     float value = __uint_as_float(w);
     const int oc = group * group_out + channel;
-    if (has_bias) value += to_compute(bias[oc]);
+    if (has_bias) value += to_compute(dcn_load(bias, oc));
     store(out + (q / L * out_channels + oc) * L + q % L, value);
   }
 }

@@ -67,10 +67,7 @@ struct FusedHalf {
   static constexpr bool kTensorCores = true;
   static constexpr int kPerWord = 2;  // channels per 32-bit word
   __device__ static __forceinline__ unsigned word(float low, float high) {
-    E a, b;
-    store(&a, low);
-    store(&b, high);
-    return dcn_pack_half2(a.bits, b.bits);
+    return dcn_pack_half2(to_storage<E>(low).bits, to_storage<E>(high).bits);
   }
   __device__ static __forceinline__ void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
     fused_mma16(E(), acc, a, b);
@@ -152,7 +149,7 @@ __device__ __forceinline__ BilinearTap<Index> empty_tap() {
 template <typename T, typename Index>
 __device__ __forceinline__ BilinearTap<Index> bilinear_tap(const ConvShape& s, const T* offset,
                                                            const T* mask, int has_mask, Index n,
-                                                           int g, int k, int l) {
+                                                           int g, int k, int l, DcnCaller = {}) {
   BilinearTap<Index> tap = empty_tap<Index>();
   float y, x, ly, lx;
   int y0, x0;
@@ -176,7 +173,8 @@ __device__ __forceinline__ BilinearTap<Index> bilinear_tap(const ConvShape& s, c
 /// column. One vector load per corner when `vector` (count is V then).
 template <int V, typename T, typename Index>
 __device__ __forceinline__ void sample_channels(const T* image, int channels, const BilinearTap<Index>& tap,
-                                                int channel, int count, bool vector, float (&values)[V]) {
+                                                int channel, int count, bool vector, float (&values)[V],
+                                                DcnCaller = {}) {
 #pragma unroll
   for (int v = 0; v < V; ++v) values[v] = 0.0f;
 #pragma unroll
@@ -194,7 +192,8 @@ __device__ __forceinline__ void sample_channels(const T* image, int channels, co
 /// Words of a tile row for V channel values starting at channel `first` of
 /// the slice (a multiple of V), rounded to the policy's operand type.
 template <typename Op, int V>
-__device__ __forceinline__ void store_row_words(DCN_SHARED_PTR(unsigned) row, int first, const float (&values)[V]) {
+__device__ __forceinline__ void store_row_words(DCN_SHARED_PTR(unsigned) row, int first, const float (&values)[V],
+                                                DcnCaller = {}) {
 #pragma unroll
   for (int w = 0; w < V / Op::kPerWord; ++w) {
     if constexpr (Op::kPerWord == 2)
@@ -218,7 +217,7 @@ struct FusedVector {
 template <typename Op, typename T, typename Index>
 __device__ __forceinline__ void gather_a_row(DCN_SHARED_PTR(unsigned) row, int part, const T* image,
                                              int channels, const BilinearTap<Index>& tap, int channel,
-                                             int count, bool vector) {
+                                             int count, bool vector, DcnCaller = {}) {
   constexpr int V = FusedVector<T>::value;
 #pragma unroll
   for (int j = 0; j < FusedTile::kHalf; j += V) {
@@ -241,7 +240,7 @@ __device__ __forceinline__ void gather_a_row(DCN_SHARED_PTR(unsigned) row, int p
 /// first channel.
 template <typename Op, typename T>
 __device__ __forceinline__ void load_b_row(DCN_SHARED_PTR(unsigned) row, int part, const T* weights,
-                                           bool valid, int count, bool vector) {
+                                           bool valid, int count, bool vector, DcnCaller = {}) {
   constexpr int V = FusedVector<T>::value;
 #pragma unroll
   for (int j = 0; j < FusedTile::kHalf; j += V) {
@@ -261,7 +260,7 @@ __device__ __forceinline__ void load_b_row(DCN_SHARED_PTR(unsigned) row, int par
 /// scalar FMAs in k order.
 template <typename Op>
 __device__ __forceinline__ void warp_tile_product(float (&acc)[2][4][4], DCN_SHARED_PTR(unsigned) a,
-                                                  DCN_SHARED_PTR(unsigned) b) {
+                                                  DCN_SHARED_PTR(unsigned) b, DcnCaller = {}) {
   constexpr int ld = FusedLayout<Op>::kRowWords;
   const int lane = dcn_lane();
   if constexpr (Op::kTensorCores) {

@@ -18,7 +18,7 @@ __global__ void to_channels_last(const T* __restrict__ src, Index total, int cha
     rest /= channels;
     const int p = static_cast<int>(rest % pixels);
     const Index n = rest / pixels;
-    dst[index] = src[(n * channels + c) * pixels + p];
+    dcn_store(dst, index, dcn_load(src, (n * channels + c) * pixels + p));
   }
 }
 
@@ -33,6 +33,6 @@ __global__ void from_channels_last(const TAcc* __restrict__ src, Index total, in
     rest /= pixels;
     const int c = static_cast<int>(rest % channels);
     const Index n = rest / channels;
-    store(dst + index, src[(n * pixels + p) * channels + c]);
+    store(dst + index, dcn_load(src, (n * pixels + p) * channels + c));
   }
 }

@@ -234,81 +234,82 @@ __device__ __forceinline__ void dcn_mma_m16n8k8_tf32(float (&d)[4], const unsign
 
 // Loading and storing fragments. `tile` is a pointer to 16-bit patterns
 // (unsigned short) or floats, in global memory or shared memory
-// (DCN_SHARED_PTR); `ld` is its leading dimension in elements.
+// (DCN_SHARED_PTR; dcn_load and dcn_store take either); `ld` is its leading
+// dimension in elements.
 
 /// m16n8k16 A fragment of this lane from a row-major tile: A[r][c] = tile[r*ld + c].
 template <typename Tile>
-__device__ __forceinline__ void dcn_mma_load_a16(unsigned (&a)[4], Tile tile, int ld) {
+__device__ __forceinline__ void dcn_mma_load_a16(unsigned (&a)[4], Tile tile, int ld, DcnCaller = {}) {
   const int lane = dcn_lane();
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     int row0, col0, row1, col1;
     dcn_mma_a16_coord(lane, 2 * r, row0, col0);
     dcn_mma_a16_coord(lane, 2 * r + 1, row1, col1);
-    a[r] = dcn_pack_half2(tile[row0 * ld + col0], tile[row1 * ld + col1]);
+    a[r] = dcn_pack_half2(dcn_load(tile, row0 * ld + col0), dcn_load(tile, row1 * ld + col1));
   }
 }
 
 /// m16n8k16 B fragment from a column-major tile (each column of B
 /// contiguous, as a weight matrix stored (n, k)): B[k][n] = tile[n*ld + k].
 template <typename Tile>
-__device__ __forceinline__ void dcn_mma_load_b16_col(unsigned (&b)[2], Tile tile, int ld) {
+__device__ __forceinline__ void dcn_mma_load_b16_col(unsigned (&b)[2], Tile tile, int ld, DcnCaller = {}) {
   const int lane = dcn_lane();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     int row0, col0, row1, col1;
     dcn_mma_b16_coord(lane, 2 * r, row0, col0);
     dcn_mma_b16_coord(lane, 2 * r + 1, row1, col1);
-    b[r] = dcn_pack_half2(tile[col0 * ld + row0], tile[col1 * ld + row1]);
+    b[r] = dcn_pack_half2(dcn_load(tile, col0 * ld + row0), dcn_load(tile, col1 * ld + row1));
   }
 }
 
 /// m16n8k16 B fragment from a row-major tile: B[k][n] = tile[k*ld + n].
 template <typename Tile>
-__device__ __forceinline__ void dcn_mma_load_b16_row(unsigned (&b)[2], Tile tile, int ld) {
+__device__ __forceinline__ void dcn_mma_load_b16_row(unsigned (&b)[2], Tile tile, int ld, DcnCaller = {}) {
   const int lane = dcn_lane();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     int row0, col0, row1, col1;
     dcn_mma_b16_coord(lane, 2 * r, row0, col0);
     dcn_mma_b16_coord(lane, 2 * r + 1, row1, col1);
-    b[r] = dcn_pack_half2(tile[row0 * ld + col0], tile[row1 * ld + col1]);
+    b[r] = dcn_pack_half2(dcn_load(tile, row0 * ld + col0), dcn_load(tile, row1 * ld + col1));
   }
 }
 
 /// m16n8k8 tf32 A fragment from a row-major float tile, rounded to tf32.
 template <typename Tile>
-__device__ __forceinline__ void dcn_mma_load_a8_tf32(unsigned (&a)[4], Tile tile, int ld) {
+__device__ __forceinline__ void dcn_mma_load_a8_tf32(unsigned (&a)[4], Tile tile, int ld, DcnCaller = {}) {
   const int lane = dcn_lane();
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     int row, col;
     dcn_mma_a8_tf32_coord(lane, i, row, col);
-    a[i] = dcn_to_tf32(tile[row * ld + col]);
+    a[i] = dcn_to_tf32(dcn_load(tile, row * ld + col));
   }
 }
 
 /// m16n8k8 tf32 B fragment from a column-major float tile (B[k][n] =
 /// tile[n*ld + k]), rounded to tf32.
 template <typename Tile>
-__device__ __forceinline__ void dcn_mma_load_b8_tf32(unsigned (&b)[2], Tile tile, int ld) {
+__device__ __forceinline__ void dcn_mma_load_b8_tf32(unsigned (&b)[2], Tile tile, int ld, DcnCaller = {}) {
   const int lane = dcn_lane();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     int row, col;
     dcn_mma_b8_tf32_coord(lane, i, row, col);
-    b[i] = dcn_to_tf32(tile[col * ld + row]);
+    b[i] = dcn_to_tf32(dcn_load(tile, col * ld + row));
   }
 }
 
 /// D fragment of this lane into a row-major float tile: tile[r*ld + c] = D[r][c].
 template <typename Tile>
-__device__ __forceinline__ void dcn_mma_store_c(Tile tile, int ld, const float (&d)[4]) {
+__device__ __forceinline__ void dcn_mma_store_c(Tile tile, int ld, const float (&d)[4], DcnCaller = {}) {
   const int lane = dcn_lane();
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     int row, col;
     dcn_mma_c_coord(lane, i, row, col);
-    tile[row * ld + col] = d[i];
+    dcn_store(tile, row * ld + col, d[i]);
   }
 }

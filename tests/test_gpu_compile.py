@@ -227,3 +227,59 @@ def test_fused_kernels_use_their_mma_and_16_byte_loads(arch):
             assert expected[policy] in body, name
         if not name.startswith("fused_backward_weight"):
             assert "ld.global.nc.v4" in body, name
+
+
+#: The same accesses written plainly and through kernels/dcn_common.cuh's
+#: memory helpers (which the emulator records for its memory accounting).
+ACCESS_HELPERS_SOURCE = r"""
+#include "dcn_common.cuh"
+
+template <typename T>
+__device__ __forceinline__ float twice_plain(const T* p) { return 2.0f * to_compute(p[0]); }
+
+template <typename T>
+__device__ __forceinline__ float twice_helped(const T* p, DcnCaller = {}) { return 2.0f * to_compute(dcn_load(p, 0)); }
+
+template <typename T, typename Index>
+__global__ void plain(const T* __restrict__ in, T* __restrict__ out, float* __restrict__ sums, Index total) {
+  for (Index i = Index(blockIdx.x) * Index(blockDim.x) + Index(threadIdx.x); i < (total);
+       i += Index(blockDim.x) * Index(gridDim.x)) {
+    const ChannelVector<T, 4> x = *reinterpret_cast<const ChannelVector<T, 4>*>(in + 4 * i);
+    *reinterpret_cast<ChannelVector<T, 4>*>(out + 4 * i) = x;
+    out[4 * total + i] = in[i + 1];
+    atomicAdd(sums + i, twice_plain(in + 2 * i));
+  }
+}
+
+template <typename T, typename Index>
+__global__ void helped(const T* __restrict__ in, T* __restrict__ out, float* __restrict__ sums, Index total) {
+  DCN_GRID_STRIDE_LOOP(i, total) {
+    const ChannelVector<T, 4> x = dcn_load(reinterpret_cast<const ChannelVector<T, 4>*>(in + 4 * i));
+    dcn_store(reinterpret_cast<ChannelVector<T, 4>*>(out + 4 * i), x);
+    dcn_store(out, 4 * total + i, dcn_load(in, i + 1));
+    dcn_atomic_add(sums + i, twice_helped(in + 2 * i));
+  }
+}
+"""
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [80, 90])
+def test_memory_helpers_compile_to_the_plain_accesses(tmp_path, arch):
+    """dcn_load, dcn_store, dcn_atomic_add, DcnCaller and the loops'
+    dcn_reconverge leave no trace on the device: the same PTX instructions
+    as the plain accesses, register for register (the kernel's name aside;
+    NVVM may order two independent ones differently)."""
+    from cupy.cuda import compiler
+
+    (tmp_path / "helpers.cu").write_text(ACCESS_HELPERS_SOURCE)
+    source = cuda_kernels.translation_unit([tmp_path / "helpers.cu"], cuda_kernels.kernel_dir())
+    for types in ("float, int", "dcn_half, long long", "double, int"):
+        names = [f"plain<{types}>", f"helped<{types}>"]
+        program = compiler._NVRTCProgram(source, "helpers.cu", name_expressions=names, method="ptx")
+        ptx, lowered = program.compile(compile_module.runtime_options(arch))
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        bodies = [re.sub(r"\$L__BB\d+_", "$L__BB_", ptx.split(f".entry {lowered[name]}(", 1)[1]
+                         .split("\n}\n", 1)[0].replace(lowered[name], "kernel")) for name in names]
+        assert "ld.global.nc.v" in bodies[0] and re.search(r"(atom|red)\.global\.add\.f32", bodies[0])
+        assert sorted(bodies[0].splitlines()) == sorted(bodies[1].splitlines()), types

@@ -14,6 +14,8 @@
 //   mma_fragments<Kind>       one MMA from registers filled by (lane, register): the layouts
 //   mma_matmul<Kind>          C = A B^T from m16n8 tiles staged in shared memory
 //                             (bug 1: A fragment mapped wrongly; bug 2: no barrier before the next k step)
+//   memory_pattern<V>         one warp's global load, store and atomics and shared store and load at
+//                             lane strides, for the memory accounting's hand-counted cases
 // Kind: 0 float16, 1 bfloat16 (m16n8k16), 2 tf32 (m16n8k8).
 #include "dcn_mma.cuh"
 
@@ -225,4 +227,26 @@ __global__ void mma_matmul(const typename MatmulTypes<Kind>::Element* a,
     if (bug != 2) __syncthreads();
   }
   dcn_mma_store_c(c + row0 * N + col0 + warp * 8, N, acc);
+}
+
+/// One warp; V floats (4, 8 or 16 bytes) per lane and access, lane l at
+/// element l * stride of vectors (stride 0: every lane at element 0):
+///   out[l * stride] = in[l * stride]              a global load and a store
+///   tile[l * shared_stride] = x (stride 0: tile[l]), then tile[l * shared_stride] read
+///                                                 a shared store and a load
+///   sums: with per_lane, lane l adds 1 to floats 4l .. 4l + 3 in turn (a lane
+///   owns 4 consecutive floats); else float 32v + l in step v (lanes interleaved)
+template <int V>
+__global__ void memory_pattern(const float* in, float* out, float* sums, int stride, int shared_stride,
+                               int per_lane) {
+  typedef ChannelVector<float, V> Vector;
+  DCN_SHARED(Vector, tile, 32 * 32);
+  const int lane = dcn_lane();
+  const Vector x = dcn_load(reinterpret_cast<const Vector*>(in), lane * stride);
+  dcn_store(reinterpret_cast<Vector*>(out), lane * stride, x);
+  for (int v = 0; v < 4; ++v) dcn_atomic_add(sums + (per_lane ? 4 * lane + v : 32 * v + lane), 1.0f);
+  tile[lane * (shared_stride > 0 ? shared_stride : 1)] = x;
+  __syncwarp();
+  const Vector y = tile[lane * shared_stride];
+  dcn_store(reinterpret_cast<Vector*>(out), 32 * 32 + lane, y);
 }

@@ -12,9 +12,12 @@
 //   DCN_SHARED_DYNAMIC(type, name)             dynamic shared memory, sized at launch
 //   DCN_SHARED_PTR(type)                       the type of a pointer into shared memory
 //   atomicAdd, __float_as_uint, __uint_as_float, __popc, __ffs
+//   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
+//                                              global memory accesses of kernels/dcn_common.cuh, recorded
 //   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU)
 //   dcn_emu::warp_collective                   building block of the MMA wrappers (kernels/dcn_mma.cuh)
-//   dcn_emu::launch(kernel, name, grid, block, shared_bytes, argv)
+//   dcn_emu::launch(kernel, name, grid, block, shared_bytes, argv, account)
+//   dcn_emu::accounting                        the memory accounting of the last accounted launch
 //
 // Design
 //   Every CUDA thread of a block is a fiber (ucontext: makecontext/swapcontext,
@@ -63,6 +66,52 @@
 //   the signal mask with a system call) and a warp collective 32 of them,
 //   so emulated launches should stay tiny (a few thousand warp steps).
 //
+// Memory accounting (a launch with account = true; harness.py's stats=True)
+//   What a launch asks of memory, per access site, in the terms a profiler
+//   counts: warp requests, 32-byte sectors of global memory, wavefronts of
+//   shared memory. Kernels reach global memory through kernels/dcn_common.cuh's
+//   dcn_load / dcn_store / dcn_atomic_add (plain accesses on the device) and
+//   shared memory through the DCN_SHARED proxies; both record the thread, the
+//   address, the bytes, the kind and the site.
+//   - A site is the source line of the access (__builtin_LINE() in a defaulted
+//     argument: the helpers' DcnHere, the index of `tile[i]`) and, when it sits
+//     in a helper that takes a DcnCaller, the kernel line that called the
+//     outermost such helper. The width is the bytes one lane moves: an element
+//     wider than 16 bytes, or not a power of two, moves in parts of its
+//     alignment (at most 16 bytes), each part a request of its own.
+//   - Requests, as SIMT issues them: the j-th execution of a site by the lanes
+//     of a warp between two convergence points is one request. Convergence
+//     points: __syncthreads, each warp collective (shuffles, votes, __syncwarp,
+//     MMAs), and each step of DCN_GRID_STRIDE_LOOP and DCN_POINT_LOOP
+//     (dcn_reconverge). A lane that skips an execution in a branch (a corner
+//     outside the image) has its later executions paired with the other
+//     lanes' earlier ones until the next convergence point: exact for code
+//     whose lanes execute a site equally often between convergence points, an
+//     approximation otherwise. Accesses are counted as the source writes them:
+//     a compiler that merges or vectorises them is not seen (the PTX of
+//     kernels/ keeps the fused kernels' tile accesses 4-byte scalars).
+//   - Global memory: per request, the distinct 32-byte sectors and the distinct
+//     bytes of all its lanes' byte ranges (a broadcast is one sector); the
+//     ideal is the bytes / 32 rounded up. Caches are not modelled: these are
+//     the L1 requests' sectors, not DRAM traffic.
+//   - Shared memory: 32 banks of 4-byte words; lanes touching the same word
+//     share it (no conflict); a request takes, per phase, as many wavefronts as
+//     the most distinct words any one bank holds. Phases: the whole warp for
+//     accesses of up to 4 bytes, each half-warp for 8 bytes, each quarter-warp
+//     for 16 bytes (so 32 lanes x 16 bytes take 4 wavefronts at best). The
+//     32-bit rule is the CUDA C++ Programming Guide's (Compute Capability 5.x
+//     and later, Shared Memory); the 8- and 16-byte phases follow the guide's
+//     description of 64- and 128-bit accesses (half- and quarter-warp
+//     requests). For sm_80/sm_90 this is a model, to be checked against
+//     Nsight Compute's shared-memory wavefronts on the first GPU.
+//   - Totals per site (tests/emulation/transactions.py reads them): requests,
+//     lane accesses, bytes, sectors, ideal sectors, wavefronts, ideal
+//     wavefronts (one per phase with an active lane), and the worst request
+//     (sectors; wavefronts of one phase, the conflict degree).
+//   Requests complete at a __syncthreads every thread reached and at the end
+//   of a block, and are counted then. Off, the accounting costs a branch per
+//   access; on, it takes up to about twice the launch's time.
+//
 // Writing a cooperative kernel that runs both here and on a GPU
 //   - Declare shared memory with DCN_SHARED(float, tile, 256) or
 //     DCN_SHARED_DYNAMIC(float, tile) (size: the launch's shared_bytes), never
@@ -100,6 +149,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -141,6 +191,14 @@ struct Fiber {
   long long op_key = 0;
   alignas(16) unsigned char in[kSlotBytes];
   alignas(16) unsigned char out[kSlotBytes];
+  // Memory accounting: the kernel line that called the helper running now
+  // (DcnCaller), the convergence interval the thread is in, and how often it
+  // has executed each access site in that interval.
+  const char* caller_file = nullptr;
+  int caller_line = 0;
+  std::uint32_t interval = 0;
+  std::uint32_t counted_interval = 0;
+  std::vector<std::pair<int, std::uint32_t>> executions;  // (site, count) in counted_interval
 };
 
 /// A shared-memory access: the thread (linear index in its block) and its
@@ -182,6 +240,7 @@ struct Emulator {
   std::vector<Declaration> declarations;
   void (*body)(void*) = nullptr;
   void* body_argument = nullptr;
+  bool accounting = false;  // memory accounting of the launch in progress (opt-in)
 };
 
 inline Emulator g;
@@ -227,6 +286,227 @@ inline void check_nobody_waits_for(int linear, const char* doing) {
 }
 
 // ---------------------------------------------------------------------------
+// Memory accounting (opt-in per launch): warp requests, 32-byte sectors of
+// global memory, wavefronts of shared memory. See the header comment.
+
+enum class MemorySpace : unsigned char { global, shared };
+enum class MemoryOp : unsigned char { load, store, atomic };
+
+/// An access site: the line of the access, the kernel line that called the
+/// helper it is in (DcnCaller; none for an access written in the kernel),
+/// what it does and how many bytes one lane moves at a time.
+struct Site {
+  const char* file;
+  int line;
+  const char* caller_file;
+  int caller_line;
+  MemorySpace space;
+  MemoryOp op;
+  int width;
+  bool operator==(const Site& o) const {
+    return line == o.line && caller_line == o.caller_line && space == o.space && op == o.op &&
+           width == o.width && file == o.file && caller_file == o.caller_file;
+  }
+};
+
+/// A site's totals over the launch.
+struct SiteTotals {
+  Site site;
+  unsigned long long requests = 0;
+  unsigned long long lanes = 0;            // lane accesses
+  unsigned long long bytes = 0;            // distinct bytes, summed over requests
+  unsigned long long sectors = 0;          // distinct 32-byte sectors, summed over requests
+  unsigned long long ideal_sectors = 0;    // ceil(distinct bytes / 32), summed over requests
+  unsigned long long wavefronts = 0;       // shared memory
+  unsigned long long ideal_wavefronts = 0; // shared memory: one per phase with an active lane
+  unsigned worst = 0;  // most sectors (global) or wavefronts in one phase (shared) of one request
+};
+
+/// One lane's part of a warp request: a byte range (an address in global
+/// memory, an offset in the block's arena in shared memory).
+struct Piece {
+  std::uintptr_t address;
+  std::uint32_t size;
+  int lane;
+};
+
+struct RequestKey {
+  int warp, site;
+  std::uint32_t interval, execution;
+  int part;
+  bool operator==(const RequestKey& o) const {
+    return warp == o.warp && site == o.site && interval == o.interval && execution == o.execution &&
+           part == o.part;
+  }
+};
+
+struct Hash {
+  std::size_t operator()(const Site& s) const {
+    return std::hash<const void*>()(s.file) ^ (std::hash<const void*>()(s.caller_file) << 1) ^
+           (static_cast<std::size_t>(s.line) * 1000003u) ^ (static_cast<std::size_t>(s.caller_line) * 7919u) ^
+           (static_cast<std::size_t>(s.width) << 20) ^ (static_cast<std::size_t>(s.op) << 28) ^
+           (static_cast<std::size_t>(s.space) << 30);
+  }
+  std::size_t operator()(const RequestKey& k) const {
+    return (static_cast<std::size_t>(k.site) * 1000003u) ^ (static_cast<std::size_t>(k.warp) << 40) ^
+           (static_cast<std::size_t>(k.interval) * 7919u) ^ (static_cast<std::size_t>(k.execution) << 20) ^
+           static_cast<std::size_t>(k.part);
+  }
+};
+
+struct Accounting {
+  std::vector<SiteTotals> sites;
+  std::unordered_map<Site, int, Hash> site_ids;
+  std::vector<std::pair<int, std::vector<Piece>>> pending;  // (site, pieces) of requests not yet counted
+  std::unordered_map<RequestKey, int, Hash> pending_ids;
+  std::string report;  // of the last accounted launch
+
+  void clear() {
+    sites.clear();
+    site_ids.clear();
+    pending.clear();
+    pending_ids.clear();
+  }
+};
+
+inline Accounting accounting;
+
+/// Count one complete global request: its distinct sectors and bytes.
+inline void count_global(SiteTotals& t, std::vector<Piece>& pieces) {
+  std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.address < b.address; });
+  // In address order, every byte (sector) up to the furthest one seen is counted.
+  unsigned long long bytes = 0, sectors = 0;
+  std::uintptr_t covered = pieces.front().address, next_sector = covered / 32;
+  for (const Piece& p : pieces) {
+    const std::uintptr_t end = p.address + p.size;
+    if (end > covered) {
+      bytes += end - std::max(p.address, covered);
+      covered = end;
+    }
+    for (std::uintptr_t s = std::max(p.address / 32, next_sector); s <= (end - 1) / 32; ++s, next_sector = s)
+      ++sectors;
+  }
+  t.bytes += bytes;
+  t.sectors += sectors;
+  t.ideal_sectors += (bytes + 31) / 32;
+  t.worst = std::max(t.worst, static_cast<unsigned>(sectors));
+}
+
+/// Count one complete shared-memory request by the rule of the header
+/// comment: lanes in phases (a warp for accesses of up to 4 bytes, half-warps
+/// for 8 bytes, quarter-warps for 16), 32 banks of 4-byte words; a phase
+/// takes as many wavefronts as the most distinct words it touches in one bank.
+inline void count_shared(SiteTotals& t, const std::vector<Piece>& pieces) {
+  const int width = t.site.width;
+  const int phase_lanes = width <= 4 ? 32 : width == 8 ? 16 : 8;
+  for (int phase = 0; phase < kWarp / phase_lanes; ++phase) {
+    std::vector<std::uintptr_t> words;
+    for (const Piece& p : pieces)
+      if (p.lane / phase_lanes == phase)
+        for (std::uintptr_t w = p.address / 4; w <= (p.address + p.size - 1) / 4; ++w) words.push_back(w);
+    if (words.empty()) continue;
+    std::sort(words.begin(), words.end());
+    words.erase(std::unique(words.begin(), words.end()), words.end());
+    int per_bank[kWarp] = {};
+    int most = 0;
+    for (std::uintptr_t w : words) most = std::max(most, ++per_bank[w % kWarp]);
+    t.wavefronts += most;
+    t.ideal_wavefronts += 1;
+    t.worst = std::max(t.worst, static_cast<unsigned>(most));
+  }
+}
+
+/// Count every request recorded so far (all are complete: called at a
+/// __syncthreads that every thread of the block reached, and at its end).
+inline void count_pending() {
+  for (auto& [site, pieces] : accounting.pending) {
+    SiteTotals& t = accounting.sites[site];
+    t.requests += 1;
+    t.lanes += pieces.size();
+    if (t.site.space == MemorySpace::global)
+      count_global(t, pieces);
+    else
+      count_shared(t, pieces);
+  }
+  accounting.pending.clear();
+  accounting.pending_ids.clear();
+}
+
+/// Record an access of `size` bytes by the running thread. An element wider
+/// than 16 bytes (or not a power of two) moves in parts of its alignment (at
+/// most 16 bytes), as a compiler splits it; each part is a request of its own.
+inline void account(MemorySpace space, MemoryOp op, std::uintptr_t address, std::size_t size,
+                    std::size_t alignment, const char* file, int line) {
+  if (!g.accounting || g.current < 0) return;
+  const bool whole = size <= 16 && (size & (size - 1)) == 0;
+  const std::size_t part_bytes = whole ? size : std::min<std::size_t>(std::max<std::size_t>(alignment, 1), 16);
+  Fiber& f = me();
+  // (An access in an argument of a helper's call is on its caller's line.)
+  const bool called = f.caller_file != nullptr && (f.caller_line != line || std::strcmp(f.caller_file, file) != 0);
+  const Site key{file, line, called ? f.caller_file : nullptr, called ? f.caller_line : 0, space, op,
+                 static_cast<int>(part_bytes)};
+  auto found = accounting.site_ids.find(key);
+  int site;
+  if (found == accounting.site_ids.end()) {
+    site = static_cast<int>(accounting.sites.size());
+    accounting.site_ids.emplace(key, site);
+    accounting.sites.push_back(SiteTotals{key});
+  } else {
+    site = found->second;
+  }
+  if (f.counted_interval != f.interval) {
+    f.executions.clear();
+    f.counted_interval = f.interval;
+  }
+  std::uint32_t execution = 0;
+  bool seen = false;
+  for (auto& [s, count] : f.executions)
+    if (s == site) {
+      execution = count++;
+      seen = true;
+      break;
+    }
+  if (!seen) f.executions.emplace_back(site, 1);
+  const int warp = g.current / kWarp, lane = lane_of(g.current);
+  for (std::size_t at = 0, part = 0; at < size; at += part_bytes, ++part) {
+    const RequestKey request{warp, site, f.interval, execution, static_cast<int>(part)};
+    auto [entry, added] = accounting.pending_ids.emplace(request, static_cast<int>(accounting.pending.size()));
+    if (added) accounting.pending.emplace_back(site, std::vector<Piece>{});
+    accounting.pending[entry->second].second.push_back(
+        Piece{address + at, static_cast<std::uint32_t>(std::min(part_bytes, size - at)), lane});
+  }
+}
+
+/// The thread reached a point where its warp reconverges (a barrier, a warp
+/// collective, a step of a warp-uniform loop): executions count afresh.
+inline void reconverge(Fiber& f) { ++f.interval; }
+
+inline const char* base_name(const char* path) {
+  if (path == nullptr) return "";
+  const char* slash = std::strrchr(path, '/');
+  return slash ? slash + 1 : path;
+}
+
+/// The launch's totals, a line per site, tab-separated (read by
+/// tests/emulation/transactions.py).
+inline std::string accounting_report() {
+  static const char* spaces[] = {"global", "shared"};
+  static const char* ops[] = {"load", "store", "atomic"};
+  std::string text;
+  for (const SiteTotals& t : accounting.sites) {
+    const Site& s = t.site;
+    const unsigned long long values[] = {t.requests, t.lanes, t.bytes, t.sectors, t.ideal_sectors,
+                                         t.wavefronts, t.ideal_wavefronts, t.worst};
+    text += std::string(spaces[static_cast<int>(s.space)]) + "\t" + ops[static_cast<int>(s.op)] + "\t" +
+            std::to_string(s.width) + "\t" + base_name(s.file) + "\t" + std::to_string(s.line) + "\t" +
+            base_name(s.caller_file) + "\t" + std::to_string(s.caller_line);
+    for (unsigned long long v : values) text += "\t" + std::to_string(v);
+    text += "\n";
+  }
+  return text;
+}
+
+// ---------------------------------------------------------------------------
 // Barriers and warp collectives.
 
 inline void sync_threads(const char* file, int line) {
@@ -251,7 +531,11 @@ inline void sync_threads(const char* file, int line) {
   }
   g.arrived = 0;
   ++g.epoch;  // every earlier shared-memory access is now ordered before every later one
-  for (int t = 0; t < g.threads; ++t) g.fibers[t]->wait = Wait::running;
+  for (int t = 0; t < g.threads; ++t) {
+    g.fibers[t]->wait = Wait::running;
+    reconverge(*g.fibers[t]);
+  }
+  if (g.accounting) count_pending();  // every thread is here: each request recorded so far is complete
 }
 
 /// A warp collective. Every lane named in `mask` posts `in`; once all have
@@ -316,6 +600,7 @@ Out warp_collective(const char* op, unsigned mask, long long key, const In& in, 
         Fiber& other = *g.fibers[base + l];
         std::memcpy(other.out, &outs[l], sizeof(Out));
         other.wait = Wait::running;
+        reconverge(other);
       }
   }
   Out out;
@@ -444,16 +729,34 @@ inline void access_shared(std::size_t offset, std::size_t size, bool write, cons
 template <typename T>
 class SharedArray;
 
+/// The index of a shared-array element, with the line that indexes it (an
+/// implicit conversion, so that `tile[i]` names its own line to the
+/// memory accounting).
+struct SharedIndex {
+  template <typename I>
+  SharedIndex(I i, const char* file = __builtin_FILE(), int line = __builtin_LINE())
+      : value(static_cast<long long>(i)), file(file), line(line) {
+    static_assert(std::is_integral<I>::value, "shared arrays are indexed by integers");
+    beyond = std::is_unsigned<I>::value && static_cast<long long>(i) < 0;  // an unsigned past long long
+  }
+  long long value;
+  bool beyond;
+  const char* file;
+  int line;
+};
+
 /// One element of a shared array: reads and writes go through the checks.
 template <typename T>
 class SharedRef {
  public:
-  SharedRef(std::size_t offset, const char* name, long long index, std::size_t count)
-      : offset_(offset), name_(name), index_(index), count_(count), epoch_(g.epoch) {}
+  SharedRef(std::size_t offset, const char* name, long long index, std::size_t count, const char* file = nullptr,
+            int line = 0)
+      : offset_(offset), name_(name), index_(index), count_(count), epoch_(g.epoch), file_(file), line_(line) {}
 
   operator T() const {
     check();
     access_shared(offset_, sizeof(T), false, name_, index_);
+    account(MemorySpace::shared, MemoryOp::load, offset_, sizeof(T), alignof(T), file_, line_);
     T value;
     std::memcpy(&value, &g.shared[offset_], sizeof(T));
     return value;
@@ -461,6 +764,7 @@ class SharedRef {
   const SharedRef& operator=(const T& value) const {
     check();
     access_shared(offset_, sizeof(T), true, name_, index_);
+    account(MemorySpace::shared, MemoryOp::store, offset_, sizeof(T), alignof(T), file_, line_);
     std::memcpy(&g.shared[offset_], &value, sizeof(T));
     return *this;
   }
@@ -485,6 +789,8 @@ class SharedRef {
   long long index_;
   std::size_t count_;
   std::uint32_t epoch_;
+  const char* file_;  // where it was indexed
+  int line_;
 };
 
 /// A pointer into a shared array (the array and a position in it): indexing
@@ -495,15 +801,13 @@ class SharedArray {
   SharedArray(std::size_t offset, long long count, long long position, const char* name)
       : offset_(offset), count_(count), position_(position), name_(name) {}
 
-  template <typename I>
-  SharedRef<T> operator[](I i) const {
-    static_assert(std::is_integral<I>::value, "shared arrays are indexed by integers");
-    const long long index = position_ + static_cast<long long>(i);
-    if (index < 0 || index >= count_ || (std::is_unsigned<I>::value && static_cast<long long>(i) < 0))
+  SharedRef<T> operator[](SharedIndex i) const {
+    const long long index = position_ + i.value;
+    if (index < 0 || index >= count_ || i.beyond)
       fail(thread_name(g.current) + " indexes shared array " + name_ + " at " + std::to_string(index) +
            ", outside [0, " + std::to_string(count_) + ")");
     return SharedRef<T>(offset_ + static_cast<std::size_t>(index) * sizeof(T), name_, index,
-                        static_cast<std::size_t>(count_));
+                        static_cast<std::size_t>(count_), i.file, i.line);
   }
   SharedRef<T> operator*() const { return (*this)[0]; }
   template <typename I>
@@ -605,6 +909,10 @@ inline bool run_block() {
     makecontext(&f.context, fiber_entry, 0);
     f.thread = dim3{t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
     f.wait = Wait::running;
+    f.caller_file = nullptr;
+    f.caller_line = 0;
+    f.interval = f.counted_interval = 0;
+    f.executions.clear();
     g.clocks[t].fill(0);
     g.clocks[t][lane_of(t)] = 1;
   }
@@ -630,6 +938,7 @@ inline bool run_block() {
       return false;
     }
   }
+  if (g.accounting) count_pending();
   return true;
 }
 
@@ -653,9 +962,12 @@ struct Invocation {
 /// error in g.error.
 template <typename... Args>
 int launch(void (*kernel)(Args...), const char* name, dim3 grid, dim3 block, std::size_t shared_bytes,
-           void** argv) {
+           void** argv, bool account = false) {
   g.kernel = name;
   g.error.clear();
+  g.accounting = account;
+  accounting.clear();
+  accounting.report.clear();
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535 || shared_bytes > kMaxSharedBytes) {
@@ -678,6 +990,7 @@ int launch(void (*kernel)(Args...), const char* name, dim3 grid, dim3 block, std
         blockIdx = dim3{x, y, z};
         if (!run_block()) return 1;
       }
+  if (account) accounting.report = accounting_report();
   return 0;
 }
 
@@ -732,6 +1045,95 @@ inline T atomicAdd(T* address, T value) {
   *address = old + value;
   return old;
 }
+
+// Global memory through kernels/dcn_common.cuh's helpers: the plain access,
+// recorded (with the line it is written on) when the launch is accounted.
+
+/// The line a helper is called from (its defaulted last argument; explicit,
+/// so that no other argument converts to it).
+struct DcnHere {
+  explicit DcnHere(const char* file = __builtin_FILE(), int line = __builtin_LINE()) : file(file), line(line) {}
+  const char* file;
+  int line;
+};
+
+template <typename T>
+void dcn_account_global(dcn_emu::MemoryOp op, const T* p, const DcnHere& here) {
+  dcn_emu::account(dcn_emu::MemorySpace::global, op, reinterpret_cast<std::uintptr_t>(p), sizeof(T), alignof(T),
+                   here.file, here.line);
+}
+
+template <typename T>
+inline T dcn_load(const T* p, DcnHere here = DcnHere()) {
+  dcn_account_global(dcn_emu::MemoryOp::load, p, here);
+  return *p;
+}
+
+template <typename T, typename I>
+inline T dcn_load(const T* p, I i, DcnHere here = DcnHere()) {
+  dcn_account_global(dcn_emu::MemoryOp::load, p + i, here);
+  return p[i];
+}
+
+template <typename T>
+inline void dcn_store(T* p, const T& value, DcnHere here = DcnHere()) {
+  dcn_account_global(dcn_emu::MemoryOp::store, p, here);
+  *p = value;
+}
+
+template <typename T, typename I>
+inline void dcn_store(T* p, I i, const T& value, DcnHere here = DcnHere()) {
+  dcn_account_global(dcn_emu::MemoryOp::store, p + i, here);
+  p[i] = value;
+}
+
+template <typename T>
+inline T dcn_atomic_add(T* p, T value, DcnHere here = DcnHere()) {
+  dcn_account_global(dcn_emu::MemoryOp::atomic, p, here);
+  return atomicAdd(p, value);
+}
+
+// A tile that may live in global or shared memory (kernels/dcn_mma.cuh's
+// fragment loads): the indexed helpers also take a shared-array pointer.
+template <typename T, typename I>
+inline T dcn_load(dcn_emu::SharedArray<T> p, I i, DcnHere here = DcnHere()) {
+  return p[dcn_emu::SharedIndex(i, here.file, here.line)];
+}
+
+template <typename T, typename I>
+inline void dcn_store(dcn_emu::SharedArray<T> p, I i, const T& value, DcnHere here = DcnHere()) {
+  p[dcn_emu::SharedIndex(i, here.file, here.line)] = value;
+}
+
+/// A step of a warp-uniform loop: the warp's lanes reconverge (for the memory accounting).
+inline void dcn_reconverge() {
+  if (dcn_emu::g.current >= 0) dcn_emu::reconverge(dcn_emu::me());
+}
+
+/// The defaulted last argument of a helper that touches memory for its
+/// caller: while the outermost such helper runs, the thread's accesses are
+/// accounted to the kernel line that called it.
+struct DcnCaller {
+  DcnCaller(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    if (dcn_emu::g.current < 0) return;
+    dcn_emu::Fiber& f = dcn_emu::me();
+    if (f.caller_file != nullptr) return;  // an outer helper's caller stands
+    f.caller_file = file;
+    f.caller_line = line;
+    owner_ = &f;
+  }
+  ~DcnCaller() {
+    if (owner_ != nullptr) {
+      owner_->caller_file = nullptr;
+      owner_->caller_line = 0;
+    }
+  }
+  DcnCaller(const DcnCaller&) = delete;
+  DcnCaller& operator=(const DcnCaller&) = delete;
+
+ private:
+  dcn_emu::Fiber* owner_ = nullptr;
+};
 
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }

@@ -11,7 +11,10 @@ expressions as ``cupy.RawModule``, compiles it once into a shared library
 ``cooperative_kernels.cu`` beside this file.
 
 :meth:`Library.launch` runs one instantiation with an explicit grid, block
-and dynamic shared memory on NumPy arrays and scalars. Each array is copied
+and dynamic shared memory on NumPy arrays and scalars; with ``stats=True``
+it also returns the launch's memory accounting (per access site: warp
+requests, 32-byte sectors of global memory, shared-memory wavefronts; see
+:mod:`emulation.transactions`). Each array is copied
 between NaN guard bytes (0xFF) that are checked after the launch (a small
 memcheck: reads past an array give NaN, writes past it raise); with
 ``misalign=True`` each array starts one element past a 64-byte boundary, so
@@ -42,7 +45,7 @@ import numpy as np
 
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.backends.cuda.engine import WARP, Launch
-from emulation import cublas
+from emulation import cublas, transactions
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,8 +58,8 @@ class EmulationError(AssertionError):
 
 def _launcher_source(names: Sequence[str], sources: Sequence[Path]) -> str:
     entries = "\n".join(
-        f'    {{"{name}", [](dim3 g, dim3 b, std::size_t s, void** a) {{ '
-        f'return dcn_emu::launch(&{name}, "{name}", g, b, s, a); }}}},'
+        f'    {{"{name}", [](dim3 g, dim3 b, std::size_t s, void** a, bool account) {{ '
+        f'return dcn_emu::launch(&{name}, "{name}", g, b, s, a, account); }}}},'
         for name in names
     )
     # By absolute path: a changed copy of a kernel (the planted-bug tests) is
@@ -71,7 +74,7 @@ def _launcher_source(names: Sequence[str], sources: Sequence[Path]) -> str:
 namespace {{
 struct Entry {{
   const char* name;
-  int (*run)(dim3, dim3, std::size_t, void**);
+  int (*run)(dim3, dim3, std::size_t, void**, bool);
 }};
 const Entry entries[] = {{
 {entries}
@@ -80,16 +83,23 @@ std::mutex one_launch_at_a_time;
 }}  // namespace
 
 /// Run the instantiation called `name`: 0 when it ran, 1 when the emulator
-/// stopped it (cudcn_emulate_error says why), -1 for an unknown name.
+/// stopped it (cudcn_emulate_error says why), -1 for an unknown name. With
+/// `account`, its memory accounting is left in `report` (a line per access
+/// site, tab-separated), a copy the caller frees with cudcn_emulate_free.
 extern "C" int cudcn_emulate(const char* name, const unsigned* grid, const unsigned* block,
-                             unsigned long long shared_bytes, void** argv) {{
+                             unsigned long long shared_bytes, void** argv, int account, char** report) {{
   std::lock_guard<std::mutex> hold(one_launch_at_a_time);
   for (const Entry& e : entries)
-    if (std::strcmp(e.name, name) == 0)
-      return e.run(dim3{{grid[0], grid[1], grid[2]}}, dim3{{block[0], block[1], block[2]}},
-                   static_cast<std::size_t>(shared_bytes), argv);
+    if (std::strcmp(e.name, name) == 0) {{
+      const int status = e.run(dim3{{grid[0], grid[1], grid[2]}}, dim3{{block[0], block[1], block[2]}},
+                               static_cast<std::size_t>(shared_bytes), argv, account != 0);
+      if (account && status == 0) *report = strdup(dcn_emu::accounting.report.c_str());
+      return status;
+    }}
   return -1;
 }}
+
+extern "C" void cudcn_emulate_free(char* report) {{ std::free(report); }}
 
 extern "C" const char* cudcn_emulate_error() {{ return dcn_emu::g.error.c_str(); }}
 """
@@ -132,16 +142,22 @@ class Library:
         self._lib = ctypes.CDLL(str(path))
         self._lib.cudcn_emulate.argtypes = [
             ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
-            ctypes.c_ulonglong, ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_ulonglong, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
         ]
         self._lib.cudcn_emulate.restype = ctypes.c_int
         self._lib.cudcn_emulate_error.restype = ctypes.c_char_p
+        self._lib.cudcn_emulate_free.argtypes = [ctypes.c_void_p]
 
-    def launch(self, name: str, launch: Launch, args: Sequence[Any], misalign: bool = False) -> None:
+    def launch(self, name: str, launch: Launch, args: Sequence[Any], misalign: bool = False,
+               stats: bool = False) -> transactions.LaunchStats | None:
         """name<<<launch.grid, launch.block, launch.shared_bytes>>>(args...).
 
         Arrays (C-contiguous) are handed over as guarded copies and copied back
-        after the launch; an array passed twice shares one copy.
+        after the launch; an array passed twice shares one copy. With
+        ``stats``, the launch's memory accounting is returned
+        (:class:`emulation.transactions.LaunchStats`: per access site, warp
+        requests, global sectors, shared wavefronts); it costs time, so it is
+        off by default.
         """
         holders, guarded = [], []
         for arg in args:
@@ -161,16 +177,24 @@ class Library:
         argv = (ctypes.c_void_p * max(len(holders), 1))(*(ctypes.addressof(h) for h in holders))
         grid = (ctypes.c_uint * 3)(*launch.grid)
         block = (ctypes.c_uint * 3)(*launch.block)
-        status = self._lib.cudcn_emulate(name.encode(), grid, block, launch.shared_bytes, argv)
+        report = ctypes.c_void_p()
+        status = self._lib.cudcn_emulate(name.encode(), grid, block, launch.shared_bytes, argv, int(stats),
+                                         ctypes.byref(report))
         if status < 0:
             raise KeyError(f"the emulation library has no instantiation {name!r}")
         if status > 0:
             raise EmulationError(self._lib.cudcn_emulate_error().decode())
+        result = None
+        if stats:
+            text = ctypes.string_at(report.value).decode()
+            self._lib.cudcn_emulate_free(report)
+            result = transactions.LaunchStats.parse(name, text)
         for position, arg, buffer, start in guarded:
             end = start + arg.nbytes
             if (buffer[:start] != 0xFF).any() or (buffer[end:] != 0xFF).any():
                 raise AssertionError(f"{name} wrote outside argument {position} (shape {arg.shape})")
             np.copyto(arg.reshape(-1).view(np.uint8), buffer[start:end])
+        return result
 
 
 def build(names: Sequence[str] | None = None, sources: Sequence[Path] | None = None) -> Library:
@@ -223,6 +247,7 @@ COOPERATIVE_NAMES = (
     "thread_coordinates", "block_reverse", "warp_sum<float>", "warp_sum<double>", "warp_sum<int>",
     "warp_shared_sum", "shuffle_probe", "misuse",
     *(f"mma_fragments<{kind}>" for kind in range(3)), *(f"mma_matmul<{kind}>" for kind in range(3)),
+    *(f"memory_pattern<{v}>" for v in (1, 2, 4)),
 )
 
 
@@ -258,15 +283,21 @@ class EmulatedEngine:
     column-major GEMM in NumPy (emulation/cublas.py) and records each call.
     ``capability`` is the compute capability the engine claims (75 makes the
     backend avoid bfloat16 and TF32 MMAs); the emulator itself runs every
-    MMA wrapper whatever it claims.
+    MMA wrapper whatever it claims. With ``stats=True`` every launch is
+    accounted and ``stats`` holds each launch's
+    :class:`emulation.transactions.LaunchStats`, so that a whole algorithm
+    call (forward, backward) can be accounted
+    (:func:`emulation.transactions.merge` sums them per kernel).
     """
 
     xp = PoisonedNumpy()
 
     def __init__(self, library: Library, block: int = 32, max_blocks: int = 3, wide: bool = False,
-                 misalign: bool = False, capability: int = 90) -> None:
+                 misalign: bool = False, capability: int = 90, stats: bool = False) -> None:
         self.library = library
         self.capability = capability
+        self.account = stats
+        self.stats: list[transactions.LaunchStats] = []
         self.block = block
         self.max_blocks = max_blocks
         self.misalign = misalign
@@ -277,7 +308,9 @@ class EmulatedEngine:
 
     def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
         name = cuda_kernels.name_expression(kernel, dtype, index)
-        self.library.launch(name, launch, args, misalign=self.misalign)
+        stats = self.library.launch(name, launch, args, misalign=self.misalign, stats=self.account)
+        if stats is not None:
+            self.stats.append(stats)
         self.launches.append((name, launch))
         self.arguments.append(args)
 

@@ -1,0 +1,117 @@
+"""Memory transactions of the kernels, counted by the emulator (no GPU needed).
+
+Runs one forward and one backward call of an algorithm on the kernels of
+kernels/ compiled for the host (tests/emulation), with the emulator's memory
+accounting on, and prints per kernel and access site: warp requests, 32-byte
+sectors per request of global memory against the ideal (the bytes / 32), and
+shared-memory wavefronts per request with the worst conflict degree; then
+the budgets that tests/test_memory_transactions.py holds.
+
+    PYTHONPATH=. python tools/memory_report.py                              # float16, im2col and fused
+    PYTHONPATH=. python tools/memory_report.py --dtype float32 --no-tf32 --algorithm fused
+    PYTHONPATH=. python tools/memory_report.py --kernel deform_col2im --channels 128
+
+Counted, not measured: the emulator's model of a warp's requests
+(tests/emulation/emulate.h, "Memory accounting"); caches are not modelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from emulation import harness  # noqa: E402
+from emulation import transactions as tx  # noqa: E402
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def arguments(dtype_name: str, batch: int, channels: int, out_channels: int, size: int, kernel: int,
+              offset_groups: int, seed: int = 0) -> dict:
+    """One call's arguments: offsets in (-2, 2), mask and bias, padding kernel // 2."""
+    if dtype_name == "bfloat16":
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(dtype_name)
+    rng = np.random.default_rng(seed)
+    points = offset_groups * kernel * kernel
+    arrays = {
+        "input": rng.standard_normal((batch, channels, size, size)),
+        "offset": rng.uniform(-2, 2, (batch, 2 * points, size, size)),
+        "weight": rng.standard_normal((out_channels, channels, kernel, kernel)),
+        "bias": rng.standard_normal(out_channels),
+        "mask": rng.uniform(0, 1, (batch, points, size, size)),
+    }
+    return dict({k: v.astype(dtype) for k, v in arrays.items()}, padding=kernel // 2)
+
+
+def budgets(stats: list[tx.LaunchStats]) -> list[str]:
+    """The budgets that apply to the kernels in stats, each with what was counted."""
+    lines = []
+    for launch in stats:
+        kernel = launch.kernel.split("<")[0]
+        checks = []
+        if kernel == "deform_col2im" and not launch.kernel.startswith("deform_col2im<double"):
+            checks.append(("atomic sectors/request", tx.atomic_sectors(launch), tx.ATOMIC_SECTORS))
+        if kernel in ("deform_im2col", "deform_col2im", "deform_col2im_coord"):
+            checks.append(("load sectors / ideal", tx.load_excess(launch), tx.LOAD_EXCESS))
+        if kernel.startswith(("deform_fused", "fused_backward")):
+            checks.append(("shared store conflict", tx.store_conflict(launch), tx.STORE_CONFLICT))
+            checks.append(("fragment load conflict", tx.fragment_conflict(launch), tx.FRAGMENT_CONFLICT))
+        for name, value, budget in checks:
+            verdict = "ok" if value <= budget else "OVER BUDGET"
+            lines.append(f"{launch.kernel:48s} {name:24s} {value:6.2f} (budget {budget:g})  {verdict}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=DTYPES, default="float16")
+    parser.add_argument("--algorithm", choices=("im2col", "fused", "both"), default="both")
+    parser.add_argument("--direction", choices=("forward", "backward", "both"), default="both")
+    parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="float32 by FMAs, not TF32 MMAs")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--out-channels", type=int, default=64)
+    parser.add_argument("--size", type=int, default=8, help="height and width")
+    parser.add_argument("--kernel-size", type=int, default=3)
+    parser.add_argument("--offset-groups", type=int, default=1)
+    parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    options = parser.parse_args(argv)
+    if harness.compiler() is None:
+        parser.error("no C++ compiler (g++) for the kernel emulation")
+    if options.dtype == "float64" and options.algorithm == "fused":
+        parser.error("float64 has no fused kernel")
+
+    args = arguments(options.dtype, options.batch, options.channels, options.out_channels, options.size,
+                     options.kernel_size, options.offset_groups)
+    algorithms = ("im2col", "fused") if options.algorithm == "both" else (options.algorithm,)
+    directions = ("forward", "backward") if options.direction == "both" else (options.direction,)
+    library = harness.build()
+    stats = []
+    for algorithm in algorithms:
+        if algorithm == "fused" and options.dtype == "float64":
+            continue
+        for direction in directions:
+            stats += tx.account_call(library, direction, args, algorithm, options.tf32)
+    stats = [s for s in tx.merge(stats) if options.kernel in s.kernel]
+    print(f"{options.dtype}, batch {options.batch}, {options.channels} -> {options.out_channels} channels, "
+          f"{options.size}x{options.size}, {options.kernel_size}x{options.kernel_size}, "
+          f"{options.offset_groups} offset group(s); counted by the emulator, not measured on a GPU")
+    print(tx.table(stats))
+    lines = budgets(stats)
+    if lines:
+        print()
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
