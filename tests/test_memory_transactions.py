@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import cudcn
-from cudcn.backends import numpy_backend
+from cudcn.backends import numpy as numpy_backend
 from cudcn.backends.cuda import fused, im2col_gemm
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.backends.cuda.engine import Launch
