@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from cudcn.cli import bench
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
+ROOT = Path(__file__).resolve().parents[1]
 
 
 #: (N, C_in, C_out, H, W, kh, kw, groups, offset groups, stride, padding, dilation, mask?, bias?)
@@ -65,6 +69,7 @@ def test_grid_sample_reference_matches_cudcn(geometry):
 
 
 def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     paths = {"csv": tmp_path / "b.csv", "json": tmp_path / "b.json", "plot": tmp_path / "b.png"}
     argv = ["bench", "--batch", "2", "--in-channels", "4", "--out-channels", "4", "--size", "6",
             "--repeat", "1", "--warmup", "0"]
@@ -82,3 +87,69 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
     saved = json.loads(paths["json"].read_text())
     assert saved["case"]["size"] == 6 and len(saved["rows"]) == len(rows)
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_prints_a_readable_header_and_the_files_it_wrote(tmp_path, capsys):
+    csv_path, json_path = tmp_path / "b.csv", tmp_path / "b.json"
+    argv = ["bench", "--batch", "1", "--in-channels", "2", "--out-channels", "2", "--size", "4",
+            "--repeat", "1", "--warmup", "0", "--v1", "--csv", str(csv_path), "--json", str(json_path)]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("DCNv1 float32: batch 1, 2 -> 2 channels, 4x4 images, 3x3 kernel, padding 1, 1 offset group; "
+                        "medians of 1 round over every implementation in turn, after 0 warm-up rounds, in ms")
+    assert lines[-2:] == [f"wrote {csv_path} (csv)", f"wrote {json_path} (json)"]
+    assert not any("Case(" in line for line in lines)
+
+
+def _fake_implementations(log: list[str], failing: str | None = None):
+    """Two implementations that log their calls; ``failing``'s forward + backward raises."""
+    def prepared(name):
+        def forward():
+            log.append(f"{name} forward")
+            return np.zeros(1)
+
+        def forward_backward():
+            log.append(f"{name} forward_backward")
+            if name == failing:
+                raise RuntimeError("no backward here")
+
+        return bench.Prepared(forward, forward_backward, lambda a: np.asarray(a, np.float64), lambda: None)
+
+    return lambda case, args: [(name, "cpu", lambda name=name: prepared(name)) for name in ("a", "b")]
+
+
+def test_bench_times_the_implementations_in_the_same_rounds(monkeypatch):
+    """Each round calls every implementation's forward, then every forward +
+    backward, so that a change in load falls on all alike (medians are taken
+    over the rounds)."""
+    log: list[str] = []
+    monkeypatch.setattr(bench, "implementations", _fake_implementations(log))
+    monkeypatch.setattr(bench.cudcn, "deform_conv2d", lambda **kwargs: np.ones(1))
+    rows = bench.benchmark(bench.Case(1, 2, 2, 4, 3, 1, True, "float32"), warmup=1, repeat=2)
+    one_round = ["a forward", "b forward", "a forward_backward", "b forward_backward"]
+    assert log == ["a forward", "b forward"] + one_round * 3  # the output check, then 1 warm-up and 2 rounds
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["forward_ms"] >= 0 and r["forward_backward_ms"] >= 0 for r in rows)
+
+
+def test_bench_peer_failing_while_timed_is_reported_and_the_others_timed(monkeypatch):
+    log: list[str] = []
+    monkeypatch.setattr(bench, "implementations", _fake_implementations(log, failing="a"))
+    monkeypatch.setattr(bench.cudcn, "deform_conv2d", lambda **kwargs: np.ones(1))
+    rows = bench.benchmark(bench.Case(1, 2, 2, 4, 3, 1, True, "float32"), warmup=0, repeat=3)
+    assert rows[0]["status"] == "failed: RuntimeError: no backward here" and rows[0]["forward_ms"] is None
+    assert rows[1]["status"] == "ok" and rows[1]["forward_backward_ms"] is not None
+    assert log.count("a forward_backward") == 1 and log.count("b forward_backward") == 3
+
+
+def test_bench_keeps_paddles_import_warning_to_itself(tmp_path):
+    """paddle warns on import that it found no ccache (about building its C++
+    extensions); cudcn bench does not pass that on."""
+    pytest.importorskip("paddle")
+    result = subprocess.run(
+        [sys.executable, "-m", "cudcn", "bench", "--batch", "1", "--in-channels", "2", "--out-channels", "2",
+         "--size", "4", "--repeat", "1", "--warmup", "0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "ccache" not in result.stderr + result.stdout
+    assert any(line.startswith("paddle ") and line.rstrip().endswith("ok") for line in result.stdout.splitlines())

@@ -162,7 +162,8 @@ def test_report_words_say_which_way_the_ratios_go():
                                "versions": {"cudcn": "0"}},
                "runs": runs, "wall_seconds": 12.3}
     text = report.markdown(results)
-    assert "| DCNv2 | 20 | 0.600 ± 0.000 | 0.400 ± 0.000 | 2.00 |" in text
+    assert "| DCNv2 | 20 | 0.600 | 0.400 | 2.00 |" in text  # one seed: no spread to show
+    assert "±" not in text and "`cudcn demo` with 3 epochs and 1 seed on the CPU" in text
     assert ("- DCNv2: final loss 0.20, 2.5× lower than plain's; plain's final loss reached after 1.8 epochs "
             "(1.6× fewer than plain) and 3.7 s of training (1.2× longer than plain).") in text
     assert "- CoordConv: final loss 0.60, 1.2× higher than plain's; plain's final loss not reached in 3 epochs." in text
@@ -172,3 +173,29 @@ def test_picture_digits_are_of_different_classes():
     labels = np.array([6, 6, 2, 6, 5, 2, 1, 9, 0, 3])
     assert picture_indices(labels, 4) == [0, 2, 4, 6]
     assert len(picture_indices(labels, 20)) == 7
+
+
+@pytest.mark.parametrize("limit", [1, 5])
+def test_demo_runs_with_fewer_digits_than_its_pictures_show(tmp_path, capsys, limit):
+    """data.png shows up to 10 digits a row and sampling_locations.png up to 6
+    classes: with fewer, they show what there is. One seed: no spread shown."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--epochs", "1", "--seeds", "1", "--limit", str(limit), "--models", "plain,dcnv1",
+            "--out", str(out), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{limit} training digit{'s' if limit > 1 else ''}, " in printed
+    assert "2 models x 1 seed x 1 epoch" in printed and "(accuracy: 1 seed;" in printed
+    assert "+-" not in printed and "1 seeds" not in printed
+    assert "±" not in (out / "results.md").read_text()
+    for picture in ("learning_curves.png", "sampling_locations.png", "data.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_deformations_are_described_with_their_ranges():
+    assert demo_data.MILD.describe() == "rotation ±15°, scale 0.9–1.1, shift ±1.5 px, elastic warp α = 16, σ = 4 px"
+    assert demo_data.STRONG.describe().startswith("rotation ±45°, scale 0.7–1.25, shift ±3 px")
+
+
+def test_training_digits_constant_is_the_training_set_size(datasets):
+    assert len(datasets["train"]) == demo_data.TRAINING_DIGITS

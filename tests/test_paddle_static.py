@@ -8,8 +8,6 @@ run by paddle alone. CPU, float32, dynamic batch and image sizes.
 from __future__ import annotations
 
 import contextlib
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +18,6 @@ import cudcn.paddle as cpd  # noqa: E402
 from cudcn.paddle import _static  # noqa: E402
 
 pytestmark = pytest.mark.paddle
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class OffsetNet(paddle.nn.Layer):
@@ -156,13 +152,3 @@ def test_unknown_static_sizes_take_the_sizes_the_call_implies():
     assert resolved["mask"] == [2, 18, 2, 2]
     assert resolved["weight"] == [6, 2, 3, 3]
     assert shapes["x"] == [-1, 4, -1, 6]  # the caller's dict is untouched
-
-
-def test_readme_static_graph_snippet_runs():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### paddle\n", 1)[1]
-    code = re.search(r"```python\n(.+?)```", section, re.S).group(1)
-    assert "paddle.jit.save" in code and "paddle.jit.load" in code
-    namespace: dict = {}
-    exec(compile(code, "README paddle static graph", "exec"), namespace)
-    assert tuple(namespace["y"].shape) == (2, 8, 8, 8)

@@ -14,7 +14,7 @@ import importlib
 import sys
 
 import cudcn
-from cudcn.cli.arguments import CommandError
+from cudcn.cli.arguments import CommandError, Parser
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
@@ -26,19 +26,36 @@ COMMANDS = {
 }
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; a mistake exits with status 2 after one line
+    from the parser it concerns (the subcommand's when there is one) and a
+    pointer to that parser's help."""
+    parser = Parser(prog="cudcn", description="Deformable convolution for any array framework.")
+    parser.add_argument("--version", action="version", version=f"cudcn {cudcn.__version__}")
+    # Not required here: argparse would then report a missing command before
+    # an unknown option (``cudcn --bogus``), which is the real mistake.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help=", ".join(COMMANDS) + " (cudcn COMMAND --help for its options)")
+    parsers = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(parsers[name])
+    # parse_known_args: the options left over are reported by the parser of
+    # the command they were given to, not with the top-level usage.
+    args, unknown = parser.parse_known_args(argv)
+    concerned = parsers.get(args.command, parser)
+    if unknown:
+        concerned.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error(f"a command is required: one of {', '.join(COMMANDS)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="cudcn", description="Deformable convolution for any array framework.")
-    parser.add_argument("--version", action="version", version=f"cudcn {cudcn.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-        modules[name] = module
-    args = parser.parse_args(argv)
+    args = parse(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except CommandError as error:
         print(f"cudcn {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
-"""What the subcommands share: argument types and the error a command reports.
+"""What the subcommands share: the parser, argument types and the error a command reports.
 
 A mistake on the command line ends in one line naming the option, what was
-expected and what was received (argparse's own format, exit status 2),
-never in a traceback; so does a missing optional package, named with the
-extra that brings it.
+expected and what was received (argparse's format, exit status 2), and a
+line pointing to the command's help, never in a traceback or a page of
+usage; so does a missing optional package, named with the extra that
+brings it. Every number an option takes is bounded, so that a typo is
+refused at once instead of starting work that runs for minutes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import argparse
 import contextlib
 import importlib.util
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 
 class CommandError(Exception):
@@ -23,24 +26,41 @@ class CommandError(Exception):
     """
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with errors as one line and a pointer to the help
+    (``cudcn bench: error: ...`` then ``see cudcn bench --help``) instead of
+    the usage. Subcommands' parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help\n")
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer from low to high (no upper bound when high is None)."""
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-def _int_at_least(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-    return value
+#: argparse types without an upper bound (the benchmark scripts' options).
+positive_int = int_range(1)
+nonnegative_int = int_range(0)
+#: Seeds NumPy's and torch's generators take alike.
+seed_int = int_range(0, 2**32 - 1)
+
+
+def plural(count: int, word: str) -> str:
+    """"1 seed", "3 seeds"."""
+    return f"{count} {word}{'s' if count != 1 else ''}"
 
 
 def is_installed(module: str) -> bool:

@@ -26,6 +26,7 @@ import json
 import statistics
 import time
 import tracemalloc
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import cudcn
-from cudcn.cli.arguments import CommandError, is_installed, nonnegative_int, positive_int, require
+from cudcn.cli.arguments import CommandError, int_range, is_installed, plural, require
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,19 @@ class Case:
     def out_size(self) -> int:
         """Height and width of the output."""
         return self.size + 2 * self.padding - self.kernel + 1
+
+    @property
+    def column_buffer_values(self) -> int:
+        """Values in im2col's column buffer for the whole batch (N*Ho*Wo*kh*kw*C_in)."""
+        return self.batch * self.out_size**2 * self.kernel**2 * self.in_channels
+
+    def describe(self) -> str:
+        """One line for people, e.g. "DCNv2 float32: batch 8, 32 -> 32 channels, 32x32 images, 3x3 kernel,
+        padding 1, 1 offset group"."""
+        groups = f"{self.offset_groups} offset group{'s' if self.offset_groups > 1 else ''}"
+        return (f"{'DCNv2' if self.modulated else 'DCNv1'} {self.dtype}: batch {self.batch}, "
+                f"{self.in_channels} -> {self.out_channels} channels, {self.size}x{self.size} images, "
+                f"{self.kernel}x{self.kernel} kernel, padding {self.padding}, {groups}")
 
 
 @dataclass
@@ -283,9 +297,13 @@ def _paddle_prepared(case: Case, args: dict) -> Prepared:
         raise NotAvailable("paddle not installed")
     if case.out_channels % case.offset_groups:
         raise NotAvailable("paddle's op needs out_channels divisible by the offset groups")
-    import paddle
+    with warnings.catch_warnings():
+        # paddle warns on import that it found no ccache, which concerns
+        # building C++ extensions for paddle, not this benchmark.
+        warnings.filterwarnings("ignore", message="No ccache found")
+        import paddle
+        from paddle.vision.ops import deform_conv2d
     paddle.set_device("cpu")
-    from paddle.vision.ops import deform_conv2d
 
     tensors = {k: paddle.to_tensor(v.astype(case.dtype)) for k, v in args.items()}
     leaves = {k: paddle.to_tensor(v.astype(case.dtype), stop_gradient=False) for k, v in args.items()}
@@ -355,11 +373,15 @@ def peak_traced_bytes(fn: Callable[[], Any]) -> int:
 
 def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0) -> list[dict]:
     """One row per implementation: name, device, forward_ms, forward_backward_ms,
-    max_rel_diff (output vs cudcn's NumPy backend in float64), status."""
+    max_rel_diff (output vs cudcn's NumPy backend in float64), status.
+
+    Every implementation that runs is timed in the same rounds (median_ms):
+    a round calls each one's forward, then each one's forward + backward, so
+    that a change in the machine's load falls on all of them alike."""
     args = make_arguments(case, seed)
     reference = cudcn.deform_conv2d(**args, stride=1, padding=case.padding, dilation=1)
     scale = float(np.abs(reference).max())
-    rows = []
+    rows, ready = [], {}
     for name, device, prepare in implementations(case, args):
         row = {"implementation": name, "device": device, "forward_ms": None,
                "forward_backward_ms": None, "max_rel_diff": None, "status": "ok"}
@@ -367,14 +389,34 @@ def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0) -> li
             prepared = prepare()
             output = prepared.to_numpy(prepared.forward())
             row["max_rel_diff"] = float(np.abs(output - reference).max()) / scale
-            row["forward_ms"], row["forward_backward_ms"] = median_ms(
-                [(prepared.forward, prepared.synchronize), (prepared.forward_backward, prepared.synchronize)],
-                warmup, repeat)
+            ready[len(rows)] = prepared
         except (NotAvailable, ImportError) as error:
             row["status"] = f"not available: {error}"
         except Exception as error:  # a peer failing must not stop the others
             row["status"] = f"failed: {type(error).__name__}: {error}"
         rows.append(row)
+    failures: dict[int, Exception] = {}
+
+    def guarded(index: int, fn: Callable[[], Any]) -> Callable[[], None]:
+        """fn, which records its first exception instead of raising it, and
+        is not called again after one."""
+        def call() -> None:
+            if index not in failures:
+                try:
+                    fn()
+                except Exception as error:  # a peer failing must not stop the others
+                    failures[index] = error
+        return call
+
+    timed = [(guarded(i, p.forward), p.synchronize) for i, p in ready.items()]
+    timed += [(guarded(i, p.forward_backward), p.synchronize) for i, p in ready.items()]
+    medians = median_ms(timed, warmup, repeat)
+    for index, forward, forward_backward in zip(ready, medians, medians[len(ready):]):
+        if index in failures:
+            error = failures[index]
+            rows[index]["status"] = f"failed: {type(error).__name__}: {error}"
+        else:
+            rows[index]["forward_ms"], rows[index]["forward_backward_ms"] = forward, forward_backward
     return rows
 
 
@@ -413,31 +455,38 @@ def plot(rows: list[dict], case: Case, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median time (ms, log scale)")
-    kind = "DCNv2" if case.modulated else "DCNv1"
-    ax.set_title(f"{kind} {case.dtype}: N={case.batch}, C={case.in_channels}, O={case.out_channels}, "
-                 f"{case.size}x{case.size}, {case.kernel}x{case.kernel}, G={case.offset_groups}")
+    ax.set_title(case.describe(), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+#: The largest column buffer (values, float64 arguments) a case may have: the
+#: slowest peers take minutes beyond it.
+MAX_COLUMN_BUFFER_VALUES = 2**27
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=positive_int, default=8, help="images per batch (default 8)")
-    parser.add_argument("--in-channels", type=positive_int, default=32, help="input channels (default 32)")
-    parser.add_argument("--out-channels", type=positive_int, default=32, help="output channels (default 32)")
-    parser.add_argument("--size", type=positive_int, default=32, help="image height and width (default 32)")
-    parser.add_argument("--kernel", type=positive_int, default=3, help="kernel height and width (default 3)")
-    parser.add_argument("--offset-groups", type=positive_int, default=1,
+    parser.add_argument("--batch", type=int_range(1, 256), default=8, help="images per batch, 1 to 256 (default 8)")
+    parser.add_argument("--in-channels", type=int_range(1, 1024), default=32,
+                        help="input channels, 1 to 1024 (default 32)")
+    parser.add_argument("--out-channels", type=int_range(1, 1024), default=32,
+                        help="output channels, 1 to 1024 (default 32)")
+    parser.add_argument("--size", type=int_range(1, 512), default=32,
+                        help="image height and width, 1 to 512 (default 32)")
+    parser.add_argument("--kernel", type=int_range(1, 9), default=3, help="kernel height and width, 1 to 9 (default 3)")
+    parser.add_argument("--offset-groups", type=int_range(1, 1024), default=1,
                         help="offset groups, a divisor of --in-channels (default 1)")
     parser.add_argument("--v1", action="store_true", help="no mask (DCNv1) instead of DCNv2")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="default float32")
-    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls first (default 1)")
-    parser.add_argument("--repeat", type=positive_int, default=5,
-                        help="timed calls; the median is reported (default 5)")
-    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
-    parser.add_argument("--json", type=Path, help="write the case and the table as JSON here")
-    parser.add_argument("--plot", type=Path, help="draw the timings into this PNG (needs matplotlib)")
+    parser.add_argument("--warmup", type=int_range(0, 100), default=1,
+                        help="untimed rounds first, 0 to 100 (default 1)")
+    parser.add_argument("--repeat", type=int_range(1, 100), default=5,
+                        help="timed rounds, 1 to 100; medians are reported (default 5)")
+    parser.add_argument("--csv", type=Path, help="write the table as CSV to this file (its folder must exist)")
+    parser.add_argument("--json", type=Path, help="write the case and the table as JSON to this file")
+    parser.add_argument("--plot", type=Path, help="draw the timings into this PNG file (needs matplotlib)")
 
 
 def _check_request(args: argparse.Namespace, case: Case) -> None:
@@ -445,18 +494,24 @@ def _check_request(args: argparse.Namespace, case: Case) -> None:
     if case.in_channels % case.offset_groups:
         raise CommandError(f"--offset-groups must divide --in-channels = {case.in_channels}, "
                            f"got {case.offset_groups}")
+    if case.column_buffer_values > MAX_COLUMN_BUFFER_VALUES:
+        raise CommandError(f"the case's column buffer (batch x size^2 x kernel^2 x in-channels) would hold "
+                           f"{case.column_buffer_values:,} values; cudcn bench takes up to "
+                           f"{MAX_COLUMN_BUFFER_VALUES:,}: use a smaller --batch, --size, --kernel or --in-channels")
     if args.plot is not None:
         require({"matplotlib": "matplotlib"}, "--plot",
                 'pip install matplotlib (or an extra that brings it: pip install "cudcn[demo]")')
-    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
-        if path is None:
-            continue
+    for flag, path in _outputs(args):
         if path.is_dir():
             raise CommandError(f"{flag} expects a file name, got the folder {str(path)!r}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CommandError(f"{flag}: cannot create the folder for {str(path)!r} ({error.strerror})") from None
+        if not path.parent.is_dir():
+            raise CommandError(f"{flag}: the folder {str(path.parent)!r} does not exist")
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(flag, path) of the files asked for."""
+    return [(flag, path) for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot))
+            if path is not None]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -464,7 +519,8 @@ def run(args: argparse.Namespace) -> int:
                 args.offset_groups, not args.v1, args.dtype)
     _check_request(args, case)
     rows = benchmark(case, warmup=args.warmup, repeat=args.repeat)
-    print(f"{'DCNv1' if args.v1 else 'DCNv2'}, {case}")
+    print(f"{case.describe()}; medians of {plural(args.repeat, 'round')} over every implementation in turn, "
+          f"after {plural(args.warmup, 'warm-up round')}, in ms")
     print(format_table(rows))
     print("rel. diff: largest |output - cudcn numpy float64| / largest |output|")
     try:
@@ -476,5 +532,7 @@ def run(args: argparse.Namespace) -> int:
             plot(rows, case, args.plot)
     except OSError as error:
         raise CommandError(f"cannot write {error.filename!r}: {error.strerror}") from None
+    for flag, path in _outputs(args):
+        print(f"wrote {path} ({flag.removeprefix('--')})")
     failed = [r for r in rows if r["status"].startswith("failed")]
     return 1 if failed else 0

@@ -23,7 +23,7 @@ import numpy as np
 
 import cudcn
 from cudcn import oracle
-from cudcn.cli.arguments import collected_warnings, is_installed, nonnegative_int, print_warnings
+from cudcn.cli.arguments import collected_warnings, is_installed, print_warnings, seed_int
 
 # case name -> (N, C_in, C_out, H, W, kh, kw, groups, offset_groups, stride, padding, dilation)
 CASES = {
@@ -39,7 +39,7 @@ Runner = Callable[[dict, np.ndarray], tuple[np.ndarray, dict[str, np.ndarray], f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed, 0 to 2**32 - 1 (default 0)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print only failed checks, the targets not checked and the total")
 

@@ -27,16 +27,25 @@ import time
 
 from cudcn.backends.cuda import compile as nvrtc_compile
 from cudcn.backends.cuda import kernels
-from cudcn.cli.arguments import CommandError, require
+from cudcn.cli.arguments import require
 
 DEFAULT_ARCHS = ("sm_75", "sm_80", "sm_90")
 #: Architectures of the resource report by default: those of the GPUs it knows (A100, H100).
 RESOURCE_ARCHS = ("sm_80", "sm_90")
 
 
+def architecture(text: str) -> int:
+    """argparse type: "sm_80" (or "compute_80", "80") -> 80; two or three digits."""
+    number = text.lower().removeprefix("sm_").removeprefix("compute_")
+    if not (number.isdigit() and 2 <= len(number) <= 3):
+        raise argparse.ArgumentTypeError(f"expected an architecture such as sm_80, got {text!r}")
+    return int(number)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
+        type=architecture,
         nargs="+",
         metavar="SM",
         help=f"target architectures, e.g. sm_80 (default: {' '.join(DEFAULT_ARCHS)}; "
@@ -61,15 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loudness.add_argument("-q", "--quiet", action="store_true", help="print only failures and the total")
 
 
-def _arch_number(arch: str) -> int:
-    text = arch.lower().removeprefix("sm_").removeprefix("compute_")
-    if not text.isdigit():
-        raise CommandError(f"--arch expects architectures such as sm_80, got {arch!r}")
-    return int(text)
-
-
 def run(args: argparse.Namespace) -> int:
-    archs = [_arch_number(a) for a in args.arch or (RESOURCE_ARCHS if args.resources else DEFAULT_ARCHS)]
+    chosen = args.arch or [architecture(a) for a in (RESOURCE_ARCHS if args.resources else DEFAULT_ARCHS)]
+    archs = list(dict.fromkeys(chosen))
     require({"cupy": "CuPy"}, "cudcn compile",
             'install the CUDA extra that matches your driver: pip install "cudcn[cuda12]" or "cudcn[cuda13]"')
     try:

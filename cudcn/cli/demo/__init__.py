@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cudcn.cli.arguments import CommandError, nonnegative_int, positive_int, require
+from cudcn.cli.arguments import CommandError, int_range, plural, require, seed_int
+from cudcn.cli.demo.data import TRAINING_DIGITS
 from cudcn.cli.demo.models import MODEL_NAMES
 
 #: Test digits drawn in sampling_locations.png (each of another class).
@@ -49,21 +51,25 @@ def model_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=positive_int, default=6, help="training epochs per run (default 6)")
-    parser.add_argument("--seeds", type=positive_int, default=3, help="runs per model, seeds 0..SEEDS-1 (default 3)")
+    parser.add_argument("--epochs", type=int_range(1, 100), default=6,
+                        help="training epochs per run, 1 to 100 (default 6)")
+    parser.add_argument("--seeds", type=int_range(1, 20), default=3,
+                        help="runs per model, seeds 0..SEEDS-1, 1 to 20 (default 3)")
     parser.add_argument("--out", type=Path, default=Path("cudcn-demo"), help="output folder (default ./cudcn-demo)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help='"auto" (CUDA if torch has it, else the CPU), "cpu" or "cuda"')
     parser.add_argument("--models", type=model_list, default=list(MODEL_NAMES),
                         help=f"comma-separated subset of {','.join(MODEL_NAMES)} (default all)")
-    parser.add_argument("--limit", type=positive_int, default=None,
-                        help="use only the first LIMIT training and test images (quick tries)")
-    parser.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the data set (default 0)")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch threads, and NumPy's BLAS threads, when training on the CPU "
-                             "(default 1: the deformable layers run in NumPy between torch operations, "
-                             "with threads of their own; a second torch or BLAS thread mostly competes "
-                             "with them for the cores)")
+    parser.add_argument("--limit", type=int_range(1, TRAINING_DIGITS), default=None,
+                        help=f"use only the first LIMIT training and test images, 1 to {TRAINING_DIGITS} "
+                             "(quick tries; default all)")
+    parser.add_argument("--data-seed", type=seed_int, default=0, help="seed of the data set (default 0)")
+    cpus = os.cpu_count() or 1
+    parser.add_argument("--threads", type=int_range(1, cpus), default=1,
+                        help=f"torch threads, and NumPy's BLAS threads, when training on the CPU, 1 to {cpus} "
+                             "(the CPUs here; default 1: the deformable layers run in NumPy between torch "
+                             "operations, with threads of their own; a second torch or BLAS thread mostly "
+                             "competes with them for the cores)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bar and no line per run: only the table and where the files went")
 
@@ -108,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
         data = {k: v.subset(args.limit) for k, v in data.items()}
     models = args.models
     if not args.quiet:
-        print(f"cudcn demo on {device.type}: {len(data['train'])} training digits, "
-              f"{len(data['test_strong'])} test digits (mild and strong deformation), "
-              f"{len(models)} models x {args.seeds} seeds x {args.epochs} epochs")
+        print(f"cudcn demo on {device.type}: {plural(len(data['train']), 'training digit')}, "
+              f"{plural(len(data['test_strong']), 'test digit')} (mild and strong deformation), "
+              f"{plural(len(models), 'model')} x {plural(args.seeds, 'seed')} x "
+              f"{plural(args.epochs, 'epoch')}")
 
     runs: dict[str, list] = {name: [] for name in models}
     first_models = {}

@@ -18,6 +18,11 @@ import numpy as np
 
 #: Side of the images the networks see.
 IMAGE_SIZE = 28
+#: scikit-learn's bundled digits, and the part of them make_datasets keeps for
+#: testing: the rest are the training digits.
+SOURCE_DIGITS = 1797
+TEST_FRACTION = 0.3
+TRAINING_DIGITS = SOURCE_DIGITS - round(SOURCE_DIGITS * TEST_FRACTION)
 #: Side of the upscaled digit inside the image, before deformation; the
 #: margin leaves room for rotation, scaling and shifting.
 DIGIT_SIZE = 20
@@ -32,6 +37,13 @@ class Deformation:
     max_shift: float  # shift in pixels, uniform in [-max, max] per axis
     elastic_alpha: float  # strength of the elastic warp, in pixels
     elastic_sigma: float = 4.0  # smoothness of the elastic warp, in pixels
+
+
+    def describe(self) -> str:
+        """The ranges in words: "rotation ±15°, scale 0.9–1.1, shift ±1.5 px, elastic warp α = 16, σ = 4 px"."""
+        low, high = self.scale_range
+        return (f"rotation ±{self.max_rotation_deg:g}°, scale {low:g}–{high:g}, shift ±{self.max_shift:g} px, "
+                f"elastic warp α = {self.elastic_alpha:g}, σ = {self.elastic_sigma:g} px")
 
 
 MILD = Deformation(max_rotation_deg=15, scale_range=(0.9, 1.1), max_shift=1.5, elastic_alpha=16)
@@ -103,7 +115,7 @@ def _as_digits(images: np.ndarray, labels: np.ndarray) -> Digits:
     return Digits(images[:, None].astype(np.float32), labels.copy())
 
 
-def make_datasets(seed: int = 0, train_copies: int = 1, test_fraction: float = 0.3) -> dict[str, Digits]:
+def make_datasets(seed: int = 0, train_copies: int = 1, test_fraction: float = TEST_FRACTION) -> dict[str, Digits]:
     """{"train", "test_mild", "test_strong"}: deformed digits, deterministic in seed.
 
     The sources are split before deforming, so no test image comes from a

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cudcn.cli.demo.data import Digits
+from cudcn.cli.demo.data import MILD, STRONG, Digits
 from cudcn.cli.demo.models import STEP
 from cudcn.cli.demo.report import LABELS
 
@@ -28,10 +28,15 @@ def _pyplot():
 
 
 def plot_data(data: dict[str, Digits], path: Path, count: int = 10) -> None:
-    """Rows: training images, mildly and strongly deformed test images."""
+    """Rows: training images, mildly and strongly deformed test images (the
+    first count of each, or as many as there are), with the ranges of the two
+    deformations under them."""
     plt = _pyplot()
-    rows = (("train", "training set"), ("test_mild", "test, mild"), ("test_strong", "test, strong"))
-    fig, axes = plt.subplots(len(rows), count, figsize=(count * 0.9, len(rows) * 1.05))
+    count = min(count, *(len(digits) for digits in data.values()))
+    rows = (("train", "training set\n(mild)"), ("test_mild", "test, mild"), ("test_strong", "test, strong"))
+    caption = 0.4  # inches under the images for the two lines of ranges
+    height = len(rows) * 1.05 + caption
+    fig, axes = plt.subplots(len(rows), count, figsize=(max(count, 7) * 0.9, height), squeeze=False)
     for r, (key, title) in enumerate(rows):
         for c in range(count):
             ax = axes[r, c]
@@ -39,7 +44,9 @@ def plot_data(data: dict[str, Digits], path: Path, count: int = 10) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(title, fontsize=8)
-    fig.tight_layout(pad=0.3)
+    fig.text(0.01, 0.02, f"mild: {MILD.describe()}\nstrong: {STRONG.describe()}", fontsize=7.5,
+             ha="left", va="bottom", linespacing=1.4)
+    fig.tight_layout(pad=0.3, rect=(0, caption / height, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -66,7 +73,7 @@ def plot_learning_curves(summaries: dict[str, list[Any]], path: Path) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="test accuracy, strongly deformed digits")
     seeds = len(next(iter(summaries.values())))
     # The loss panel's lower left stays empty (losses start high), so the legend goes there.
-    ax_loss.legend(title=f"mean of {seeds} seed{'s' if seeds > 1 else ''} (band: min..max)",
+    ax_loss.legend(title=f"mean of {seeds} seeds (band: min..max)" if seeds > 1 else "1 seed",
                    fontsize=8, title_fontsize=8, loc="lower left")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -149,9 +156,12 @@ def plot_sampling_locations(models: dict[str, Any], images: Any, labels: np.ndar
     lines to the learned sampling points (dots; for DCNv2 their opacity is
     the mask). Coordinates are input-image pixels; each panel's title gives
     the digit's class and the model's answer, green when right, red when
-    wrong. A point beyond the view is drawn on the panel's edge as a cross."""
+    wrong. The view reaches past the image (white) as far as the points do,
+    at most 3/4 of an image; a point beyond the view is drawn on the panel's
+    edge as a cross."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     count = len(labels)
     size = images.shape[-1]
@@ -214,6 +224,10 @@ def plot_sampling_locations(models: dict[str, Any], images: Any, labels: np.ndar
         Line2D([0, 1], [0, 0], marker="o", color="gray", linewidth=0.6,
                label="its learned sampling point (DCNv2: opacity = mask)"),
     ]
+    if low < -0.5 or high > size - 0.5:
+        # The view reaches past the image so that points learned there stay in sight.
+        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=0.6,
+                             label=f"white: outside the {size}x{size} image (what the layer samples there fades to 0)"))
     if beyond_any:
         handles.append(Line2D([], [], marker="x", color="gray", linestyle="",
                               label="learned point beyond the view, drawn on the edge"))

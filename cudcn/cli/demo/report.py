@@ -14,6 +14,7 @@ import statistics
 
 import numpy as np
 
+from cudcn.cli.arguments import plural
 from cudcn.cli.info import load_text
 
 #: Names of the models in tables and pictures.
@@ -35,16 +36,21 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+def with_spread(statistic: dict[str, float], seeds: int, plus_minus: str = "±") -> str:
+    """"0.850 ± 0.065" (mean ± std over the seeds), or "0.850" for one seed, which has no spread."""
+    return f"{statistic['mean']:.3f}" + (f" {plus_minus} {statistic['std']:.3f}" if seeds > 1 else "")
+
+
 def format_table(summary: dict[str, dict], seeds: int) -> str:
-    """Model, parameters, accuracies as mean +- std over seeds, seconds per epoch (for the terminal)."""
-    lines = [f"{'model':10} {'params':>7}  {'test acc, mild':>16}  {'test acc, strong':>16}  {'s/epoch':>7}"]
+    """Model, parameters, accuracies (mean +- std over seeds), seconds per epoch (for the terminal)."""
+    width = 16 if seeds > 1 else 7
+    lines = [f"{'model':10} {'params':>7}  {'test acc, mild':>{width}}  {'test acc, strong':>{width}}  {'s/epoch':>7}"]
     for name, row in summary.items():
-        mild, strong = row["test_mild_accuracy"], row["test_strong_accuracy"]
-        lines.append(f"{name:10} {row['parameters']:>7,}  {mild['mean']:>9.3f} +- {mild['std']:.3f}  "
-                     f"{strong['mean']:>9.3f} +- {strong['std']:.3f}  "
+        mild, strong = (with_spread(row[key], seeds, "+-") for key in ("test_mild_accuracy", "test_strong_accuracy"))
+        lines.append(f"{name:10} {row['parameters']:>7,}  {mild:>{width}}  {strong:>{width}}  "
                      f"{row['seconds_per_epoch']:>7.2f}")
-    lines.append(f"(accuracy: mean +- std over {seeds} seed{'s' if seeds > 1 else ''}; "
-                 "s/epoch: median time of an epoch's training steps)")
+    accuracy = f"mean +- std over {seeds} seeds" if seeds > 1 else "1 seed"
+    lines.append(f"(accuracy: {accuracy}; s/epoch: median time of an epoch's training steps)")
     return "\n".join(lines)
 
 
@@ -98,10 +104,6 @@ def _times(ratio: float, more: str, fewer: str, same: str) -> str:
     return f"{factor:.1f}× {more if ratio > 1 else fewer} than plain"
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'s' if count != 1 else ''}"
-
-
 def markdown(results: dict) -> str:
     """results.md: the run, the accuracy table and what the loss curves show."""
     settings, env = results["settings"], results["environment"]
@@ -113,28 +115,28 @@ def markdown(results: dict) -> str:
     lines = [
         "# cudcn demo: results",
         "",
-        f"`cudcn demo` with {_plural(settings['epochs'], 'epoch')} and {_plural(settings['seeds'], 'seed')} "
+        f"`cudcn demo` with {plural(settings['epochs'], 'epoch')} and {plural(settings['seeds'], 'seed')} "
         f"on {'the CPU' if settings['device'] == 'cpu' else settings['device'].upper()}: "
         f"{results['wall_seconds']:.0f} s in all, data and pictures included; "
         f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs"
         + (f", {load_text(env['load_average_at_start'])} at the start" if "load_average_at_start" in env else "")
-        + f", {_plural(env['torch_threads'], 'torch thread')}; "
+        + f", {plural(env['torch_threads'], 'torch thread')}; "
         f"python {env['python']}, {versions}.",
         "",
         "| model | params | test acc., mild | test acc., strong | s/epoch |",
         "|---|---|---|---|---|",
     ]
     for name, row in summary.items():
-        mild, strong = row["test_mild_accuracy"], row["test_strong_accuracy"]
-        lines.append(f"| {LABELS[name]} | {row['parameters']:,} | {mild['mean']:.3f} ± {mild['std']:.3f} "
-                     f"| {strong['mean']:.3f} ± {strong['std']:.3f} | {row['seconds_per_epoch']:.2f} |")
+        mild, strong = (with_spread(row[key], settings["seeds"])
+                        for key in ("test_mild_accuracy", "test_strong_accuracy"))
+        lines.append(f"| {LABELS[name]} | {row['parameters']:,} | {mild} | {strong} | {row['seconds_per_epoch']:.2f} |")
     if "plain" in runs:
         speed = training_speed(runs)
         plain = speed["plain"]
         lines += [
             "",
             f"Training loss (cross-entropy, mean over an epoch's batches and over the seeds) against the plain "
-            f"network's after its {_plural(settings['epochs'], 'epoch')}, {plain['final_loss']:.2f}, reached "
+            f"network's after its {plural(settings['epochs'], 'epoch')}, {plain['final_loss']:.2f}, reached "
             f"after {plain['seconds_to_plain_final_loss']:.1f} s of training steps:",
             "",
         ]
@@ -145,7 +147,7 @@ def markdown(results: dict) -> str:
             text = (f"- {LABELS[name]}: final loss {row['final_loss']:.2f}, "
                     f"{_times(loss_ratio, 'lower', 'higher', 'about as low as plain')}'s; ")
             if row["epochs_to_plain_final_loss"] is None:
-                text += f"plain's final loss not reached in {_plural(settings['epochs'], 'epoch')}."
+                text += f"plain's final loss not reached in {plural(settings['epochs'], 'epoch')}."
             else:
                 epochs, seconds = row["epochs_to_plain_final_loss"], row["seconds_to_plain_final_loss"]
                 epoch_ratio = epochs / plain["epochs_to_plain_final_loss"]
