@@ -295,11 +295,11 @@ def place_points(call: DCNv3Call, targets_x: np.ndarray, targets_y: np.ndarray) 
 
 @st.composite
 def calls(draw, max_batch: int = 2, max_kernel: int = 7, kinks: float = 0.0, min_batch: int = 0,
-          scales=(1.0, 0.5, 0.7, 1.5, 2.0), max_channels: int = 5, max_out: int = 4):
+          scales=(1.0, 0.5, 0.7, 1.5, 2.0), max_channels: int = 5, max_out: int = 4, equal_pads: bool = False):
     """A drawn DCNv3 call in float64.
 
     Kernels 1..max_kernel each side (rectangular, even), stride 1..3,
-    unequal pads 0..3, dilation 1..2, remove_center on odd square kernels,
+    pads 0..3 (unequal unless ``equal_pads``), dilation 1..2, remove_center on odd square kernels,
     group 1..3, group_channels 1..max_channels, batch from min_batch, an
     output of at most max_out x max_out pixels, offset_scale from
     ``scales``. Each sampling point lands at an integer in [-2, size + 1]
@@ -311,6 +311,8 @@ def calls(draw, max_batch: int = 2, max_kernel: int = 7, kinks: float = 0.0, min
     remove_center = kh == kw and kh % 2 == 1 and kh > 1 and draw(st.booleans())
     stride = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     pad = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    if equal_pads:
+        pad = (pad[0], pad[0])
     dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     sizes = []
     for k, s, p, d in zip((kh, kw), stride, pad, dilation):
