@@ -13,7 +13,7 @@ paddle = pytest.importorskip("paddle")
 
 import cudcn  # noqa: E402
 import cudcn.paddle as cpd  # noqa: E402
-from dcnv3_reference import DCNv3Call, calls, pack  # noqa: E402
+from dcnv3_reference import SCALARS, DCNv3Call, calls, pack  # noqa: E402
 
 pytestmark = pytest.mark.paddle
 
@@ -135,9 +135,7 @@ def test_half_precision_on_cpu(dtype):
 def test_wrong_arguments_get_the_core_message(change, error, match):
     call = make_call()
     x, offset, mask = leaves(call)
-    args = dict(input=x, offset=offset, mask=mask, **dict(zip(
-        ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "group",
-         "group_channels", "offset_scale", "im2col_step", "remove_center"), call.scalars)))
+    args = dict(input=x, offset=offset, mask=mask, **dict(zip(SCALARS, call.scalars)))
     (name, edit), = change.items()
     args[name] = edit(args[name])
     with pytest.raises(error, match=match):

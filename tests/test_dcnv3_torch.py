@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 import cudcn  # noqa: E402
 import cudcn.torch as ct  # noqa: E402
-from dcnv3_reference import DCNv3Call, calls, pack  # noqa: E402
+from dcnv3_reference import SCALARS, DCNv3Call, calls, pack  # noqa: E402
 from test_torch_adapter import GraphRecorder, _targets  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -291,9 +291,7 @@ def test_settings_at_the_forward_reach_a_backward_in_another_thread(settings_see
 def test_wrong_arguments_get_the_core_message(change, error, match):
     call = make_call()
     x, offset, mask = tensors(call, requires_grad=False)
-    args = dict(input=x, offset=offset, mask=mask, **dict(zip(
-        ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "group",
-         "group_channels", "offset_scale", "im2col_step", "remove_center"), call.scalars)))
+    args = dict(input=x, offset=offset, mask=mask, **dict(zip(SCALARS, call.scalars)))
     (name, edit), = change.items()
     args[name] = edit(args[name])
     with pytest.raises(error, match=match):
