@@ -60,10 +60,10 @@ SCALARS = ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w", "di
 
 
 class Layout(NamedTuple):
-    """Where the values of output pixel q, group g sit in an offset or mask
-    array, counted in elements of the flat, C-contiguous array:
-    ``first + q*pixel_stride + g*group_stride`` is the first of them
-    (q = (n*Ho + h)*Wo + w)."""
+    """Where the values of output pixel q = (n*Ho + h)*Wo + w, group g sit in
+    an offset or mask array, counted in elements of the flat, C-contiguous
+    array: from ``base = first + q*pixel_stride + g*group_stride``, point p's
+    (x, y) offset at base + 2p, base + 2p + 1, its mask value at base + p."""
 
     first: int
     pixel_stride: int
