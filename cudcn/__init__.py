@@ -1,9 +1,10 @@
-"""cudcn: deformable convolution (DCNv1 and modulated DCNv2) and multi-scale
-deformable attention for any array framework.
+"""cudcn: deformable convolution (DCNv1 and modulated DCNv2), multi-scale
+deformable attention, DCNv3 and DCNv4 for any array framework.
 
 - :mod:`cudcn.ops`: the public functions (start here).
-- :mod:`cudcn.geometry`, :mod:`cudcn.msda_geometry`: the validation, one
-  function per operator family.
+- :mod:`cudcn.geometry`, :mod:`cudcn.msda_geometry`,
+  :mod:`cudcn.dcnv3_geometry`: the validation, one function per operator
+  family.
 - :mod:`cudcn.backends`: NumPy (the readable specification) and CUDA (CuPy).
 - ``cudcn.torch`` / ``cudcn.paddle``: framework adapters, imported on demand.
 
@@ -26,10 +27,16 @@ from cudcn.config import (
 )
 from cudcn.errors import ArgumentError, ArgumentTypeError, UnsupportedError
 from cudcn.ops import (
+    DCNv3Gradients,
+    DCNv4Gradients,
     Gradients,
     MSDeformAttnGradients,
     deform_col2im,
     deform_col2im_coord,
+    dcnv3,
+    dcnv3_backward,
+    dcnv4,
+    dcnv4_backward,
     deform_conv,
     deform_conv2d,
     deform_conv2d_backward,
@@ -56,9 +63,15 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "UnsupportedError",
+    "DCNv3Gradients",
+    "DCNv4Gradients",
     "Gradients",
     "MSDeformAttnGradients",
     "are_deterministic_algorithms_enabled",
+    "dcnv3",
+    "dcnv3_backward",
+    "dcnv4",
+    "dcnv4_backward",
     "deterministic_algorithms",
     "deform_col2im",
     "deform_col2im_coord",

@@ -148,6 +148,37 @@ def check_dim(name: str, got: int, expected: int, meaning: str) -> None:
         raise ArgumentError(f"{name} must be {meaning} = {expected}, got {got}")
 
 
+def check_shape(name: str, got: Any, expected: tuple[int, ...], layout: str, note: str = "") -> None:
+    """A whole shape, named by its layout:
+    ``{name}.shape must be {layout} = {expected}{note}, got {got}``."""
+    if tuple(got) != tuple(expected):
+        raise ArgumentError(f"{name}.shape must be {layout} = {tuple(expected)}{note}, got {tuple(got)}")
+
+
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """An int (not a bool) in [minimum, 2**31 - 1] (the kernels' 32-bit
+    arguments), as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not _is_int(value):
+        raise ArgumentError(f"{name} must be an int, got {value!r}")
+    number = operator.index(value)
+    if number < minimum:
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value!r}")
+    if number > MAX_EXTENT:
+        raise ArgumentError(f"{name} must be < 2**31 (the kernels index in 32 bits), got {value!r}")
+    return number
+
+
+def check_im2col_step(im2col_step: Any) -> None:
+    """A positive int: accepted for compatibility with the reference
+    implementations, ignored (cudcn has no batch-divisibility rule)."""
+    try:
+        step = operator.index(im2col_step)
+    except TypeError:
+        step = None
+    if step is None or isinstance(im2col_step, (bool, np.bool_)) or step < 1:
+        raise ArgumentError(f"im2col_step must be a positive int, got {im2col_step!r}")
+
+
 def check_float_arrays(arrays: Mapping[str, Any], nm: Callable[[str], str]) -> tuple[str, np.dtype]:
     """The one array kind and floating dtype of ``arrays`` (argument key ->
     array, in the order errors should name them), or a clear error naming an

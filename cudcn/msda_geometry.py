@@ -22,7 +22,6 @@ P          sampling points per query, head and level
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 
 from cudcn.backends import array_kind
 from cudcn.errors import ArgumentError, ArgumentTypeError
-from cudcn.geometry import check_dim, check_float_arrays, check_ndim
+from cudcn.geometry import check_dim, check_float_arrays, check_im2col_step, check_ndim
 
 _ABSENT: Any = object()
 
@@ -107,16 +106,6 @@ def _levels(spatial_shapes: Any, level_start_index: Any, nm) -> tuple[tuple[tupl
     return pairs, starts
 
 
-def _check_im2col_step(im2col_step: Any) -> None:
-    """A positive int (accepted for compatibility, ignored: there is no batch rule)."""
-    try:
-        step = operator.index(im2col_step)
-    except TypeError:
-        step = None
-    if step is None or isinstance(im2col_step, (bool, np.bool_)) or step < 1:
-        raise ArgumentError(f"im2col_step must be a positive int, got {im2col_step!r}")
-
-
 def validate_msda(
     *,
     value: Any = _ABSENT,
@@ -162,7 +151,7 @@ def validate_msda(
     if grad_output is not _ABSENT:
         arrays["grad_output"] = grad_output
     kind, dtype = check_float_arrays(arrays, nm)
-    _check_im2col_step(im2col_step)
+    check_im2col_step(im2col_step)
     shapes, starts = _levels(spatial_shapes, level_start_index, nm)
     levels = len(shapes)
 

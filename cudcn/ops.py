@@ -25,6 +25,16 @@ Multi-scale deformable attention, shapes in the notation of
 - sampling_locations ``(N, Lq, M, L, P, 2)``, normalised (x, y)
 - attention_weights ``(N, Lq, M, L, P)``
 - output ``(N, Lq, M*D)``
+
+DCNv3 and DCNv4, channels-last, in the notation of
+:mod:`cudcn.dcnv3_geometry` (InternImage's; P = kh*kw - remove_center):
+
+- input ``(N, H, W, G*D)``
+- offset ``(N, Ho, Wo, G*P*2)``, (x, y) pairs, kernel points w-major
+- mask ``(N, Ho, Wo, G*P)``
+- offset_mask (DCNv4) ``(N, Ho, Wo, K8)``: per group 2P offsets then P mask
+  values, groups back to back, K8 a multiple of 8 and >= G*3*P
+- output ``(N, Ho, Wo, G*D)``
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from cudcn import backends
+from cudcn.dcnv3_geometry import SCALARS, validate_dcnv3
 from cudcn.geometry import validate
 from cudcn.msda_geometry import validate_msda
 
@@ -265,3 +276,200 @@ def ms_deform_attn_backward(
     )
     run = backends.function(geom.kind, "ms_deform_attn_backward", (names or {}).get("value", "value"))
     return MSDeformAttnGradients(*run(geom, grad_output, value, sampling_locations, attention_weights))
+
+
+class DCNv3Gradients(NamedTuple):
+    """Gradients of DCNv3, each shaped like its argument."""
+
+    input: Any
+    offset: Any
+    mask: Any
+
+
+class DCNv4Gradients(NamedTuple):
+    """Gradients of DCNv4, each shaped like its argument; offset_mask's is
+    zero in the entries past G*3*P, which the operator does not read."""
+
+    input: Any
+    offset_mask: Any
+
+
+def _run_dcnv3(function: str, arrays: dict[str, Any], scalars: tuple, names: Mapping[str, str] | None) -> Any:
+    """Validate a DCNv3 (offset, mask) or DCNv4 (offset_mask) call, ``scalars``
+    in DCNv3Function's order, and run the backend's ``function`` on it; DCNv4's
+    offset_mask is both the offset and the mask array of the backend call."""
+    geom = validate_dcnv3(**arrays, **dict(zip(SCALARS, scalars)), names=names)
+    run = backends.function(geom.kind, function, (names or {}).get("input", "input"))
+    if geom.packed:
+        offset_mask = arrays.pop("offset_mask")
+        arrays.update(offset=offset_mask, mask=offset_mask)
+    return run(geom, *arrays.values())
+
+
+def dcnv3(
+    input: Any,
+    offset: Any,
+    mask: Any,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    im2col_step: int = 256,
+    remove_center: bool = False,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> Any:
+    """DCNv3 (InternImage's operator): depthwise deformable sampling, summed over kernel points.
+
+    The arguments are those of InternImage's ``DCNv3Function``, in its order.
+    For output pixel (h, w), group g and kernel point p (kernel column i,
+    row j; w-major: i outer, j inner; the centre left out with
+    remove_center)::
+
+        out[n, h, w, g*D + d] = sum_p mask[n, h, w, g*P + p] * bilinear(input[n, :, :, g*D + d], y, x)
+        x = w*stride_w - pad_w + c_w + (i*dilation_w - c_w + offset[n, h, w, g*2P + 2p]) * offset_scale
+        y = h*stride_h - pad_h + c_h + (j*dilation_h - c_h + offset[n, h, w, g*2P + 2p + 1]) * offset_scale
+
+    with c_w = dilation_w*(kernel_w - 1)//2, c_h likewise. Bilinear with
+    zeros outside the input (``grid_sample``'s ``padding_mode="zeros"``). The
+    mask is applied as given: no softmax (that is the DCNv3 module's).
+    ``dcnv3_core_pytorch`` pads H by pad_w and W by pad_h (a slip that only
+    shows with unequal pads); cudcn pads as InternImage's CUDA op does, H by
+    pad_h and W by pad_w.
+
+    Args:
+        input: (N, H, W, group*group_channels).
+        offset: (N, Ho, Wo, group*P*2), (x, y) per point, P = kh*kw - remove_center.
+        mask: (N, Ho, Wo, group*P).
+        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+            dilation_w: ints; any kernel size, rectangular and even included.
+        group, group_channels: G and D, G*D = C (any D).
+        offset_scale: scales the kernel grid and the offsets (a finite real).
+        im2col_step: accepted for compatibility and ignored (a positive
+            int): any batch size works.
+        remove_center: drop the centre point of an odd square kernel.
+        names: how to call the arguments in error messages (for adapters).
+
+    Returns:
+        (N, Ho, Wo, group*group_channels), of the input's array type and
+        dtype (float16 and bfloat16 compute in float32),
+        ``Ho = (H + 2*pad_h - dilation_h*(kernel_h - 1) - 1) // stride_h + 1`` (Wo likewise).
+    """
+    scalars = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+               group_channels, offset_scale, im2col_step, remove_center)
+    return _run_dcnv3("dcnv3_forward", dict(input=input, offset=offset, mask=mask), scalars, names)
+
+
+def dcnv3_backward(
+    grad_output: Any,
+    input: Any,
+    offset: Any,
+    mask: Any,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    im2col_step: int = 256,
+    remove_center: bool = False,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> DCNv3Gradients:
+    """Gradients of :func:`dcnv3` given grad_output (N, Ho, Wo, G*D).
+
+    At an integer sampling coordinate (a kink of the bilinear sample) the
+    offset gradient is the one-sided derivative towards +1, as for
+    :func:`deform_conv2d`, also at -1 (InternImage's CUDA op gives 0 there).
+
+    Returns:
+        :class:`DCNv3Gradients` (input, offset, mask), in the arguments'
+        array type and dtype.
+    """
+    scalars = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+               group_channels, offset_scale, im2col_step, remove_center)
+    arrays = dict(grad_output=grad_output, input=input, offset=offset, mask=mask)
+    return DCNv3Gradients(*_run_dcnv3("dcnv3_backward", arrays, scalars, names))
+
+
+def dcnv4(
+    input: Any,
+    offset_mask: Any,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    im2col_step: int = 256,
+    remove_center: bool = False,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> Any:
+    """DCNv4 (FlashInternImage's operator): :func:`dcnv3` with the offsets and
+    mask packed in one array, in the argument order of DCNv4's ``DCNv4Function``.
+
+    ``offset_mask`` (N, Ho, Wo, K8) holds, for group g, the block
+    ``offset_mask[..., g*3P : (g+1)*3P]``: the group's 2P offsets (x, y) as
+    in :func:`dcnv3`, then its P mask values. The blocks are back to back;
+    K8 is a multiple of 8 and at least G*3*P (DCNv4's module makes it
+    G*3*P rounded up to a multiple of 8), and the entries past G*3*P are
+    not read. No softmax. Any kernel size and any group_channels (DCNv4's
+    own op takes P = 8 or 9 and group_channels a multiple of 8 only).
+
+    Returns:
+        (N, Ho, Wo, group*group_channels), as :func:`dcnv3`.
+    """
+    scalars = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+               group_channels, offset_scale, im2col_step, remove_center)
+    return _run_dcnv3("dcnv3_forward", dict(input=input, offset_mask=offset_mask), scalars, names)
+
+
+def dcnv4_backward(
+    grad_output: Any,
+    input: Any,
+    offset_mask: Any,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float = 1.0,
+    im2col_step: int = 256,
+    remove_center: bool = False,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> DCNv4Gradients:
+    """Gradients of :func:`dcnv4` given grad_output (N, Ho, Wo, G*D).
+
+    Returns:
+        :class:`DCNv4Gradients` (input, offset_mask); offset_mask's gradient
+        is packed as offset_mask, with zeros past G*3*P.
+    """
+    scalars = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+               group_channels, offset_scale, im2col_step, remove_center)
+    arrays = dict(grad_output=grad_output, input=input, offset_mask=offset_mask)
+    grad_input, grad_offset_mask, _ = _run_dcnv3("dcnv3_backward", arrays, scalars, names)
+    return DCNv4Gradients(grad_input, grad_offset_mask)

@@ -23,7 +23,8 @@ def _modules_after(code: str) -> set[str]:
 
 def test_import_cudcn_imports_no_framework():
     loaded = _modules_after(
-        "import cudcn, cudcn.ops, cudcn.geometry, cudcn.msda_geometry, cudcn.backends, cudcn.backends.numpy, cudcn.cli"
+        "import cudcn, cudcn.ops, cudcn.geometry, cudcn.msda_geometry, cudcn.dcnv3_geometry, cudcn.backends,"
+        " cudcn.backends.numpy, cudcn.cli"
     )
     assert "cudcn" in loaded and "numpy" in loaded
     # The NumPy backend's own dependencies wait until it first runs, too.
@@ -37,7 +38,9 @@ def test_numpy_call_imports_no_framework():
         "cudcn.deform_conv2d_backward(np.ones((1, 3, 4, 4)), x, off, w, padding=1)\n"
         "v = np.ones((1, 5, 2, 3)); shapes = np.array([[2, 2], [1, 1]]); starts = np.array([0, 4])\n"
         "cudcn.ms_deform_attn_backward(np.ones((1, 4, 6)), v, shapes, starts, np.full((1, 4, 2, 2, 3, 2), 0.3),\n"
-        "                              np.ones((1, 4, 2, 2, 3)))"
+        "                              np.ones((1, 4, 2, 2, 3)))\n"
+        "cudcn.dcnv4_backward(np.ones((1, 4, 4, 6)), np.ones((1, 4, 4, 6)), np.zeros((1, 4, 4, 56)),\n"
+        "                     3, 3, 1, 1, 1, 1, 1, 1, 2, 3)"
     )
     assert not _modules_after(code) & set(FRAMEWORKS)
 

@@ -26,6 +26,31 @@ reaches a backend):
   sampling_locations, attention_weights)
   -> (grad_value, grad_sampling_locations, grad_attention_weights)``
 
+DCNv3 and DCNv4 share two, which take a validated
+:class:`cudcn.dcnv3_geometry.DCNv3Geometry` first. The geometry says where
+the offsets and the mask lie, so that one kernel serves both operators:
+for output pixel q = (n*Ho + h)*Wo + w and group g, the P (x, y) offset
+pairs start at element ``first + q*pixel_stride + g*group_stride`` of the
+flat ``offset`` array (``geometry.offset_layout``) and the P mask values
+likewise in ``mask`` (``geometry.mask_layout``):
+
+- DCNv3: ``offset`` (N, Ho, Wo, G*P*2) and ``mask`` (N, Ho, Wo, G*P), two
+  arrays; offset layout (0, G*2P, 2P), mask layout (0, G*P, P);
+- DCNv4 (``geometry.packed``): ``offset`` and ``mask`` are the same array,
+  offset_mask (N, Ho, Wo, K8); offset layout (0, K8, 3P), mask layout
+  (2P, K8, 3P): each (pixel, group) reads one run of 3P values.
+
+- ``dcnv3_forward(geometry, input, offset, mask) -> output`` (N, Ho, Wo, G*D),
+  input (N, H, W, G*D)
+- ``dcnv3_backward(geometry, grad_output, input, offset, mask)
+  -> (grad_input, grad_offset, grad_mask)``, each shaped like its argument;
+  when packed, grad_offset and grad_mask are one array shaped like
+  offset_mask (the same object twice), zero in the entries past G*3P.
+
+The arrays may be non-contiguous views; a backend makes what it needs
+contiguous. The kernel grid and centre are ``geometry.kernel_grid`` and
+``geometry.centre``; ``geometry.offset_scale`` is a Python float.
+
 Every result is in the arguments' dtype and array kind. A backend may lack
 an operator family; :func:`function` then raises a clear error. To add a
 backend, map its array kind to a module name in ``_MODULES`` and teach

@@ -1,4 +1,4 @@
-"""paddle adapter: ``cudcn.paddle.deform_conv2d`` and drop-in layers.
+"""paddle adapter: ``cudcn.paddle.deform_conv2d``, ``dcnv3``, ``dcnv4`` and drop-in layers.
 
 A drop-in for ``paddle.vision.ops.deform_conv2d`` and
 ``paddle.vision.ops.DeformConv2D``, plus the DCNv1/DCNv2 "pack" layers that
@@ -61,6 +61,9 @@ Where things are (``cudcn/paddle/``):
   stream for CuPy.
 - ``functional.py``: the autograd layer (``PyLayer``) and the public
   :func:`deform_conv2d`.
+- ``dcnv3.py``: :func:`dcnv3` and :func:`dcnv4` (InternImage's DCNv3 and
+  FlashInternImage's DCNv4 operators, channels-last), their autograd
+  layers; dygraph only.
 - ``_static.py``: the static-graph path (shapes paddle leaves unknown, and
   paddle's own op emitted into the graph).
 - ``layers.py``: the layers.
@@ -70,6 +73,7 @@ from cudcn.errors import import_framework
 
 import_framework("paddle", "paddlepaddle")  # without paddle, an error that names cudcn's extra
 
+from cudcn.paddle.dcnv3 import dcnv3, dcnv4  # noqa: E402
 from cudcn.paddle.functional import LAYOUTS, NAMES, deform_conv2d  # noqa: E402
 from cudcn.paddle.layers import (  # noqa: E402
     CoordConv2D,
@@ -84,5 +88,7 @@ __all__ = [
     "DeformConv2D",
     "DeformConv2DPack",
     "ModulatedDeformConv2DPack",
+    "dcnv3",
+    "dcnv4",
     "deform_conv2d",
 ]

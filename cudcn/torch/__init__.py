@@ -1,4 +1,4 @@
-"""torch adapter: ``cudcn.torch.deform_conv2d`` and drop-in modules.
+"""torch adapter: ``cudcn.torch.deform_conv2d``, ``dcnv3``, ``dcnv4`` and drop-in modules.
 
 A drop-in for ``torchvision.ops.deform_conv2d`` and ``torchvision.ops.DeformConv2d``,
 plus the DCNv1/DCNv2 "pack" layers that predict their own offsets (mmcv's
@@ -70,6 +70,9 @@ Where things are (``cudcn/torch/``):
   CuPy, cudcn's settings carried from a forward to its backward, autocast.
 - ``functional.py``: the custom ops (``torch.library``), their fake
   implementations and autograd, and the public :func:`deform_conv2d`.
+- ``dcnv3.py``: the same for InternImage's DCNv3 and FlashInternImage's
+  DCNv4 operators, :func:`dcnv3` and :func:`dcnv4` (channels-last, no
+  weight: the depthwise sampling core of the DCNv3/DCNv4 modules).
 - ``modules.py``: the nn.Modules.
 - ``export.py``: ONNX export (the dynamo translation table, and the legacy
   exporter's symbolic, registered when ``cudcn.torch`` is imported).
@@ -79,6 +82,7 @@ from cudcn.errors import import_framework
 
 import_framework("torch", "torch")  # without torch, an error that names cudcn's extra
 
+from cudcn.torch.dcnv3 import dcnv3, dcnv4  # noqa: E402
 from cudcn.torch.export import ONNX_MIN_OPSET, onnx_translation_table  # noqa: E402
 from cudcn.torch.functional import deform_conv2d  # noqa: E402
 from cudcn.torch.modules import (  # noqa: E402
@@ -94,6 +98,8 @@ __all__ = [
     "DeformConv2d",
     "DeformConv2dPack",
     "ModulatedDeformConv2dPack",
+    "dcnv3",
+    "dcnv4",
     "deform_conv2d",
     "onnx_translation_table",
 ]
