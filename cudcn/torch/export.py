@@ -153,7 +153,7 @@ if hasattr(torch.onnx, "register_custom_op_symbolic"):
 # ONNX export: multi-scale deformable attention
 # --------------------------------------------------------------------------
 
-#: The first ONNX opset with GridSample.
+#: The first ONNX opset with GridSample (the legacy exporter refuses a lower one).
 MSDA_MIN_OPSET = 16
 
 #: ONNX's int64 and int32 (TensorProto data types).
@@ -285,23 +285,19 @@ def _msda_tensorrt_graph(op: Any, plugin: Any, shapes: tuple[Any, Any], value: A
     return op.Reshape(out, _ints(op, [0, 0, -1]))
 
 
-def _msda_opset(route: str) -> tuple[Any, int]:
-    """The onnxscript opset to record with, and the exporter's opset number."""
+def _msda_opset() -> tuple[Any, int]:
+    """The onnxscript opset to record with, and the exporter's opset number
+    (the dynamo exporter records opset 18 at least, whatever was asked)."""
     import onnxscript
 
     opset = _exporter_opset() or 20
-    if opset < MSDA_MIN_OPSET:
-        raise ArgumentError(
-            f"exporting multi-scale deformable attention {route} needs opset_version >= "
-            f"{MSDA_MIN_OPSET} (GridSample, CastLike), got {opset}"
-        )
     return (onnxscript.opset20 if opset >= 20 else onnxscript.opset16), opset
 
 
 def _ms_deform_attn_onnx(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                          im2col_step, level_shapes):
     """torch.onnx's dynamo exporter: ``cudcn::ms_deform_attn`` as standard ops (:func:`_msda_graph`)."""
-    op, opset = _msda_opset("as standard ONNX ops")
+    op, opset = _msda_opset()
     return _msda_graph(op, (value.shape, sampling_locations.shape), value, spatial_shapes, level_start_index,
                        sampling_locations, attention_weights, level_shapes, opset)
 
@@ -312,7 +308,7 @@ def _ms_deform_attn_tensorrt(value, spatial_shapes, level_start_index, sampling_
     plugin node (:func:`_msda_tensorrt_graph`)."""
     import onnxscript
 
-    op, _ = _msda_opset("for TensorRT")
+    op, _ = _msda_opset()
     if value.dtype is not None and value.dtype.name not in ("FLOAT", "FLOAT16"):
         raise ArgumentError(f"TensorRT's {TRT_PLUGIN} takes float32 or float16, got value of {value.dtype.name}")
     plugin = onnxscript.values.Op(onnxscript.values.Opset(TRT_DOMAIN, 1), TRT_PLUGIN, _trt_plugin_schema())
@@ -374,11 +370,6 @@ def _ms_deform_attn_symbolic(g, value, spatial_shapes, level_start_index, sampli
     """torch.onnx's legacy exporter: the standard-ops graph of :func:`_msda_graph`."""
     from torch.onnx import symbolic_helper
 
-    if g.opset < MSDA_MIN_OPSET:
-        raise ArgumentError(
-            f"exporting multi-scale deformable attention as standard ONNX ops needs opset_version >= "
-            f"{MSDA_MIN_OPSET} (GridSample, CastLike), got {g.opset}"
-        )
     traced = g.original_node
     shapes = tuple(traced.inputsAt(i).type().varyingSizes() for i in (0, 3))  # value, sampling_locations
     levels = None if level_shapes.node().mustBeNone() else symbolic_helper._parse_arg(level_shapes, "is")
