@@ -63,7 +63,10 @@ Leaving Python: TorchScript compiles the function and the modules to calls of
 the op; torch.export captures the op (a dynamic batch works); ONNX export
 writes the standard ``DeformConv`` node, through
 :func:`onnx_translation_table` (dynamo exporter) or the symbolic registered
-at import (legacy exporter).
+at import (legacy exporter). Multi-scale deformable attention exports the
+same two ways as standard ops (GridSample per level), or as TensorRT's
+plugin node; torch.export and torch.compile capture its op with a dynamic
+batch and number of queries (TorchScript does not take it).
 
 Where things are (``cudcn/torch/``):
 
