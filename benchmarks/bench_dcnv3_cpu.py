@@ -37,7 +37,7 @@ from cudcn.cli.info import load_average, load_text, machine_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_msda_cpu import _status_bytes  # noqa: E402
+from bench_msda import _status_kib  # noqa: E402
 from dcnv3_reference import torch_dcnv3_core  # noqa: E402
 
 #: (size, channels, groups) of InternImage-T's stages.
@@ -100,8 +100,8 @@ def peak_in_fresh_process(name: str, stage: int) -> float | None:
         "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_dcnv3_cpu as b\n"
         "fns = b.implementations(b.arguments(int(sys.argv[3])))\n"
         "_, step = fns[sys.argv[2]]\n"
-        "before = b._status_bytes('VmRSS'); step()\n"
-        "print((b._status_bytes('VmHWM') - before) / 2**20)\n"
+        "before = b._status_kib('VmRSS') * 1024; step()\n"
+        "print((b._status_kib('VmHWM') * 1024 - before) / 2**20)\n"
     )
     result = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), name, json.dumps(stage)],
                             capture_output=True, text=True, check=True)

@@ -1,8 +1,11 @@
-"""paddle adapter: ``cudcn.paddle.deform_conv2d``, ``dcnv3``, ``dcnv4`` and drop-in layers.
+"""paddle adapter: ``cudcn.paddle.deform_conv2d``, ``ms_deform_attn``, ``dcnv3``, ``dcnv4``
+and drop-in layers.
 
 A drop-in for ``paddle.vision.ops.deform_conv2d`` and
 ``paddle.vision.ops.DeformConv2D``, plus the DCNv1/DCNv2 "pack" layers that
-predict their own offsets and a CoordConv layer, mirroring :mod:`cudcn.torch`.
+predict their own offsets and a CoordConv layer, mirroring :mod:`cudcn.torch`;
+multi-scale deformable attention as a function (:func:`ms_deform_attn`,
+dygraph only) and as mmcv's module (:class:`MultiScaleDeformableAttention`).
 Importing this module imports paddle; ``import cudcn`` alone never does.
 
 How a call runs (dygraph, paddle's default mode):
@@ -59,8 +62,8 @@ Where things are (``cudcn/paddle/``):
   and tensor arguments, data-less NumPy stand-ins for the core's
   validation, DLPack to CuPy/NumPy arrays and back, paddle's memory and
   stream for CuPy.
-- ``functional.py``: the autograd layer (``PyLayer``) and the public
-  :func:`deform_conv2d`.
+- ``functional.py``: the autograd layers (``PyLayer``) and the public
+  :func:`deform_conv2d` and :func:`ms_deform_attn`.
 - ``dcnv3.py``: :func:`dcnv3` and :func:`dcnv4` (InternImage's DCNv3 and
   FlashInternImage's DCNv4 operators, channels-last), their autograd
   layers; dygraph only.
@@ -74,13 +77,15 @@ from cudcn.errors import import_framework
 import_framework("paddle", "paddlepaddle")  # without paddle, an error that names cudcn's extra
 
 from cudcn.paddle.dcnv3 import dcnv3, dcnv4  # noqa: E402
-from cudcn.paddle.functional import LAYOUTS, NAMES, deform_conv2d  # noqa: E402
+from cudcn.paddle.functional import LAYOUTS, NAMES, deform_conv2d, ms_deform_attn  # noqa: E402
 from cudcn.paddle.layers import (  # noqa: E402
     CoordConv2D,
     DeformConv2D,
     DeformConv2DPack,
     ModulatedDeformConv2DPack,
+    MultiScaleDeformableAttention,
     coordinate_channels,
+    sampling_locations,
 )
 
 __all__ = [
@@ -88,7 +93,10 @@ __all__ = [
     "DeformConv2D",
     "DeformConv2DPack",
     "ModulatedDeformConv2DPack",
+    "MultiScaleDeformableAttention",
     "dcnv3",
     "dcnv4",
     "deform_conv2d",
+    "ms_deform_attn",
+    "sampling_locations",
 ]

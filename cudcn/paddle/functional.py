@@ -1,15 +1,19 @@
-"""``cudcn.paddle.deform_conv2d``: the autograd layer and the public function."""
+"""``cudcn.paddle.deform_conv2d`` and ``cudcn.paddle.ms_deform_attn``: the
+autograd layers and the public functions."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
 import cudcn
-from cudcn.errors import ArgumentError, double_backward_error
+from cudcn.errors import ArgumentError, UnsupportedError, double_backward_error
 from cudcn.geometry import Geometry, validate
+from cudcn.msda_geometry import LAYOUTS as MSDA_LAYOUTS
+from cudcn.msda_geometry import MSDAGeometry, validate_msda
 from cudcn.paddle._bridge import (
     IntOrPair,
     backend_context,
@@ -199,3 +203,128 @@ def deform_conv2d(
     if not paddle.in_dynamic_mode():
         return static_deform_conv2d(x, offset, weight, bias, mask, geom)
     return _DeformConv2dFunction.apply(x, offset, weight, bias, mask, (stride, padding, dilation))
+
+
+# ==========================================================================
+# Multi-scale deformable attention
+# ==========================================================================
+
+def _host_levels(spatial_shapes: Any, level_start_index: Any) -> tuple[Any, Any]:
+    """The level arguments on the host: a tensor read into a NumPy array (for
+    a GPU tensor, a copy that waits for the GPU), ints as a NumPy array
+    (level_start_index None: implied by the shapes)."""
+    def host(t: Any) -> Any:
+        if isinstance(t, paddle.Tensor):
+            return to_array(t.cpu())
+        return t if t is None else np.asarray(t)
+
+    shapes = host(spatial_shapes)
+    if level_start_index is None and isinstance(shapes, np.ndarray) and shapes.ndim == 2 and shapes.dtype.kind in "iu":
+        sizes = shapes[:, 0].astype(np.int64) * shapes[:, 1]
+        return shapes, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return shapes, host(level_start_index)
+
+
+def _check_msda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step,
+                grad_output=None) -> MSDAGeometry:
+    """The core's validation, on stand-ins of the floating tensors and the levels on the host."""
+    tensors = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    if grad_output is not None:
+        tensors["grad_output"] = grad_output
+    given = check_tensors(tensors, MSDA_LAYOUTS)
+    return validate_msda(
+        **{name: stand_in(name, t, list(t.shape)) for name, t in given.items()},
+        spatial_shapes=spatial_shapes, level_start_index=level_start_index, im2col_step=im2col_step,
+    )
+
+
+def _msda_arrays(geom: MSDAGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """spatial_shapes and level_start_index for the core, from a checked call."""
+    return np.array(geom.shapes, dtype=np.int64).reshape(-1, 2), np.array(geom.starts, dtype=np.int64)
+
+
+class _MSDeformAttnBackward(PyLayer):
+    """The backward as a layer of its own, so that differentiating its
+    gradients raises cudcn's error (see _DeformConv2dBackward)."""
+
+    @staticmethod
+    def forward(ctx, grad_out, value, sampling_locations, attention_weights, geom):
+        with backend_context(value):
+            grads = cudcn.ms_deform_attn_backward(
+                to_array(grad_out), to_array(value), *_msda_arrays(geom),
+                to_array(sampling_locations), to_array(attention_weights),
+            )
+            return tuple(to_tensor(g, value.dtype) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise double_backward_error("multi-scale deformable attention (cudcn.paddle.ms_deform_attn)")
+
+
+class _MSDeformAttnFunction(PyLayer):
+    """Autograd for :func:`ms_deform_attn`: gradients for value,
+    sampling_locations and attention_weights."""
+
+    @staticmethod
+    def forward(ctx, value, sampling_locations, attention_weights, geom):
+        ctx.geom = geom
+        tensors = (value, sampling_locations, attention_weights)
+        ctx.needs_grad = [not t.stop_gradient for t in tensors]
+        ctx.save_for_backward(*tensors)
+        with backend_context(value):
+            out = cudcn.ms_deform_attn(
+                to_array(value), *_msda_arrays(geom), to_array(sampling_locations), to_array(attention_weights)
+            )
+            return to_tensor(out, value.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        value, sampling_locations, attention_weights = ctx.saved_tensor()
+        grads = _MSDeformAttnBackward.apply(grad_out, value, sampling_locations, attention_weights, ctx.geom)
+        return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_grad))
+
+
+@paddle.jit.not_to_static
+def ms_deform_attn(
+    value: paddle.Tensor,
+    spatial_shapes: Any,
+    level_start_index: Any,
+    sampling_locations: paddle.Tensor,
+    attention_weights: paddle.Tensor,
+    im2col_step: int = 64,
+    name: str | None = None,
+) -> paddle.Tensor:
+    """Multi-scale deformable attention (Deformable DETR's MSDeformAttn core).
+
+    :func:`cudcn.torch.ms_deform_attn` for paddle: the same arguments (in
+    Deformable DETR's order), semantics and gradients.
+
+    Args:
+        value: (N, S, M, D), S = sum of H_l*W_l.
+        spatial_shapes: the (H_l, W_l) of the L levels: an integer tensor
+            (L, 2), read on the host once per call (for a GPU tensor, a copy
+            that waits for the GPU), or a sequence of pairs of ints.
+        level_start_index: (L,) integer tensor or ints, the first pixel of
+            each level (checked), or None (implied by the shapes).
+        sampling_locations: (N, Lq, M, L, P, 2), normalised (x, y).
+        attention_weights: (N, Lq, M, L, P), applied as given.
+        im2col_step: accepted and ignored (a positive int).
+        name: unused; paddle's signatures have it.
+
+    Returns:
+        (N, Lq, M*D) on value's place, in its dtype. value,
+        sampling_locations and attention_weights share one dtype (paddle's
+        automatic mixed precision does not cast for this function).
+
+    Gradients flow to value, sampling_locations and attention_weights.
+    Dygraph only: in a static graph (``paddle.jit.to_static``) it raises
+    cudcn.UnsupportedError.
+    """
+    if not paddle.in_dynamic_mode():
+        raise UnsupportedError(
+            "cudcn.paddle.ms_deform_attn runs in dygraph mode only; a static graph "
+            "(paddle.jit.to_static, paddle.enable_static()) has no MSDA op to emit"
+        )
+    geom = _check_msda(value, *_host_levels(spatial_shapes, level_start_index), sampling_locations,
+                       attention_weights, im2col_step)
+    return _MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, geom)

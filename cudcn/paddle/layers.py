@@ -1,8 +1,9 @@
 """The layers: DeformConv2D (paddle's), the pack layers that predict their
-own offsets, and CoordConv."""
+own offsets, CoordConv, and MultiScaleDeformableAttention (mmcv's)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import paddle
@@ -11,7 +12,7 @@ from paddle.nn.initializer import Constant, Normal
 from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import int_pair, output_size
 from cudcn.paddle._bridge import IntOrPair, dtype_name, int_argument, is_tensor, type_name
-from cudcn.paddle.functional import LAYOUTS, deform_conv2d
+from cudcn.paddle.functional import LAYOUTS, deform_conv2d, ms_deform_attn
 
 
 @paddle.jit.not_to_static  # plain Python on static values: see deform_conv2d
@@ -300,3 +301,141 @@ class CoordConv2D(paddle.nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         _check_layer_input(x, self, self.conv.weight)
         return self.conv(paddle.concat((x, coordinate_channels(x)), axis=1))
+
+
+class MultiScaleDeformableAttention(paddle.nn.Layer):
+    """Multi-scale deformable attention with its projections
+    (cudcn.torch.MultiScaleDeformableAttention, mmcv's module, for paddle).
+
+    The same constructor arguments and defaults, sublayers (``dropout``,
+    ``sampling_offsets``, ``attention_weights``, ``value_proj``,
+    ``output_proj``: paddle ``Linear`` layers, whose weights are stored
+    (in, out), the transpose of torch's), initialisation and forward, on
+    :func:`cudcn.paddle.ms_deform_attn`. ``weight_attr`` and ``bias_attr``
+    (paddle's convention) apply to the four projections when given, in
+    place of the initialisation. Dygraph only, as the function.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        im2col_step: int = 64,
+        dropout: float = 0.1,
+        batch_first: bool = False,
+        norm_cfg: Any = None,
+        init_cfg: Any = None,
+        value_proj_ratio: float = 1.0,
+        weight_attr: Any = None,
+        bias_attr: Any = None,
+    ) -> None:
+        super().__init__()
+        embed_dims = int_argument(embed_dims, "embed_dims", 1)
+        num_heads = int_argument(num_heads, "num_heads", 1)
+        value_dims = int(embed_dims * value_proj_ratio)
+        for size, size_name in ((embed_dims, "embed_dims"), (value_dims, "int(embed_dims * value_proj_ratio)")):
+            if size % num_heads:
+                raise ArgumentError(f"{size_name} = {size} must be divisible by num_heads = {num_heads}")
+        self.norm_cfg = norm_cfg
+        self.init_cfg = init_cfg
+        self.batch_first = batch_first
+        self.im2col_step = int_argument(im2col_step, "im2col_step", 1)
+        self.embed_dims = embed_dims
+        self.num_levels = int_argument(num_levels, "num_levels", 1)
+        self.num_heads = num_heads
+        self.num_points = int_argument(num_points, "num_points", 1)
+        samples = num_heads * self.num_levels * self.num_points
+        weight_attr = _param_attr(weight_attr, "weight_attr")
+        bias_attr = _param_attr(bias_attr, "bias_attr")
+        self._custom_init = weight_attr is not None or bias_attr is not None
+        self.dropout = paddle.nn.Dropout(dropout)
+        self.sampling_offsets = paddle.nn.Linear(embed_dims, samples * 2, weight_attr, bias_attr)
+        self.attention_weights = paddle.nn.Linear(embed_dims, samples, weight_attr, bias_attr)
+        self.value_proj = paddle.nn.Linear(embed_dims, value_dims, weight_attr, bias_attr)
+        self.output_proj = paddle.nn.Linear(value_dims, embed_dims, weight_attr, bias_attr)
+        if not self._custom_init:
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """mmcv's initialisation (see cudcn.torch.MultiScaleDeformableAttention.init_weights),
+        in paddle's float32 ops."""
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        thetas = paddle.arange(heads, dtype="float32") * (2.0 * math.pi / heads)
+        grid = paddle.stack([paddle.cos(thetas), paddle.sin(thetas)], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)).reshape([heads, 1, 1, 2]).tile([1, levels, points, 1])
+        grid = grid * paddle.arange(1, points + 1, dtype="float32").reshape([1, 1, points, 1])
+        zeros, xavier = Constant(0.0), paddle.nn.initializer.XavierUniform()
+        with paddle.no_grad():
+            zeros(self.sampling_offsets.weight)
+            self.sampling_offsets.bias.set_value(grid.reshape([-1]).astype(self.sampling_offsets.bias.dtype))
+            for parameter in (self.attention_weights.weight, self.attention_weights.bias,
+                              self.value_proj.bias, self.output_proj.bias):
+                zeros(parameter)
+            xavier(self.value_proj.weight)
+            xavier(self.output_proj.weight)
+
+    def forward(
+        self,
+        query: paddle.Tensor,
+        key: paddle.Tensor | None = None,
+        value: paddle.Tensor | None = None,
+        identity: paddle.Tensor | None = None,
+        query_pos: paddle.Tensor | None = None,
+        key_padding_mask: paddle.Tensor | None = None,
+        reference_points: paddle.Tensor | None = None,
+        spatial_shapes: Any = None,
+        level_start_index: Any = None,
+        **kwargs: Any,
+    ) -> paddle.Tensor:
+        """The forward of cudcn.torch.MultiScaleDeformableAttention (mmcv's):
+        query (Lq, N, E) ((N, Lq, E) with batch_first), value (S, N, E),
+        key_padding_mask (N, S) True at padding, reference_points
+        (N, Lq, L, 2 or 4); returns ``dropout(output_proj(attention)) + identity``."""
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query, value = query.transpose([1, 0, 2]), value.transpose([1, 0, 2])
+        batch, queries, _ = query.shape
+        pixels = value.shape[1]
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = paddle.where(key_padding_mask.unsqueeze(-1), paddle.zeros_like(value), value)
+        value = value.reshape([batch, pixels, self.num_heads, -1])
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        offsets = self.sampling_offsets(query).reshape([batch, queries, heads, levels, points, 2])
+        weights = paddle.nn.functional.softmax(
+            self.attention_weights(query).reshape([batch, queries, heads, levels * points]), -1
+        ).reshape([batch, queries, heads, levels, points])
+        locations = sampling_locations(reference_points, offsets, spatial_shapes)
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations.astype(value.dtype),
+                                weights.astype(value.dtype), self.im2col_step)
+        output = self.output_proj(output)
+        if not self.batch_first:
+            output = output.transpose([1, 0, 2])
+        return self.dropout(output) + identity
+
+
+def sampling_locations(reference_points: paddle.Tensor, offsets: paddle.Tensor, spatial_shapes: Any) -> paddle.Tensor:
+    """Deformable DETR's sampling locations (N, Lq, M, L, P, 2) from reference
+    points (N, Lq, L, 2 or 4) and offsets (N, Lq, M, L, P, 2), as
+    cudcn.torch.sampling_locations."""
+    if not is_tensor(reference_points) or len(reference_points.shape) != 4:
+        got = list(reference_points.shape) if is_tensor(reference_points) else type_name(reference_points)
+        raise ArgumentError(f"reference_points must be a 4-D tensor (N, Lq, L, 2 or 4), got {got}")
+    corner = reference_points[:, :, None, :, None, :2]
+    if reference_points.shape[-1] == 2:
+        shapes = spatial_shapes.astype(offsets.dtype) if is_tensor(spatial_shapes) else paddle.to_tensor(
+            spatial_shapes, dtype=offsets.dtype, place=offsets.place)
+        normalizer = paddle.stack([shapes[:, 1], shapes[:, 0]], -1)
+        return corner + offsets / normalizer[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        return corner + offsets / offsets.shape[4] * reference_points[:, :, None, :, None, 2:] * 0.5
+    raise ArgumentError(
+        f"Last dim of reference_points must be 2 or 4, but get {reference_points.shape[-1]} instead."
+    )

@@ -1,9 +1,14 @@
-"""torch adapter: ``cudcn.torch.deform_conv2d``, ``dcnv3``, ``dcnv4`` and drop-in modules.
+"""torch adapter: ``cudcn.torch.deform_conv2d``, ``ms_deform_attn``, ``dcnv3``, ``dcnv4``
+and drop-in modules.
 
 A drop-in for ``torchvision.ops.deform_conv2d`` and ``torchvision.ops.DeformConv2d``,
 plus the DCNv1/DCNv2 "pack" layers that predict their own offsets (mmcv's
-conventions) and a CoordConv layer. Importing this module imports torch;
-``import cudcn`` alone never does.
+conventions) and a CoordConv layer; multi-scale deformable attention as
+Deformable DETR's/mmcv's function (:func:`ms_deform_attn`), as mmcv's module
+(:class:`MultiScaleDeformableAttention`) and as HF transformers' layer
+forward (:func:`hf_ms_deform_attn_forward`); docs/msda.md tells the MSDA
+specifics (level sizes read on the host, autocast, export routes). Importing
+this module imports torch; ``import cudcn`` alone never does.
 
 How a call runs:
 
@@ -58,7 +63,10 @@ Leaving Python: TorchScript compiles the function and the modules to calls of
 the op; torch.export captures the op (a dynamic batch works); ONNX export
 writes the standard ``DeformConv`` node, through
 :func:`onnx_translation_table` (dynamo exporter) or the symbolic registered
-at import (legacy exporter).
+at import (legacy exporter). Multi-scale deformable attention exports the
+same two ways as standard ops (GridSample per level), or as TensorRT's
+plugin node; torch.export and torch.compile capture its op with a dynamic
+batch and number of queries (TorchScript does not take it).
 
 Where things are (``cudcn/torch/``):
 
@@ -69,13 +77,15 @@ Where things are (``cudcn/torch/``):
   DLPack to CuPy/NumPy arrays and back, torch's allocator and stream for
   CuPy, cudcn's settings carried from a forward to its backward, autocast.
 - ``functional.py``: the custom ops (``torch.library``), their fake
-  implementations and autograd, and the public :func:`deform_conv2d`.
+  implementations and autograd, and the public functions
+  (:func:`deform_conv2d`, :func:`ms_deform_attn`,
+  :func:`hf_ms_deform_attn_forward`).
 - ``dcnv3.py``: the same for InternImage's DCNv3 and FlashInternImage's
   DCNv4 operators, :func:`dcnv3` and :func:`dcnv4` (channels-last, no
   weight: the depthwise sampling core of the DCNv3/DCNv4 modules).
 - ``modules.py``: the nn.Modules.
 - ``export.py``: ONNX export (the dynamo translation table, and the legacy
-  exporter's symbolic, registered when ``cudcn.torch`` is imported).
+  exporter's symbolics, registered when ``cudcn.torch`` is imported).
 """
 
 from cudcn.errors import import_framework
@@ -84,13 +94,15 @@ import_framework("torch", "torch")  # without torch, an error that names cudcn's
 
 from cudcn.torch.dcnv3 import dcnv3, dcnv4  # noqa: E402
 from cudcn.torch.export import ONNX_MIN_OPSET, onnx_translation_table  # noqa: E402
-from cudcn.torch.functional import deform_conv2d  # noqa: E402
+from cudcn.torch.functional import deform_conv2d, hf_ms_deform_attn_forward, ms_deform_attn  # noqa: E402
 from cudcn.torch.modules import (  # noqa: E402
     CoordConv2d,
     DeformConv2d,
     DeformConv2dPack,
     ModulatedDeformConv2dPack,
+    MultiScaleDeformableAttention,
     coordinate_channels,
+    sampling_locations,
 )
 
 __all__ = [
@@ -98,8 +110,12 @@ __all__ = [
     "DeformConv2d",
     "DeformConv2dPack",
     "ModulatedDeformConv2dPack",
+    "MultiScaleDeformableAttention",
     "dcnv3",
     "dcnv4",
     "deform_conv2d",
+    "hf_ms_deform_attn_forward",
+    "ms_deform_attn",
     "onnx_translation_table",
+    "sampling_locations",
 ]

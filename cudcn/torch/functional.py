@@ -15,12 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 import cudcn
-from cudcn.errors import double_backward_error
-from cudcn.geometry import Geometry, output_size, validate
+from cudcn.errors import ArgumentError, ArgumentTypeError, double_backward_error
+from cudcn.geometry import Geometry, check_ndim, output_size, validate
+from cudcn.msda_geometry import LAYOUTS as MSDA_LAYOUTS
+from cudcn.msda_geometry import MSDAGeometry, validate_msda
 from cudcn.torch._bridge import (
     IntOrPair,
     as_list,
@@ -257,3 +260,347 @@ def deform_conv2d(
         input, offset, weight, bias, mask,
         as_list(stride), as_list(padding), as_list(dilation),
     )
+
+
+
+# ==========================================================================
+# Multi-scale deformable attention
+# ==========================================================================
+
+#: The level tensors: an MSDA op goes without them when the level sizes come as ints.
+LEVEL_TENSORS = ("spatial_shapes", "level_start_index")
+
+#: The rank of each floating tensor of an MSDA call.
+_MSDA_RANKS = {"value": 4, "sampling_locations": 6, "attention_weights": 5, "grad_output": 3}
+
+
+def _check_msda_tensors(
+    value: Tensor, spatial_shapes: Tensor | None, level_start_index: Tensor | None,
+    sampling_locations: Tensor, attention_weights: Tensor, grad_output: Tensor | None = None,
+) -> None:
+    """Dense tensors: the floating ones on value's device; the level tensors
+    (when given) on that device or on the CPU, which is read without waiting
+    for the GPU."""
+    floating = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    if grad_output is not None:  # a backward's
+        floating["grad_output"] = grad_output
+    check_tensors(floating)
+    for name, t in zip(LEVEL_TENSORS, (spatial_shapes, level_start_index)):
+        if t is None:
+            continue
+        check_tensors({name: t}, integer=(name,))
+        if t.device != value.device and t.device.type != "cpu":
+            raise ArgumentError(
+                f"{name} is on {t.device} but value is on {value.device}; pass it on value's device or on the CPU"
+            )
+
+
+def _level_arrays(level_shapes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """spatial_shapes (L, 2) and level_start_index (L,) as NumPy arrays, from
+    the level sizes [H_0, W_0, H_1, W_1, ...]."""
+    if len(level_shapes) % 2:
+        raise ArgumentError(f"level_shapes must be [H_0, W_0, H_1, W_1, ...], got {list(level_shapes)}")
+    shapes = np.array(level_shapes, dtype=np.int64).reshape(-1, 2)
+    return shapes, np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])[:-1]]).astype(np.int64)
+
+
+def _core_levels(spatial_shapes: Tensor | None, level_start_index: Tensor | None,
+                 level_shapes: Sequence[int] | None) -> tuple[Any, Any]:
+    """The level arguments for the core: made from ``level_shapes`` when an op
+    has them (the level tensors are then not read), else the level tensors
+    as arrays, which the core reads on the host."""
+    if level_shapes is not None:
+        return _level_arrays(level_shapes)
+    return to_array(spatial_shapes), to_array(level_start_index)
+
+
+def _check_msda(
+    value: Tensor, spatial_shapes: np.ndarray, level_start_index: Any, sampling_locations: Tensor,
+    attention_weights: Tensor, im2col_step: Any, grad_output: Tensor | None = None,
+) -> MSDAGeometry:
+    """The core's validation, on data-less stand-ins of the floating tensors
+    and the level sizes as host arrays."""
+    floating = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    if grad_output is not None:
+        floating["grad_output"] = grad_output
+    return validate_msda(
+        **stand_ins(floating), spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+        im2col_step=im2col_step,
+    )
+
+
+def _static_levels(level_shapes: Sequence[Any] | None) -> bool:
+    """Whether the level sizes are known ints (not torch.compile's symbols)."""
+    return level_shapes is not None and all(isinstance(size, int) for size in level_shapes)
+
+
+@torch.library.custom_op("cudcn::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(
+    value: Tensor,
+    spatial_shapes: Tensor | None,
+    level_start_index: Tensor | None,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    im2col_step: int,
+    level_shapes: Sequence[int] | None,
+) -> Tensor:
+    """Output (N, Lq, M*D) from the core's forward.
+
+    The level sizes are ``level_shapes`` = [H_0, W_0, H_1, ...] when given
+    (the level tensors are then not read and may be None), else read from
+    the level tensors on the host (for CUDA tensors, a synchronisation).
+    """
+    _check_msda_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    with backend_context(value):
+        shapes, starts = _core_levels(spatial_shapes, level_start_index, level_shapes)
+        out = cudcn.ms_deform_attn(
+            to_array(value), shapes, starts, to_array(sampling_locations), to_array(attention_weights), im2col_step
+        )
+        return to_tensor(out, value.dtype)
+
+
+def _check_msda_fake(value, sampling_locations, attention_weights, im2col_step, level_shapes, grad_output=None):
+    """What a fake implementation can check: everything when the sizes and
+    levels are known, else the ranks."""
+    if _static_levels(level_shapes) and is_static(value, sampling_locations, attention_weights, grad_output):
+        _check_msda(value, *_level_arrays(level_shapes), sampling_locations, attention_weights, im2col_step,
+                    grad_output)
+        return
+    for name, t in (("value", value), ("sampling_locations", sampling_locations),
+                    ("attention_weights", attention_weights), ("grad_output", grad_output)):
+        if t is not None:
+            check_ndim(t, name, _MSDA_RANKS[name], MSDA_LAYOUTS[name])
+
+
+@_ms_deform_attn_op.register_fake
+def _ms_deform_attn_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                         im2col_step, level_shapes):
+    _check_msda_fake(value, sampling_locations, attention_weights, im2col_step, level_shapes)
+    batch, _, heads, channels = value.shape
+    return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+
+
+@torch.library.custom_op("cudcn::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(
+    grad_output: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor | None,
+    level_start_index: Tensor | None,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    im2col_step: int,
+    level_shapes: Sequence[int] | None,
+    deterministic: bool,
+    tf32: bool = False,
+    algorithm: str = "",
+    workspace_bytes: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (value, sampling_locations, attention_weights) from the core's backward.
+
+    The levels as for the forward op; ``deterministic``, ``tf32``,
+    ``algorithm`` and ``workspace_bytes`` are cudcn's settings at the
+    forward, as for deformable convolution's backward op.
+    """
+    _check_msda_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
+    with backend_context(value), backward_settings(deterministic, tf32, algorithm, workspace_bytes):
+        shapes, starts = _core_levels(spatial_shapes, level_start_index, level_shapes)
+        grads = cudcn.ms_deform_attn_backward(
+            to_array(grad_output), to_array(value), shapes, starts, to_array(sampling_locations),
+            to_array(attention_weights), im2col_step,
+        )
+        return tuple(to_tensor(g, value.dtype) for g in grads)
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _ms_deform_attn_backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights, im2col_step, level_shapes, deterministic, tf32=False,
+                                  algorithm="", workspace_bytes=0):
+    _check_msda_fake(value, sampling_locations, attention_weights, im2col_step, level_shapes, grad_output)
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (value, sampling_locations, attention_weights)
+    )
+
+
+def _msda_setup_context(ctx, inputs, output) -> None:
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step, level_shapes = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.level_args = (im2col_step, level_shapes)
+    ctx.settings = settings_at_forward()  # here, in the caller's thread
+
+
+def _msda_backward(ctx, grad_output: Tensor):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    g_value, g_locations, g_weights = _ms_deform_attn_backward_op(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        *ctx.level_args, *ctx.settings,
+    )
+    return g_value, None, None, g_locations, g_weights, None, None
+
+
+torch.library.register_autograd("cudcn::ms_deform_attn", _msda_backward, setup_context=_msda_setup_context)
+
+
+def _msda_no_double_backward(ctx, *grads):
+    raise double_backward_error("multi-scale deformable attention (cudcn.torch.ms_deform_attn)")
+
+
+torch.library.register_autograd("cudcn::ms_deform_attn_backward", _msda_no_double_backward)
+
+
+def _flat_level_shapes(spatial_shapes: Any) -> list[Any]:
+    """Level sizes given as (H_l, W_l) pairs of ints (torch.SymInts while
+    torch.compile traces) as [H_0, W_0, H_1, W_1, ...]."""
+    expected = "an integer tensor (L, 2) or a sequence of (H_l, W_l) pairs of ints"
+    try:
+        pairs = [tuple(pair) for pair in spatial_shapes]
+    except TypeError:
+        raise ArgumentTypeError(f"spatial_shapes must be {expected}, got {type(spatial_shapes).__name__}") from None
+    flat: list[Any] = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ArgumentError(f"spatial_shapes must be {expected}, got an entry {pair!r}")
+        for size in pair:
+            if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer, torch.SymInt)):
+                raise ArgumentTypeError(
+                    f"spatial_shapes must be {expected}, got an entry of {type(size).__name__} {size!r}"
+                )
+            flat.append(size if isinstance(size, torch.SymInt) else int(size))
+    return flat
+
+
+def _host_integers(t: Tensor | None) -> np.ndarray | None:
+    """A level tensor as a NumPy array (for a CUDA tensor, a copy that waits for the GPU)."""
+    return None if t is None else to_array(t.detach().cpu())
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    level_start_index: Tensor | Sequence[int] | None,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    im2col_step: int = 64,
+) -> Tensor:
+    """Multi-scale deformable attention (Deformable DETR's MSDeformAttn core).
+
+    The argument order and results of Deformable DETR's and mmcv's
+    ``MultiScaleDeformableAttnFunction.apply`` (and of
+    ``ms_deform_attn_core_pytorch``): ``out[n, q, m*D + d]`` is the sum over
+    levels l and points p of ``attention_weights[n, q, m, l, p]`` times level
+    l of ``value`` (head m, channel d) sampled bilinearly at pixel
+    (x*W_l - 0.5, y*H_l - 0.5), zeros outside, where (x, y) =
+    ``sampling_locations[n, q, m, l, p]``; no softmax is applied.
+
+    Args:
+        value: (N, S, M, D), S = sum of H_l*W_l.
+        spatial_shapes: the (H_l, W_l) of the L levels, as an integer tensor
+            (L, 2) or as a sequence of L pairs of Python ints (transformers'
+            ``spatial_shapes_list``). A tensor is read on the host once: for
+            a CUDA tensor that is a device-to-host copy that waits for the
+            GPU (a synchronisation, as in mmcv's and Deformable DETR's
+            CUDA ops' callers); Python ints (or a CPU tensor) cost nothing.
+            Under torch.compile / torch.export a tensor is read where the op
+            runs, once by the forward and once by the backward.
+        level_start_index: (L,), the first pixel of each level (the
+            cumulative sum of H_l*W_l from 0), checked: an integer tensor
+            (read with spatial_shapes, on its device or the CPU) or a
+            sequence of ints. With spatial_shapes as Python ints it may be
+            None, and a tensor is not read (it is implied by the shapes, as
+            in transformers' own implementation).
+        sampling_locations: (N, Lq, M, L, P, 2), normalised (x, y); points
+            may lie outside [0, 1].
+        attention_weights: (N, Lq, M, L, P).
+        im2col_step: accepted for compatibility and ignored (a positive
+            int): any batch size works.
+
+    Returns:
+        (N, Lq, M*D), on value's device, in its dtype (or the autocast dtype).
+
+    Gradients flow to value, sampling_locations and attention_weights (the
+    integer arguments get none); at an integer pixel coordinate the location
+    gradient is the one-sided derivative towards +1 (see docs/msda.md).
+    value, sampling_locations and attention_weights share one floating
+    dtype: float16, bfloat16, float32 or float64. Under ``torch.autocast``
+    all three are cast to the autocast dtype of value's device (float64 is
+    left alone), as for :func:`deform_conv2d` and as mmcv casts the
+    locations and weights to the value's dtype; the op then runs in that
+    dtype. In float16/bfloat16 the locations carry 11/8 significant bits:
+    run MSDA outside autocast in float32 where sub-pixel precision on large
+    levels matters. With ``torch.use_deterministic_algorithms(True)`` (or
+    cudcn's setting at the forward) the backward takes the deterministic
+    path. Double backward raises :class:`cudcn.UnsupportedError`.
+
+    Raises:
+        cudcn.ArgumentTypeError, cudcn.ArgumentError: the core's message
+            naming the argument (TypeError / ValueError, and RuntimeError).
+    """
+    level_shapes = None
+    if isinstance(spatial_shapes, Tensor):
+        if level_start_index is not None and not isinstance(level_start_index, Tensor):
+            level_start_index = torch.as_tensor(level_start_index, device=spatial_shapes.device)
+    else:
+        level_shapes = _flat_level_shapes(spatial_shapes)
+        spatial_shapes = None
+    if isinstance(value, Tensor):
+        value, sampling_locations, attention_weights = autocast(
+            value.device.type, [value, sampling_locations, attention_weights]
+        )
+    if not torch.compiler.is_compiling():
+        # Check the call as the user wrote it; read level tensors on the host
+        # here, once for the forward and its backward. (Under torch.compile
+        # the op reads them where it runs, and its fake implementation checks.)
+        if level_shapes is None:
+            _check_msda_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            if spatial_shapes.device.type != "meta":
+                geom = _check_msda(value, _host_integers(spatial_shapes), _host_integers(level_start_index),
+                                   sampling_locations, attention_weights, im2col_step)
+                level_shapes = [size for pair in geom.shapes for size in pair]
+        elif _static_levels(level_shapes):
+            shapes, starts = _level_arrays(level_shapes)
+            if level_start_index is not None and not isinstance(level_start_index, Tensor):
+                starts = np.asarray(level_start_index)  # given as ints: checked (a tensor is not read)
+            _check_msda(value, shapes, starts, sampling_locations, attention_weights, im2col_step)
+    if level_shapes is not None:
+        spatial_shapes = level_start_index = None
+    return _ms_deform_attn_op(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step, level_shapes
+    )
+
+
+def hf_ms_deform_attn_forward(
+    self: Any,
+    value: Tensor,
+    value_spatial_shapes: Tensor,
+    value_spatial_shapes_list: Sequence[tuple[int, int]],
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    im2col_step: int,
+) -> Tensor:
+    """cudcn in HF transformers' ``MultiScaleDeformableAttention.forward``'s place.
+
+    The exact signature of that forward (Deformable DETR and the models
+    that copy its class: RT-DETR, Grounding DINO, ...), so that one line
+    makes every such layer run cudcn::
+
+        import transformers.models.deformable_detr.modeling_deformable_detr as detr
+        detr.MultiScaleDeformableAttention.forward = cudcn.torch.hf_ms_deform_attn_forward
+
+    Patch the class, not an instance: transformers re-applies its hub
+    kernels (``kernels.kernelize``) in ``from_pretrained`` and at every
+    ``model.train()`` / ``model.eval()`` of a model with ``use_kernels``,
+    and that replaces or deletes a forward set on an instance, while a
+    class patch stays (the CPU fallback restores the class's forward). On
+    CUDA, where transformers maps this layer to its hub kernel, load with
+    ``from_pretrained(..., use_kernels=False)`` (or set
+    ``USE_HUB_KERNELS=NO``), or the hub kernel shadows the patch.
+
+    Like transformers' own forward it reads the sizes from
+    ``value_spatial_shapes_list`` (Python ints: no synchronisation, and
+    static for torch.compile and export) and neither
+    ``value_spatial_shapes`` nor ``level_start_index``; ``im2col_step`` is
+    ignored. Returns (N, Lq, M*D).
+    """
+    return ms_deform_attn(value, value_spatial_shapes_list, level_start_index, sampling_locations,
+                          attention_weights, im2col_step)

@@ -1,9 +1,12 @@
 """The nn.Modules: DeformConv2d (torchvision's), the pack layers that predict
-their own offsets (mmcv's), and CoordConv."""
+their own offsets (mmcv's), CoordConv, and MultiScaleDeformableAttention
+(mmcv's)."""
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +16,7 @@ from torch import Tensor, nn
 from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import FLOAT_DTYPES, int_pair
 from cudcn.torch._bridge import IntOrPair, check_tensors
-from cudcn.torch.functional import deform_conv2d
+from cudcn.torch.functional import deform_conv2d, ms_deform_attn
 
 
 # --------------------------------------------------------------------------
@@ -323,3 +326,176 @@ class CoordConv2d(nn.Module):
         if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
             _check_layer_input(input, self.in_channels, unbatched=True)
         return self.conv(torch.cat((input, coordinate_channels(input)), dim=-3))
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention with its projections; a drop-in for
+    mmcv's ``mmcv.ops.MultiScaleDeformableAttention`` (mmcv 2.x), on
+    :func:`ms_deform_attn` on every device.
+
+    mmcv's constructor arguments and defaults, submodules (``dropout``,
+    ``sampling_offsets``, ``attention_weights``, ``value_proj``,
+    ``output_proj``, created in that order), state-dict keys and shapes
+    (with E = embed_dims, M = num_heads, L = num_levels, P = num_points,
+    V = int(E * value_proj_ratio)):
+
+    =============================  =====================
+    ``sampling_offsets.weight``    (M*L*P*2, E), bias (M*L*P*2,)
+    ``attention_weights.weight``   (M*L*P, E), bias (M*L*P,)
+    ``value_proj.weight``          (V, E), bias (V,)
+    ``output_proj.weight``         (E, V), bias (E,)
+    =============================  =====================
+
+    so an mmcv state dict loads with ``strict=True``; mmcv's
+    :meth:`init_weights`; mmcv's forward. ``norm_cfg`` and ``init_cfg`` are
+    stored and unused, as in mmcv. Unlike mmcv, a CPU call runs cudcn's op
+    (mmcv falls back to its pure-torch function there) and every batch size
+    works whatever im2col_step (stored, passed on, ignored).
+    """
+
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        im2col_step: int = 64,
+        dropout: float = 0.1,
+        batch_first: bool = False,
+        norm_cfg: Any = None,
+        init_cfg: Any = None,
+        value_proj_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        embed_dims = _int_argument(embed_dims, "embed_dims", 1)
+        num_heads = _int_argument(num_heads, "num_heads", 1)
+        _check_divisible(embed_dims, "embed_dims", num_heads, "num_heads")
+        value_dims = int(embed_dims * value_proj_ratio)
+        _check_divisible(value_dims, "int(embed_dims * value_proj_ratio)", num_heads, "num_heads")
+        self.norm_cfg = norm_cfg
+        self.init_cfg = init_cfg
+        self.batch_first = batch_first
+        self.im2col_step = _int_argument(im2col_step, "im2col_step", 1)
+        self.embed_dims = embed_dims
+        self.num_levels = _int_argument(num_levels, "num_levels", 1)
+        self.num_heads = num_heads
+        self.num_points = _int_argument(num_points, "num_points", 1)
+        samples = num_heads * self.num_levels * self.num_points
+        self.dropout = nn.Dropout(dropout)
+        self.sampling_offsets = nn.Linear(embed_dims, samples * 2)
+        self.attention_weights = nn.Linear(embed_dims, samples)
+        self.value_proj = nn.Linear(embed_dims, value_dims)
+        self.output_proj = nn.Linear(value_dims, embed_dims)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """mmcv's initialisation (Deformable DETR's): zero offset weights and
+        biases set so that head m's points start on the ray at angle
+        2*pi*m/M, point p at (p + 1) times the square's edge, on every level
+        (computed in float32); zero attention weights and bias; Xavier-uniform
+        projections with zero biases."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        device = self.sampling_offsets.bias.device
+        thetas = torch.arange(self.num_heads, dtype=torch.float32, device=device) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.num_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.num_levels, self.num_points, 1)
+        for point in range(self.num_points):
+            grid[:, :, point, :] *= point + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for projection in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(projection.weight, gain=1)
+            nn.init.zeros_(projection.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        identity: Tensor | None = None,
+        query_pos: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        spatial_shapes: Tensor | Sequence[tuple[int, int]] | None = None,
+        level_start_index: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """mmcv's forward.
+
+        Args:
+            query: (Lq, N, E), or (N, Lq, E) with batch_first.
+            key: unused (mmcv's signature has it).
+            value: (S, N, E), or (N, S, E) with batch_first; None: the query.
+            identity: added to the result; None: the query (before query_pos).
+            query_pos: added to the query, or None.
+            key_padding_mask: (N, S) bool, True where value is padding, or None.
+            reference_points: (N, Lq, L, 2) normalised (x, y), offsets then in
+                pixels of each level; or (N, Lq, L, 4) boxes (cx, cy, w, h),
+                offsets then in half box sizes divided by P.
+            spatial_shapes, level_start_index: as :func:`ms_deform_attn`.
+            kwargs: ignored, as in mmcv; ``residual`` is mmcv's deprecated
+                name of ``identity``.
+
+        Returns:
+            ``dropout(output_proj(attention)) + identity``, shaped as the query.
+        """
+        if "residual" in kwargs:
+            warnings.warn("'residual' is deprecated, please use 'identity' instead", DeprecationWarning, stacklevel=2)
+            residual = kwargs.pop("residual")
+            identity = residual if identity is None else identity
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query, value = query.permute(1, 0, 2), value.permute(1, 0, 2)
+        batch, queries, _ = query.shape
+        pixels = value.shape[1]
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(batch, pixels, self.num_heads, -1)
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
+        weights = weights.view(batch, queries, heads, levels, points)
+        locations = sampling_locations(reference_points, offsets, spatial_shapes)
+        # mmcv's op takes locations and weights in the value's dtype.
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations.to(value.dtype),
+                                weights.to(value.dtype), self.im2col_step)
+        output = self.output_proj(output)
+        if not self.batch_first:
+            output = output.permute(1, 0, 2)
+        return self.dropout(output) + identity
+
+
+def sampling_locations(reference_points: Tensor, offsets: Tensor,
+                       spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> Tensor:
+    """Deformable DETR's sampling locations (N, Lq, M, L, P, 2) from
+    reference points and predicted offsets (N, Lq, M, L, P, 2).
+
+    reference_points (N, Lq, L, 2), normalised (x, y): the offsets are in
+    pixels of each level (divided by (W_l, H_l)). reference_points
+    (N, Lq, L, 4), boxes (cx, cy, w, h): the offsets are in half box sizes,
+    divided by P.
+    """
+    if not isinstance(reference_points, Tensor) or reference_points.dim() != 4:
+        got = type(reference_points).__name__ if not isinstance(reference_points, Tensor) else tuple(reference_points.shape)
+        raise ArgumentError(f"reference_points must be a 4-D tensor (N, Lq, L, 2 or 4), got {got}")
+    corner = reference_points[:, :, None, :, None, :2]
+    if reference_points.shape[-1] == 2:
+        if isinstance(spatial_shapes, Tensor):
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+        else:
+            normalizer = offsets.new_tensor([[width, height] for height, width in spatial_shapes])
+        return corner + offsets / normalizer[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        return corner + offsets / offsets.shape[4] * reference_points[:, :, None, :, None, 2:] * 0.5
+    raise ArgumentError(
+        f"Last dim of reference_points must be 2 or 4, but get {reference_points.shape[-1]} instead."
+    )
