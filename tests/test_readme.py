@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,10 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: other missing module is an error in the block.
 OPTIONAL = ("torch", "torchvision", "paddle", "onnx", "onnxruntime", "onnxscript", "cupy", "sklearn",
             "matplotlib", "tqdm")
-BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
+#: A fenced Python block, at the margin or indented (in a list item), with
+#: an optional "not run" comment on the line before.
+BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*?) -->\n)?^(?P<indent>[ \t]*)```python\n(?P<code>.*?)^(?P=indent)```",
+                   re.S | re.M)
 
 
 def readme_commands() -> list[str]:
@@ -65,8 +69,9 @@ def _blocks() -> list:
     for path in DOCUMENTS:
         for number, match in enumerate(BLOCK.finditer(path.read_text()), start=1):
             name = f"{path.relative_to(ROOT)}#block{number}"  # no comma: paddle parses tracebacks
-            marks = [pytest.mark.gpu] if "cupy" in _imported(match.group("code")) else []
-            params.append(pytest.param(name, match.group("code"), match.group("reason"), id=name, marks=marks))
+            code = textwrap.dedent(match.group("code"))
+            marks = [pytest.mark.gpu] if "cupy" in _imported(code) else []
+            params.append(pytest.param(name, code, match.group("reason"), id=name, marks=marks))
     return params
 
 
