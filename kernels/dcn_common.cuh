@@ -111,14 +111,25 @@ template <>
 __device__ __forceinline__ float to_storage<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ double to_storage<double>(double v) { return v; }
+/// float -> bfloat16 bits in software, as cvt.rn.bf16.f32 computes them: the
+/// top half of the float rounded to nearest even (ties to the even half;
+/// subnormals as they are; past the largest finite value, infinity), and
+/// every NaN the canonical 0x7fff (rounding a NaN's bits could carry into
+/// the exponent and make infinity). The path of sm_75 and of the host.
+__device__ __forceinline__ unsigned short dcn_bfloat16_bits(float v) {
+  const unsigned int u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 template <>
 __device__ __forceinline__ dcn_bfloat16 to_storage<dcn_bfloat16>(float v) {
-  const unsigned int u = __float_as_uint(v);
-  // Rounding a NaN's bits could carry into the exponent and make infinity.
   dcn_bfloat16 r;
-  r.bits = (u & 0x7fffffffu) > 0x7f800000u
-               ? static_cast<unsigned short>((u >> 16) | 0x0040u)
-               : static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // One instruction (F2FP) where the software rounding takes about eight.
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+#else
+  r.bits = dcn_bfloat16_bits(v);
+#endif
   return r;
 }
 template <>

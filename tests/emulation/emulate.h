@@ -1158,6 +1158,7 @@ inline float dcn_host_half_to_float(unsigned short bits) {
 }
 
 inline unsigned short dcn_host_float_to_half(float v) {
+  if (v != v) return 0x7fffu;  // every NaN the canonical one, as cvt.rn.f16.f32 gives it
   const _Float16 h = static_cast<_Float16>(v);
   unsigned short bits;
   std::memcpy(&bits, &h, sizeof bits);

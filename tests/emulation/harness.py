@@ -248,6 +248,7 @@ COOPERATIVE_NAMES = (
     "warp_shared_sum", "shuffle_probe", "misuse",
     *(f"mma_fragments<{kind}>" for kind in range(3)), *(f"mma_matmul<{kind}>" for kind in range(3)),
     *(f"memory_pattern<{v}>" for v in (1, 2, 4)),
+    "round_to_storage<dcn_half>", "round_to_storage<dcn_bfloat16>",
 )
 
 
