@@ -14,6 +14,7 @@
 //   atomicAdd, __float_as_uint, __uint_as_float, __popc, __ffs
 //   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
 //                                              global memory accesses of kernels/dcn_common.cuh, recorded
+//                                              (dcn_atomic_add of a ChannelVector: sm_90's vector red)
 //   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU)
 //   dcn_emu::warp_collective                   building block of the MMA wrappers (kernels/dcn_mma.cuh)
 //   dcn_emu::launch(kernel, name, grid, block, shared_bytes, argv, account)
@@ -1090,7 +1091,16 @@ inline void dcn_store(T* p, I i, const T& value, DcnHere here = DcnHere()) {
 template <typename T>
 inline T dcn_atomic_add(T* p, T value, DcnHere here = DcnHere()) {
   dcn_account_global(dcn_emu::MemoryOp::atomic, p, here);
-  return atomicAdd(p, value);
+  if constexpr (std::is_arithmetic<T>::value) {
+    return atomicAdd(p, value);
+  } else {
+    // A vector of floats (kernels/dcn_common.cuh's ChannelVector, an array
+    // `v`): red.global.add.v4.f32 on sm_90, one access of its 16 bytes that
+    // adds element by element. (The device's returns nothing.)
+    const T old = *p;
+    for (std::size_t i = 0; i < std::extent<decltype(value.v)>::value; ++i) p->v[i] += value.v[i];
+    return old;
+  }
 }
 
 // A tile that may live in global or shared memory (kernels/dcn_mma.cuh's
