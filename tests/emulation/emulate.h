@@ -15,7 +15,9 @@
 //   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
 //                                              global memory accesses of kernels/dcn_common.cuh, recorded
 //                                              (dcn_atomic_add of a ChannelVector: sm_90's vector red)
-//   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU)
+//   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU; NaN -> 0x7fff)
+//   (DCN_EMULATED_ARCH, a compiler flag: the architecture whose code paths kernels/dcn_common.cuh's
+//   DCN_ARCH selects, e.g. 900 for sm_90's vector atomics; tests/emulation/harness.py sets it)
 //   dcn_emu::warp_collective                   building block of the MMA wrappers (kernels/dcn_mma.cuh)
 //   dcn_emu::launch(kernel, name, grid, block, shared_bytes, argv, account)
 //   dcn_emu::accounting                        the memory accounting of the last accounted launch

@@ -6,7 +6,9 @@ warp collectives, checked shared memory with a race detector; its header
 comment describes it), names every instantiation wanted by the same name
 expressions as ``cupy.RawModule``, compiles it once into a shared library
 (cached in the temp directory by a hash of all sources) and loads it as a
-:class:`Library`. Without arguments it builds the CUDA backend's kernels
+:class:`Library`. ``arch=90`` builds the code paths kernels take on sm_90
+(``DCN_EMULATED_ARCH``: col2im's vector atomics); the default, those every
+architecture has. Without arguments it builds the CUDA backend's kernels
 (``kernels/*.cu``); the emulator's own tests build
 ``cooperative_kernels.cu`` beside this file.
 
