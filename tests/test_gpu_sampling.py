@@ -42,7 +42,6 @@ def _dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-@pytest.mark.quick
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels, offset_groups", [(64, 1), (24, 2), (6, 2)],
                          ids=["64 channels", "12 an offset group", "3 an offset group"])
@@ -67,7 +66,6 @@ def test_col2im_atomics_match_numpy(dtype, channels, offset_groups):
     assert_close(cupy.asnumpy(got), expected, dtype.name)
 
 
-@pytest.mark.quick
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels, height, width", [(64, 8, 8), (40, 6, 6), (3, 5, 7), (1, 9, 9), (70, 1, 1)],
                          ids=["whole tiles", "partial tiles", "3 channels", "one channel", "one pixel"])
