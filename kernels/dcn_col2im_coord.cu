@@ -7,9 +7,10 @@
 //   d/dy = mask * sum_q d_dy_q * s_q,  d/dx likewise,  d/dmask = sum_q weight_q * s_q.
 // A group of `group_lanes` lanes per sampling point, lanes over the offset
 // group's channels (column rows and input pixels read in blocks of
-// consecutive channels, 16-byte vectors where they fit); each lane sums its
-// channels, then the group adds the lanes' sums by a butterfly of
-// __shfl_xor_sync in a fixed order. No atomics: deterministic. A point on
+// consecutive channels, 16-byte vectors where they fit); each lane sums s_q
+// over its channels and applies the corner weights and slopes once, then the
+// group adds the lanes' three sums by a butterfly of __shfl_xor_sync in a
+// fixed order. No atomics: deterministic. A point on
 // row or column -1 contributes its one-sided slope (locate's for_slope).
 #include "dcn_common.cuh"
 
@@ -23,8 +24,14 @@
 /// group_lanes: lanes per point, a power of two up to 32 (blocks are whole warps)
 /// grad_offset: (batch, 2*G*K, Ho, Wo), every element written
 /// grad_mask:   (batch, G*K, Ho, Wo), written only when has_mask
+///
+/// Launch bounds: 4 blocks of DCN_BLOCK_THREADS (half an SM's warps), so
+/// at most 64 registers a thread; summing s_q in the channel loop and
+/// applying the corner weights after it keeps every instantiation within
+/// that without spilling (summing the three gradients in the loop, float64
+/// with 64-bit indices took 72 registers: 3 blocks).
 template <typename T, typename TCol, typename Index>
-__global__ void deform_col2im_coord(const TCol* __restrict__ columns,
+__global__ void __launch_bounds__(DCN_BLOCK_THREADS, 4) deform_col2im_coord(const TCol* __restrict__ columns,
                                     const T* __restrict__ input,
                                     const T* __restrict__ offset,
                                     const T* __restrict__ mask, int has_mask,
@@ -56,6 +63,10 @@ __global__ void deform_col2im_coord(const TCol* __restrict__ columns,
 #pragma unroll
         for (int q = 0; q < 4; ++q) p[q] = corner(q, y0, x0, ly, lx, s.height, s.width);
         const T* image = input + n * s.height * s.width * s.channels;
+        // s_q over this lane's channels: one product a channel and corner
+        // (the weights and slopes apply once, below, and need no registers
+        // while the loop runs).
+        Acc sum[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
         for (int c = lane % group_lanes * V; c < point_channels; c += group_lanes * V) {
           const int channel = g * point_channels + c;
           const int count = point_channels - c < V ? point_channels - c : V;
@@ -68,13 +79,14 @@ __global__ void deform_col2im_coord(const TCol* __restrict__ columns,
             load_channels<V>(image + (Index(p[q].y) * s.width + p[q].x) * s.channels + channel,
                              count, vector, pixel);
 #pragma unroll
-            for (int v = 0; v < V; ++v) {
-              const Acc product = grad[v] * pixel[v];
-              grad_y += p[q].d_dy * product;
-              grad_x += p[q].d_dx * product;
-              grad_m += p[q].weight * product;
-            }
+            for (int v = 0; v < V; ++v) sum[q] += grad[v] * pixel[v];
           }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          grad_y += p[q].d_dy * sum[q];
+          grad_x += p[q].d_dx * sum[q];
+          grad_m += p[q].weight * sum[q];
         }
       }
     }

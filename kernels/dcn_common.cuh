@@ -2,10 +2,13 @@
 //
 //   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
 //                              global memory accesses (see below)
+//   DCN_ARCH                   the architecture compiled for (__CUDA_ARCH__; the emulator's choice on the host)
+//   DCN_BLOCK_THREADS          threads per block of the grid-stride launches (launch bounds)
 //   dcn_half, dcn_bfloat16     2-byte storage types (bit patterns of IEEE half / bfloat16)
 //   ComputeType<T>::type       float for float16, bfloat16 and float32; double for float64
 //   to_compute(v)              storage value -> compute type
 //   to_storage<T>(v)           compute value -> storage type, rounded to nearest even
+//   dcn_bfloat16_bits(v)       float -> bfloat16 bits, rounded to nearest even (software; NaN -> 0x7fff)
 //   store(p, v)                compute value -> *p, rounded to nearest even
 //   dcn_floor(v)               floor in float or double
 //   ConvShape, DCN_SHAPE_*     the geometry of one launch, passed as plain int arguments
@@ -22,12 +25,33 @@
 //   ChannelVector, ChannelsPerLane, channel_vectors_fit, aligned_for,
 //   load_channels, column_index, load_column_block, store_column_block
 //                              a lane's block of channels, by 16-byte vectors where they fit
+//   DCN_VECTOR_RED, dcn_atomic_add(ChannelVector<float, 4>*, ...)
+//                              4 floats added by one red.global.add.v4.f32 (sm_90 on)
 //
 // No CUDA header is included, on purpose: NVRTC then compiles these kernels
 // with no include path at all (`python -m cudcn compile` works on any machine
 // with NVRTC), and the host-emulation harness compiles the very same text with
 // g++ under its cooperative emulator (tests/emulation/emulate.h).
 #pragma once
+
+// The architecture the code is compiled for, as __CUDA_ARCH__ writes it (800
+// for sm_80): on the device __CUDA_ARCH__; on the host, the one the emulator
+// was built to imitate (DCN_EMULATED_ARCH, tests/emulation/harness.py), else
+// 0, which takes the paths every architecture has. Only choices that the
+// emulator can run are made on it (the vector atomics); conversions by PTX
+// instructions test __CUDA_ARCH__ itself, the host has its own.
+#if defined(__CUDA_ARCH__)
+#define DCN_ARCH __CUDA_ARCH__
+#elif defined(DCN_EMULATED_ARCH)
+#define DCN_ARCH DCN_EMULATED_ARCH
+#else
+#define DCN_ARCH 0
+#endif
+
+// Threads per block of the grid-stride launches (kernels.BLOCK in
+// cudcn/backends/cuda/kernels.py, which a test keeps equal): the kernels'
+// launch bounds promise no larger block.
+#define DCN_BLOCK_THREADS 256
 
 // Shared memory is declared through these macros: on the device they are
 // plain __shared__ arrays; under the emulator (which defines them for the
@@ -111,14 +135,25 @@ template <>
 __device__ __forceinline__ float to_storage<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ double to_storage<double>(double v) { return v; }
+/// float -> bfloat16 bits in software, as cvt.rn.bf16.f32 computes them: the
+/// top half of the float rounded to nearest even (ties to the even half;
+/// subnormals as they are; past the largest finite value, infinity), and
+/// every NaN the canonical 0x7fff (rounding a NaN's bits could carry into
+/// the exponent and make infinity). The path of sm_75 and of the host.
+__device__ __forceinline__ unsigned short dcn_bfloat16_bits(float v) {
+  const unsigned int u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 template <>
 __device__ __forceinline__ dcn_bfloat16 to_storage<dcn_bfloat16>(float v) {
-  const unsigned int u = __float_as_uint(v);
-  // Rounding a NaN's bits could carry into the exponent and make infinity.
   dcn_bfloat16 r;
-  r.bits = (u & 0x7fffffffu) > 0x7f800000u
-               ? static_cast<unsigned short>((u >> 16) | 0x0040u)
-               : static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // One instruction (F2FP) where the software rounding takes about eight.
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+#else
+  r.bits = dcn_bfloat16_bits(v);
+#endif
   return r;
 }
 template <>
@@ -330,6 +365,23 @@ template <int V, typename T>
 __device__ __forceinline__ bool aligned_for(const T* p) {
   return reinterpret_cast<unsigned long long>(p) % (sizeof(T) * V) == 0;
 }
+
+// Vector reductions: from sm_90 (PTX ISA 8.1) red.global.add.v4.f32 adds 4
+// consecutive floats in one instruction; a warp's request of 32 lanes x 16
+// bytes then takes the sectors of its 512 bytes, as 4 scalar requests would,
+// in a quarter of the instructions. The emulator imitates it when built for
+// sm_90 (DCN_ARCH), so both paths run against NumPy.
+#define DCN_VECTOR_RED (DCN_ARCH >= 900)
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+/// *p += value element by element, one vector reduction (red: no old value
+/// comes back). p: 16-byte aligned, in global memory.
+__device__ __forceinline__ void dcn_atomic_add(ChannelVector<float, 4>* p, const ChannelVector<float, 4>& value) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)),
+               "f"(value.v[0]), "f"(value.v[1]), "f"(value.v[2]), "f"(value.v[3])
+               : "memory");
+}
+#endif
 
 /// values[v] = p[v] for v < count, 0 beyond; one vector load when `vector`
 /// (then count is V and p aligned).

@@ -35,6 +35,14 @@ def library():
     return harness.build()
 
 
+@pytest.fixture(scope="session")
+def library_sm90():
+    """The kernels on sm_90's code paths (col2im's vector atomics)."""
+    if harness.compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    return harness.build(arch=90)
+
+
 @pytest.fixture
 def engine(library):
     return harness.EmulatedEngine(library)
@@ -54,14 +62,27 @@ def test_im2col(library, case):
     assert_close(got, numpy_backend.im2col(geom, x, offset, mask), geom.dtype.name)
 
 
-@given(cases(with_weight=False))
-def test_col2im(library, case):
+def _check_col2im(library, case):
     args, rng = case
     geom, x, offset, mask = _blocks(args)
     columns = rng.standard_normal(geom.columns_shape).astype(geom.dtype)
     engine = harness.EmulatedEngine(library)
     got = im2col_gemm.col2im_public(engine, geom, columns, offset, mask)
     assert_close(got, numpy_backend.col2im(geom, columns, offset, mask), geom.dtype.name)
+
+
+@given(cases(with_weight=False))
+def test_col2im(library, case):
+    _check_col2im(library, case)
+
+
+@given(cases(with_weight=False, dtypes=("float32", "float64", "float16", "bfloat16"), channel_factors=(4, 8, 1, 5)))
+def test_col2im_on_sm90_paths(library_sm90, case):
+    """col2im where float32 accumulators take sm_90's vector atomics (blocks
+    of 4 channels where they fit the groups and the arrays are aligned --
+    channels a multiple of 4 an offset group, mostly --, single channels
+    elsewhere), every dtype."""
+    _check_col2im(library_sm90, case)
 
 
 @given(cases(with_weight=False))
@@ -169,11 +190,14 @@ def _wide_case(dtype_name, batch, channels, offset_groups, groups, height, width
     return geom, arrays["input"], arrays["offset"], arrays["mask"], columns
 
 
+@pytest.mark.parametrize("arch", harness.ARCHS, ids=[f"sm_{a}" if a else "portable" for a in harness.ARCHS])
 @pytest.mark.parametrize("case", WIDE.values(), ids=WIDE.keys())
-def test_sampling_kernels_with_wide_lane_groups(library, case):
+def test_sampling_kernels_with_wide_lane_groups(library, library_sm90, case, arch):
     """Against NumPy; aligned (one warp a block) and unaligned (two warps a
     block) runs give bitwise the same columns and offset and mask gradients
-    (the input gradient adds with atomics, in an order that follows the grid)."""
+    (the input gradient adds with atomics, in an order that follows the grid);
+    on the portable paths and on sm_90's (vector atomics where aligned)."""
+    library = library_sm90 if arch else library
     geom, x, offset, mask, columns = _wide_case(*case)
     expected = (
         numpy_backend.im2col(geom, x, offset, mask),
@@ -223,10 +247,11 @@ def test_planted_bug_in_the_col2im_coord_reduction_is_caught(tmp_path, planted):
 
 
 def test_grid_stride_and_boundaries(engine):
-    """A fixed case: every launch is bigger than the capped grid; points exactly on edges."""
+    """A fixed case: every launch is bigger than the capped grid (the layout
+    passes: 2 tiles of 32 pixels an image); points exactly on edges."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((2, 6, 5, 4))
-    offset = np.zeros((2, 2 * 2 * 9, 5, 4))
+    x = rng.standard_normal((2, 6, 9, 4))
+    offset = np.zeros((2, 2 * 2 * 9, 9, 4))
     offset[0, 0::2] = -1.0  # rows shifted by exactly one pixel: y = -1 on the top row
     offset[1, 1::2] = np.array([np.nan, np.inf, 4.0, -4.0])  # columns: NaN, inf, exactly W, -W
     weight = rng.standard_normal((3, 6, 3, 3))

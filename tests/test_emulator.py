@@ -351,3 +351,75 @@ def test_planted_wrong_mma_fragment_changes_the_result(target, kind):
 def test_planted_missing_barrier_between_mma_steps_is_a_race(lib, kind):
     with pytest.raises(harness.EmulationError, match=r"^mma_matmul<\d>: shared-memory race on [ab]_tile\[\d+\]"):
         _matmul(lib, kind, bug=2)
+
+
+# ---------------------------------------------------------------------------
+# Storage conversions (to_storage of kernels/dcn_common.cuh): the host's, the
+# device's (cvt.rn.f16.f32, and cvt.rn.bf16.f32 from sm_80) and sm_75's
+# (bfloat16 rounded by integer operations) give the same bits.
+
+#: float32 bit patterns at the edges of rounding to 16 bits.
+EDGE_FLOATS = [
+    0x00000000, 0x80000000,  # zeros
+    # bfloat16: ties to even (down, up), and just beside one
+    0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0xBF818000,
+    # the largest finite float32; bfloat16's largest finite, its tie with infinity (to even: infinity)
+    0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF, 0x7F7F8000, 0x7F7F8001,
+    0x7F800000, 0xFF800000,  # infinities
+    # NaNs: quiet, signalling, negative, payloads that rounding would carry into the exponent
+    0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FBFFFFF, 0x7F80FFFF, 0xFFFFFFFF,
+    # float32 subnormals (ties among them), the smallest normal
+    0x00000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x80008000, 0x00800000,
+    # float16: ties 1 + 2^-11 and 1 + 3 * 2^-11; 65504 (largest finite), just below and at 65520
+    # (the tie with infinity); subnormals 2^-24 and 2^-25 (a tie with zero) and just above it
+    0x3F801000, 0x3F803000, 0x477FE000, 0x477FEFFF, 0x477FF000, 0x33800000, 0x33000000, 0x33000001,
+]
+
+
+def _edge_floats() -> np.ndarray:
+    random = np.random.default_rng(3).integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    return np.concatenate([np.array(EDGE_FLOATS, np.uint32), random]).view(np.float32)
+
+
+def _rounded_bits(values: np.ndarray, storage: str) -> np.ndarray:
+    """What to_storage must give: NumPy's float16 and ml_dtypes' bfloat16
+    (IEEE round to nearest even, subnormals kept, overflow to infinity), and
+    every NaN the canonical 0x7fff, as the PTX conversions give it."""
+    if storage == "dcn_bfloat16" and ml_dtypes is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    with np.errstate(over="ignore", invalid="ignore"):
+        bits = values.astype(np.float16 if storage == "dcn_half" else ml_dtypes.bfloat16).view(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FFF), bits)
+
+
+@pytest.mark.parametrize("storage", ["dcn_half", "dcn_bfloat16"])
+def test_storage_rounding_is_to_nearest_even_with_a_canonical_nan(target, storage):
+    """On the emulator (the host's conversions) and on a GPU (the device's)."""
+    values = _edge_floats()
+    out = np.zeros(values.size, np.uint16)
+    run(target, f"round_to_storage<{storage}>", (4, 1, 1), (128, 1, 1), values, out, np.int32(values.size))
+    np.testing.assert_array_equal(out, _rounded_bits(values, storage))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage", ["dcn_half", "dcn_bfloat16"])
+def test_sm75_storage_rounding_on_the_device(storage):
+    """The kernel compiled for sm_75 (PTX, which the driver compiles for the
+    device at hand): bfloat16 takes its software rounding there, and gives
+    the bits the hardware conversion and the host give."""
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda import compiler
+
+    from cudcn.backends.cuda import compile as compile_module
+
+    name = f"round_to_storage<{storage}>"
+    source = cuda_kernels.translation_unit([harness.COOPERATIVE_SOURCE], cuda_kernels.kernel_dir())
+    program = compiler._NVRTCProgram(source, "rounding.cu", name_expressions=[name], method="ptx")
+    ptx, lowered = program.compile(compile_module.runtime_options(75))
+    ptx = ptx if isinstance(ptx, bytes) else ptx.encode()
+    module = cupy.cuda.function.Module()
+    module.load(ptx if ptx.endswith(b"\0") else ptx + b"\0")
+    values = _edge_floats()
+    out = cupy.zeros(values.size, cupy.uint16)
+    module.get_function(lowered[name])((4,), (128,), (cupy.asarray(values), out, np.int32(values.size)))
+    np.testing.assert_array_equal(out.get(), _rounded_bits(values, storage))

@@ -193,6 +193,58 @@ def test_sampling_kernels_move_16_byte_vectors_and_reduce_by_shuffles(dtype, vec
     assert "shfl.sync.bfly.b32" in module["ptx"]
 
 
+def _ptx_bodies(names: list[str], arch: int) -> dict[str, str]:
+    """The PTX of each instantiation (its .entry to the next), compiled for sm_<arch>."""
+    from cupy.cuda import compiler
+
+    program = compiler._NVRTCProgram(cuda_kernels.source(), "bodies.cu", name_expressions=names, method="ptx")
+    ptx, lowered = program.compile(compile_module.runtime_options(arch))
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    return {name: ptx.split(f".entry {lowered[name]}(", 1)[1].split(".entry ", 1)[0] for name in names}
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_col2im_adds_by_vector_red_on_sm90_and_scalar_atomics_before(arch):
+    """deform_col2im's atomics: float32 accumulators (every dtype but
+    float64) by red.global.add.v4.f32 on sm_90 (its unaligned fallback by
+    scalar ones); before sm_90, and float64 everywhere, scalar ones only."""
+    names = [cuda_kernels.name_expression("deform_col2im", d, index)
+             for d in cuda_kernels.TYPES for index in cuda_kernels.INDEX_TYPES]
+    for name, body in _ptx_bodies(names, arch).items():
+        vector = "red.global.add.v4.f32" in body
+        assert vector == (arch >= 90 and "double" not in name), name
+        assert re.search(r"(atom|red)\.global\.add\.f(32|64)", body), name
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_bfloat16_rounds_by_cvt_from_sm80(arch):
+    """bfloat16 stores round by cvt.rn.bf16.f32 from sm_80 on; on sm_75 by
+    integer operations (no bfloat16 conversion there)."""
+    names = [cuda_kernels.name_expression(k, "bfloat16", "int") for k in ("deform_im2col", "from_channels_last")]
+    for name, body in _ptx_bodies(names, arch).items():
+        assert ("cvt.rn.bf16.f32" in body) == (arch >= 80), name
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", list(cuda_kernels.TYPES))
+def test_layout_passes_transpose_through_shared_memory(dtype):
+    """to_channels_last and from_channels_last stage tiles in shared memory
+    between two barriers."""
+    names = [cuda_kernels.name_expression(k, dtype, "int") for k in ("to_channels_last", "from_channels_last")]
+    for name, body in _ptx_bodies(names, 80).items():
+        assert re.search(r"st\.shared\.", body) and re.search(r"ld\.shared\.", body), name
+        assert body.count("bar.sync") >= 2, name
+
+
+def test_launch_bounds_match_the_engines_block():
+    """The kernels' launch bounds (DCN_BLOCK_THREADS) are the block every
+    grid-stride launch takes (kernels.BLOCK): a larger one would not launch."""
+    header = (cuda_kernels.kernel_dir() / cuda_kernels.COMMON_HEADER).read_text()
+    assert re.search(rf"^#define DCN_BLOCK_THREADS {cuda_kernels.BLOCK}$", header, re.MULTILINE)
+
+
 def _fused_names(index: str = "int") -> list[str]:
     return [cuda_kernels.name_expression(k, d, index) for k in cuda_kernels.FUSED_KERNELS
             for d in cuda_kernels.TYPES if cuda_kernels.has_kernel(k, d)]

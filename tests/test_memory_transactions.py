@@ -10,15 +10,20 @@ wavefronts of shared memory they take. It is trusted as the emulator is:
 - planted regressions, each a changed copy of a real kernel that still
   computes the right result, each flagged by the budget it breaks:
   channels read lane-major (lanes striding by several vectors), a shared
-  row stride of 65 words, atomics of a lane's own consecutive channels.
+  row stride of 65 words, atomics of a lane's own consecutive channels
+  (scalar, and sm_90's vectors), layout tiles loaded down their columns,
+  layout tiles without padding.
 
 The budgets, at a representative small geometry (64 input and 64 output
 channels, one offset group, 8 x 8 pixels, 3 x 3 kernel; every dtype and
-operand policy): col2im's float32 atomics at most 4 sectors per warp
-request; the sampling kernels' loads within 1.5x of the ideal sectors; the
-fused kernels' shared stores at most 2-way conflicts and their fragment
-loads conflict-free. A kernel that breaks one today is marked xfail(strict)
-with what was measured, so that a fix shows up as an unexpected pass.
+operand policy; the sampling kernels on the portable paths and on sm_90's,
+``harness.build(arch=...)``): col2im's atomics at most 4 sectors per warp
+request and 4 bytes a lane adds; the sampling kernels' loads within 1.5x of
+the ideal sectors; the layout passes' global accesses at the ideal sectors
+and their shared memory conflict-free; the fused kernels' shared stores at
+most 2-way conflicts and their fragment loads conflict-free. A kernel that
+breaks one today is marked xfail(strict) with what was measured, so that a
+fix shows up as an unexpected pass.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import pytest
 
 import cudcn
 from cudcn.backends import numpy as numpy_backend
-from cudcn.backends.cuda import fused, im2col_gemm
+from cudcn.backends.cuda import fused, im2col_gemm, launchers
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.backends.cuda.engine import Launch
 from cudcn.geometry import validate
@@ -56,8 +61,8 @@ def cooperative():
 
 
 @functools.cache
-def _library() -> harness.Library:
-    return harness.build()
+def _library(arch: int = 0) -> harness.Library:
+    return harness.build(arch=arch)
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +89,12 @@ def _arguments(dtype_name: str, channels: int = 64, out_channels: int = 64, size
 
 
 @functools.cache
-def _measured(dtype: str, algorithm: str, tf32: bool = True) -> tuple[tx.LaunchStats, ...]:
-    """Every launch of a forward and a backward call, merged per kernel."""
+def _measured(dtype: str, algorithm: str, tf32: bool = True, arch: int = 0) -> tuple[tx.LaunchStats, ...]:
+    """Every launch of a forward and a backward call, merged per kernel, on
+    the code paths of ``arch`` (harness.ARCHS)."""
     args = _arguments(dtype)
-    stats = [*tx.account_call(_library(), "forward", args, algorithm, tf32),
-             *tx.account_call(_library(), "backward", args, algorithm, tf32)]
+    stats = [*tx.account_call(_library(arch), "forward", args, algorithm, tf32),
+             *tx.account_call(_library(arch), "backward", args, algorithm, tf32)]
     return tuple(tx.merge(stats))
 
 
@@ -204,49 +210,70 @@ def test_report_script_prints_the_table_and_the_budgets(library, capsys):
     assert re.search(rf"{re.escape(atomic.site)}\s+gmem atomic\s+4\s+{atomic.requests}\s", out), out
     sectors = tx.atomic_sectors(launch)
     verdict = "ok" if sectors <= tx.ATOMIC_SECTORS else "OVER BUDGET"
-    assert re.search(rf"atomic sectors/request\s+{sectors:.2f} \(budget 4\)\s+{verdict}", out), out
+    assert re.search(rf"atomic sectors/request/4B\s+{sectors:.2f} \(budget 4\)\s+{verdict}", out), out
     assert "deform_col2im_coord" not in out and "counted by the emulator, not measured" in out
 
 
 # ---------------------------------------------------------------------------
 # Budgets.
 
-# col2im's atomics: a lane owns V consecutive channels, so one warp request
-# touches a sector per one or two lanes.
-COL2IM_ATOMICS = {
-    "float32": "12.9 sectors per request (16 at most): a lane owns 4 consecutive channels",
-    "float16": "22.7 sectors per request (32 at most): a lane owns 8 consecutive channels",
-    "bfloat16": "22.6 sectors per request (32 at most): a lane owns 8 consecutive channels",
-}
+# col2im's atomics: lanes interleaved over a point's channels (blocks of 4
+# floats by one vector red on sm_90, single channels elsewhere), so that a
+# warp request adds to consecutive addresses. Before, a lane owned V
+# consecutive channels and one request touched a sector per one or two
+# lanes: 12.9 sectors per float32 request, 22.7 (float16) and 22.6
+# (bfloat16) per float32-accumulator request, 16 per float64 one (8 ideal).
+ARCHS = pytest.mark.parametrize("arch", harness.ARCHS, ids=[f"sm_{a}" if a else "portable" for a in harness.ARCHS])
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(d, marks=_xfail(m)) for d, m in COL2IM_ATOMICS.items()])
-def test_col2im_atomics_are_coalesced(library, dtype):
-    """float32 atomics (the accumulator of every dtype but float64) at most 4 sectors per warp request."""
-    launch = tx.launches_of(_measured(dtype, "im2col"), "deform_col2im")
+@ARCHS
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_col2im_atomics_are_coalesced(dtype, arch):
+    """At most 4 sectors per warp request and 4 bytes a lane adds (float32:
+    32 lanes x 4 bytes in 4 sectors; float64 8 sectors; sm_90's 16-byte
+    vectors 16), i.e. each request in the fewest sectors its bytes fill;
+    the vector red where it applies (float32 accumulators on sm_90)."""
+    _compiler()
+    launch = tx.launches_of(_measured(dtype, "im2col", arch=arch), "deform_col2im")
     assert tx.atomic_sectors(launch) <= tx.ATOMIC_SECTORS, tx.table([launch])
+    widths = {s.width for s in launch.select("global", "atomic")}
+    assert widths == ({8} if dtype == "float64" else {16} if arch >= 90 else {4}), tx.table([launch])
 
 
 # col2im reads each point's column block once (im2col and col2im_coord read
-# four corners besides), so there its offsets and mask weigh most: 16-bit
-# types give a point 8 lanes, and a warp's 4 points read 4 sectors apart
-# (offsets are (batch, 2*K, Ho, Wo), the points of a warp consecutive kernel points).
-SAMPLING_LOADS = {
-    ("float16", "deform_col2im"): "1.51x the ideal sectors: offset and mask loads 3.4-4 sectors per request, ideal 1",
-    ("bfloat16", "deform_col2im"): "1.51x the ideal sectors: offset and mask loads 3.4-4 sectors per request, ideal 1",
-}
-
-
-@pytest.mark.parametrize("dtype, kernel", [
-    pytest.param(d, k, marks=_xfail(SAMPLING_LOADS[d, k])) if (d, k) in SAMPLING_LOADS else (d, k)
-    for d in ("float32", "float16", "bfloat16", "float64")
-    for k in ("deform_im2col", "deform_col2im", "deform_col2im_coord")
-])
-def test_sampling_loads_are_near_ideal(library, dtype, kernel):
+# four corners besides), so there its offsets and mask weigh most: they are
+# read a point per lane group, and a warp's points are consecutive kernel
+# points, 2*Ho*Wo apart. Before the atomics were coalesced, 16-bit types gave
+# a point 8 lanes, 4 points a warp: 4 sectors a request, 1.51x the ideal
+# over all loads; with 16 lanes a point (blocks of the float32 accumulator)
+# it is 2.
+@ARCHS
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("kernel", ["deform_im2col", "deform_col2im", "deform_col2im_coord"])
+def test_sampling_loads_are_near_ideal(kernel, dtype, arch):
     """All global loads of a sampling kernel: sectors within 1.5x of the ideal
     (the offsets and mask, read a point per lane group, are a small part)."""
-    launch = tx.launches_of(_measured(dtype, "im2col"), kernel)
+    _compiler()
+    launch = tx.launches_of(_measured(dtype, "im2col", arch=arch), kernel)
     assert tx.load_excess(launch) <= tx.LOAD_EXCESS, tx.table([launch])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("kernel", ["to_channels_last", "from_channels_last"])
+def test_layout_passes_are_coalesced_and_conflict_free(library, kernel, dtype):
+    """The layout passes move tiles through shared memory: at 64 channels of
+    8 x 8 pixels (whole tiles) global loads and stores take the fewest
+    sectors their bytes fill; at 40 channels of 6 x 6 (partial tiles, rows
+    of 36 that start mid-sector) within 1.5x of that; shared memory without
+    bank conflicts in both. Element by element, a transpose read in the
+    destination's order touched a sector per lane (8-16x the ideal)."""
+    for channels, size, excess in ((64, 8, 1.0), (40, 6, tx.LOAD_EXCESS)):
+        args = _arguments(dtype, channels=channels, size=size)
+        launch = tx.launches_of(tx.account_call(library, "backward", args), kernel)
+        for op in ("load", "store"):
+            total = launch.total("global", op)
+            assert total.sectors <= excess * total.ideal_sectors, tx.table([launch])
+            assert launch.total("shared", op).worst == 1, tx.table([launch])
 
 
 FUSED = ["deform_fused_forward", "fused_backward_data", "fused_backward_weight"]
@@ -291,7 +318,8 @@ LANE_MAJOR = (
 )
 
 
-def _planted_library(tmp_path, source: str, edits: list[tuple[str, str]], names: list[str]) -> harness.Library:
+def _planted_library(tmp_path, source: str, edits: list[tuple[str, str]], names: list[str],
+                     arch: int = 0) -> harness.Library:
     """A changed copy of kernels/<source> (each edit's text found exactly once), built with names."""
     _compiler()
     text = (cuda_kernels.kernel_dir() / source).read_text()
@@ -299,8 +327,8 @@ def _planted_library(tmp_path, source: str, edits: list[tuple[str, str]], names:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
     (tmp_path / source).write_text(text)
-    sources = [tmp_path / source, cuda_kernels.kernel_dir() / "dcn_layout.cu"]
-    return harness.build(names, sources)
+    layout = [] if source == "dcn_layout.cu" else [cuda_kernels.kernel_dir() / "dcn_layout.cu"]
+    return harness.build(names, [tmp_path / source, *layout], arch=arch)
 
 
 def _sampling_names(kernel: str, dtype: str) -> list[str]:
@@ -345,18 +373,21 @@ def test_planted_stride_65_shared_store_is_flagged(tmp_path):
     assert worst[True] > tx.STORE_CONFLICT
 
 
-@pytest.mark.parametrize("planted", [False, True], ids=["a channel per lane", "a lane's own consecutive channels"])
-def test_planted_per_lane_vector_atomics_are_flagged(tmp_path, planted):
-    """col2im as it is breaks the atomic budget (test_col2im_atomics_are_coalesced);
-    a copy that moves one channel per lane block (V = 1, lanes interleaved
-    over channels) stands in for a coalesced one and meets it. Planted on
-    that copy: each lane adds a run of consecutive channels of its own, as
-    a per-lane vector would, and the warp's atomics scatter again."""
-    edits = [("constexpr int V = ChannelsPerLane<T, TCol>::value;", "constexpr int V = 1;")]
-    if planted:
-        edits.append((INTERLEAVED, LANE_MAJOR))
-    library = _planted_library(tmp_path, "dcn_col2im.cu", edits, _sampling_names("deform_col2im", "float32"))
-    args = _arguments("float32", size=6)
+#: col2im's channel walk: lanes interleaved over blocks of `block` channels.
+COL2IM_INTERLEAVED = "    for (int c = lane % group_lanes * block; c < point_channels; c += group_lanes * block) {\n"
+
+
+@ARCHS
+@pytest.mark.parametrize("planted", [False, True], ids=["as it is", "a lane's own consecutive channels"])
+def test_planted_per_lane_vector_atomics_are_flagged(tmp_path, planted, arch):
+    """col2im at 256 float32 channels (32 lanes a point) meets the atomic
+    budget. Planted: each lane adds a run of consecutive channels of its own
+    (8: two vectors of 4 on sm_90, eight scalars elsewhere), as the kernel
+    did before its lanes were interleaved, and the warp's atomics scatter
+    again. The gradient is right either way."""
+    edits = [(COL2IM_INTERLEAVED, LANE_MAJOR.replace("V", "block"))] if planted else []
+    library = _planted_library(tmp_path, "dcn_col2im.cu", edits, _sampling_names("deform_col2im", "float32"), arch)
+    args = _arguments("float32", channels=256, size=4)
     geom = validate(**args)
     columns = np.random.default_rng(1).standard_normal(geom.columns_shape).astype(np.float32)
     engine = harness.EmulatedEngine(library, stats=True)
@@ -364,3 +395,41 @@ def test_planted_per_lane_vector_atomics_are_flagged(tmp_path, planted):
     assert_close(grad, numpy_backend.col2im(geom, columns, args["offset"], args["mask"]), "float32")
     sectors = tx.atomic_sectors(tx.launches_of(engine.stats, "deform_col2im"))
     assert (sectors > tx.ATOMIC_SECTORS) == planted, sectors
+
+
+#: The layout passes' tile loads: lane j reads element j of a tile row.
+TILE_ROW_LOAD = (
+    "      if (row0 + r < rows && col0 + lane < cols)\n"
+    "        tile[r * kRow + lane] = dcn_load(src, b * matrix + Index(row0 + r) * cols + col0 + lane);\n"
+)
+#: Planted: lane j reads element j of a tile column (the source's strided axis).
+TILE_COLUMN_LOAD = (
+    "      if (row0 + lane < rows && col0 + r < cols)\n"
+    "        tile[lane * kRow + r] = dcn_load(src, b * matrix + Index(row0 + lane) * cols + col0 + r);\n"
+)
+#: Planted: tile rows of 32 elements, no padding.
+UNPADDED = ("static constexpr int value = kLayoutTile + (sizeof(TTile) == 2 ? 2 : 1);",
+            "static constexpr int value = kLayoutTile;")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("planted", [None, "column loads", "unpadded rows"])
+def test_planted_layout_regressions_are_flagged(tmp_path, planted, dtype):
+    """to_channels_last at 64 channels of 8 x 8: as it is, whole sectors and
+    no bank conflicts; tiles loaded down their columns, its loads take a
+    sector per lane; rows of 32 without padding, reading a tile column puts
+    its lanes in one bank (16 for 2-byte elements, two to a word). The
+    channels-last input is right in every case."""
+    edits = {None: [], "column loads": [(TILE_ROW_LOAD, TILE_COLUMN_LOAD)], "unpadded rows": [UNPADDED]}[planted]
+    library = _planted_library(tmp_path, "dcn_layout.cu", edits, [cuda_kernels.name_expression("to_channels_last", dtype, "int")])
+    args = _arguments(dtype, channels=64, size=8)
+    geom = validate(**args)
+    engine = harness.EmulatedEngine(library, stats=True)
+    pixels = launchers.channels_last(engine, geom, args["input"])
+    assert pixels.tobytes() == np.ascontiguousarray(args["input"].reshape(1, 64, 64).transpose(0, 2, 1)).tobytes()
+    launch = tx.launches_of(engine.stats, "to_channels_last")
+    excess, conflict = tx.load_excess(launch), launch.total("shared", "load").worst
+    assert (excess > tx.LOAD_EXCESS, conflict > 1) == (planted == "column loads", planted == "unpadded rows"), \
+        tx.table([launch])
+    if planted == "unpadded rows":
+        assert conflict == (32 if dtype == "float32" else 16)

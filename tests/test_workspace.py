@@ -1,11 +1,12 @@
-"""The CUDA backend's workspace, measured on the CPU by a dry run.
+"""The CUDA backend's workspace and launch grids, measured on the CPU by a dry run.
 
 Each algorithm runs at the benchmark shapes (benchmarks/bench_gpu.py) under
 an engine whose kernels and GEMMs do nothing (tests/emulation/dry_run.py),
 while tracemalloc counts the bytes its arrays take beyond the call's result:
 the workspace the call takes from the GPU's allocator. The fused forward's
 and the fused backward's peaks must stay under 5% of im2col's, direction by
-direction.
+direction. im2col's kernel launches each fill at least 4 blocks per SM of
+an H100.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import cudcn
+from cudcn.backends import layout
 from cudcn.backends.cuda import fused, fused_backward, im2col_gemm, launchers
 from cudcn.config import images_per_chunk
 from cudcn.geometry import validate
@@ -36,6 +38,18 @@ def _benchmark_shapes() -> dict:
 
 
 SHAPES = _benchmark_shapes()
+
+
+def _largest_chunk(geom, dtype) -> int:
+    """Images of im2col's largest chunk: as few chunks as the budget allows
+    (images_per_chunk at most each), their sizes balanced."""
+    column_bytes = geom.out_pixels * geom.kernel_points * geom.in_channels * np.dtype(dtype).itemsize
+    count = -(-geom.batch // images_per_chunk(column_bytes, geom.batch))
+    parts = layout.chunks(geom, np.dtype(dtype))
+    assert len(parts) == count and sum(p.stop - p.start for p in parts) == geom.batch
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    return max(sizes)
 
 
 def _untouched_arrays(shape, dtype):
@@ -65,7 +79,7 @@ def test_fused_forward_workspace_is_under_5_percent_of_im2col(shape, dtype):
     # at a time; fused its weight and one staging buffer.
     column_bytes = geom.out_pixels * geom.kernel_points * geom.in_channels * np.dtype(dtype).itemsize
     image_bytes, weight_bytes = arrays["input"][0].nbytes, arrays["weight"].nbytes
-    chunk = images_per_chunk(column_bytes, geom.batch)
+    chunk = _largest_chunk(geom, dtype)
     one_chunk = chunk * (column_bytes + image_bytes) + weight_bytes
     assert one_chunk <= im2col_peak < one_chunk + SLACK
     staging = fused.staging_images(geom) * image_bytes
@@ -119,7 +133,7 @@ def test_fused_backward_workspace_is_under_5_percent_of_im2col(shape, dtype, tf3
     assert {"fused_backward_weight", "fused_backward_data"} <= kernels and not fused_engine.gemms
     # im2col holds one chunk's column buffer at a time (not two).
     column_bytes = geom.out_pixels * geom.kernel_points * geom.in_channels * np.dtype(dtype).itemsize
-    chunk_columns = images_per_chunk(column_bytes, geom.batch) * column_bytes
+    chunk_columns = _largest_chunk(geom, dtype) * column_bytes
     assert chunk_columns <= im2col_peak < 2 * chunk_columns
     # Fused: the weight gradient's split parts, then the weight matrix and
     # (half types) a few images' float32 input-gradient accumulator.
@@ -130,3 +144,29 @@ def test_fused_backward_workspace_is_under_5_percent_of_im2col(shape, dtype, tf3
     expected = max(parts, weight_elements * np.dtype(dtype).itemsize + accumulator)
     assert expected <= fused_peak < expected + SLACK
     assert fused_peak < FUSED_LIMIT * im2col_peak, (fused_peak, im2col_peak)
+
+
+#: SMs of an H100 SXM; a launch should give each at least 4 blocks.
+H100_SMS = 132
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_im2col_launches_fill_an_h100(shape, dtype):
+    """Forward and backward: every kernel launch of the im2col path (layout
+    passes, im2col, col2im, col2im_coord) at least 4 x 132 blocks, chunks
+    balanced under the default workspace budget (float64 at N32 C128 32x32
+    took 28 and 4 images, the second chunk's layout passes 512 tiles)."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    arrays = _untouched_arrays(shape, dtype)
+    geom = validate(**arrays, padding=1)
+    grad_output = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
+    engine = DryRunEngine()
+    im2col_gemm.forward(engine, geom, *(arrays[k] for k in ("input", "offset", "weight", "bias", "mask")))
+    im2col_gemm.backward(engine, geom, grad_output, *(arrays[k] for k in ("input", "offset", "weight", "mask")))
+    kernels = {name.split("<")[0] for name, _ in engine.launches}
+    assert kernels == {"to_channels_last", "deform_im2col", "deform_col2im", "from_channels_last",
+                       "deform_col2im_coord"}
+    small = [(name, launch.grid) for name, launch in engine.launches if launch.grid[0] < 4 * H100_SMS]
+    assert not small, small

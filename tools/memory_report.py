@@ -10,6 +10,7 @@ the budgets that tests/test_memory_transactions.py holds.
     PYTHONPATH=. python tools/memory_report.py                              # float16, im2col and fused
     PYTHONPATH=. python tools/memory_report.py --dtype float32 --no-tf32 --algorithm fused
     PYTHONPATH=. python tools/memory_report.py --kernel deform_col2im --channels 128
+    PYTHONPATH=. python tools/memory_report.py --kernel deform_col2im --arch 90   # sm_90's vector atomics
 
 Counted, not measured: the emulator's model of a warp's requests
 (tests/emulation/emulate.h, "Memory accounting"); caches are not modelled.
@@ -58,8 +59,8 @@ def budgets(stats: list[tx.LaunchStats]) -> list[str]:
     for launch in stats:
         kernel = launch.kernel.split("<")[0]
         checks = []
-        if kernel == "deform_col2im" and not launch.kernel.startswith("deform_col2im<double"):
-            checks.append(("atomic sectors/request", tx.atomic_sectors(launch), tx.ATOMIC_SECTORS))
+        if kernel == "deform_col2im":
+            checks.append(("atomic sectors/request/4B", tx.atomic_sectors(launch), tx.ATOMIC_SECTORS))
         if kernel in ("deform_im2col", "deform_col2im", "deform_col2im_coord"):
             checks.append(("load sectors / ideal", tx.load_excess(launch), tx.LOAD_EXCESS))
         if kernel.startswith(("deform_fused", "fused_backward")):
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel-size", type=int, default=3)
     parser.add_argument("--offset-groups", type=int, default=1)
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    parser.add_argument("--arch", type=int, choices=harness.ARCHS, default=0,
+                        help="the architecture whose code paths the kernels take (0: those every one has)")
     options = parser.parse_args(argv)
     if harness.compiler() is None:
         parser.error("no C++ compiler (g++) for the kernel emulation")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                      options.kernel_size, options.offset_groups)
     algorithms = ("im2col", "fused") if options.algorithm == "both" else (options.algorithm,)
     directions = ("forward", "backward") if options.direction == "both" else (options.direction,)
-    library = harness.build()
+    library = harness.build(arch=options.arch)
     stats = []
     for algorithm in algorithms:
         if algorithm == "fused" and options.dtype == "float64":
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = [s for s in tx.merge(stats) if options.kernel in s.kernel]
     print(f"{options.dtype}, batch {options.batch}, {options.channels} -> {options.out_channels} channels, "
           f"{options.size}x{options.size}, {options.kernel_size}x{options.kernel_size}, "
-          f"{options.offset_groups} offset group(s); counted by the emulator, not measured on a GPU")
+          f"{options.offset_groups} offset group(s), {f'sm_{options.arch} paths' if options.arch else 'portable paths'}; "
+          f"counted by the emulator, not measured on a GPU")
     print(tx.table(stats))
     lines = budgets(stats)
     if lines:

@@ -53,7 +53,11 @@ def ungrouped_columns(geom: Geometry, grouped: np.ndarray, n: int) -> np.ndarray
 
 def chunks(geom: Geometry, dtype: np.dtype, extra_bytes_per_image: int = 0):
     """Slices of the batch whose column buffer (plus any other workspace a
-    backend counts, per image) fits the workspace budget."""
+    backend counts, per image) fits the workspace budget: as few as fit, of
+    sizes that differ by one image at most (16 images where 7 fit: 5, 5, 6,
+    not 7, 7, 2), so that no chunk leaves a GPU's launches small."""
     per_image = geom.out_pixels * geom.kernel_points * geom.in_channels * dtype.itemsize + extra_bytes_per_image
-    step = images_per_chunk(per_image, geom.batch)
-    return [slice(s, s + step) for s in range(0, geom.batch, step)]
+    fit = images_per_chunk(per_image, geom.batch)
+    count = -(-geom.batch // fit)
+    bounds = [geom.batch * i // count for i in range(count + 1)] if geom.batch else [0, 0]
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]

@@ -33,15 +33,16 @@ def _size(n: int, pad: int, dil: int, k: int, stride: int) -> int:
 
 
 @st.composite
-def cases(draw, with_weight: bool = True, dtypes=("float32", "float64")):
-    """Arguments of one call: geometry, arrays (seeded) and the dtype."""
+def cases(draw, with_weight: bool = True, dtypes=("float32", "float64"), channel_factors=(1, 2, 5, 11)):
+    """Arguments of one call: geometry, arrays (seeded) and the dtype; the
+    channels a multiple, one of ``channel_factors``, of what the groups need."""
     name = draw(st.sampled_from([d for d in dtypes if d != "bfloat16" or ml_dtypes is not None]))
     dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
     offset_groups = draw(st.sampled_from([1, 2, 3]))
     groups = draw(st.sampled_from([1, 2])) if with_weight else 1
     base = offset_groups * groups // math.gcd(offset_groups, groups)
     # Also channel counts that give a point several lanes, none a multiple of 32.
-    channels = base * draw(st.sampled_from([1, 2, 5, 11]))
+    channels = base * draw(st.sampled_from(channel_factors))
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))

@@ -16,6 +16,8 @@
 //                             (bug 1: A fragment mapped wrongly; bug 2: no barrier before the next k step)
 //   memory_pattern<V>         one warp's global load, store and atomics and shared store and load at
 //                             lane strides, for the memory accounting's hand-counted cases
+//   round_to_storage<T>       to_storage<T> of each float (kernels/dcn_common.cuh): the host's and
+//                             each architecture's conversions, compared bit for bit
 // Kind: 0 float16, 1 bfloat16 (m16n8k16), 2 tf32 (m16n8k8).
 #include "dcn_mma.cuh"
 
@@ -249,4 +251,11 @@ __global__ void memory_pattern(const float* in, float* out, float* sums, int str
   __syncwarp();
   const Vector y = tile[lane * shared_stride];
   dcn_store(reinterpret_cast<Vector*>(out), 32 * 32 + lane, y);
+}
+
+/// out[i] = to_storage<T>(in[i]) (bits of dcn_half or dcn_bfloat16) for i < n.
+template <typename T>
+__global__ void round_to_storage(const float* in, T* out, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+    out[i] = to_storage<T>(in[i]);
 }

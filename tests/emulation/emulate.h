@@ -14,7 +14,10 @@
 //   atomicAdd, __float_as_uint, __uint_as_float, __popc, __ffs
 //   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
 //                                              global memory accesses of kernels/dcn_common.cuh, recorded
-//   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU)
+//                                              (dcn_atomic_add of a ChannelVector: sm_90's vector red)
+//   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU; NaN -> 0x7fff)
+//   (DCN_EMULATED_ARCH, a compiler flag: the architecture whose code paths kernels/dcn_common.cuh's
+//   DCN_ARCH selects, e.g. 900 for sm_90's vector atomics; tests/emulation/harness.py sets it)
 //   dcn_emu::warp_collective                   building block of the MMA wrappers (kernels/dcn_mma.cuh)
 //   dcn_emu::launch(kernel, name, grid, block, shared_bytes, argv, account)
 //   dcn_emu::accounting                        the memory accounting of the last accounted launch
@@ -1090,7 +1093,16 @@ inline void dcn_store(T* p, I i, const T& value, DcnHere here = DcnHere()) {
 template <typename T>
 inline T dcn_atomic_add(T* p, T value, DcnHere here = DcnHere()) {
   dcn_account_global(dcn_emu::MemoryOp::atomic, p, here);
-  return atomicAdd(p, value);
+  if constexpr (std::is_arithmetic<T>::value) {
+    return atomicAdd(p, value);
+  } else {
+    // A vector of floats (kernels/dcn_common.cuh's ChannelVector, an array
+    // `v`): red.global.add.v4.f32 on sm_90, one access of its 16 bytes that
+    // adds element by element. (The device's returns nothing.)
+    const T old = *p;
+    for (std::size_t i = 0; i < std::extent<decltype(value.v)>::value; ++i) p->v[i] += value.v[i];
+    return old;
+  }
 }
 
 // A tile that may live in global or shared memory (kernels/dcn_mma.cuh's
@@ -1158,6 +1170,7 @@ inline float dcn_host_half_to_float(unsigned short bits) {
 }
 
 inline unsigned short dcn_host_float_to_half(float v) {
+  if (v != v) return 0x7fffu;  // every NaN the canonical one, as cvt.rn.f16.f32 gives it
   const _Float16 h = static_cast<_Float16>(v);
   unsigned short bits;
   std::memcpy(&bits, &h, sizeof bits);

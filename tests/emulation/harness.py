@@ -6,7 +6,9 @@ warp collectives, checked shared memory with a race detector; its header
 comment describes it), names every instantiation wanted by the same name
 expressions as ``cupy.RawModule``, compiles it once into a shared library
 (cached in the temp directory by a hash of all sources) and loads it as a
-:class:`Library`. Without arguments it builds the CUDA backend's kernels
+:class:`Library`. ``arch=90`` builds the code paths kernels take on sm_90
+(``DCN_EMULATED_ARCH``: col2im's vector atomics); the default, those every
+architecture has. Without arguments it builds the CUDA backend's kernels
 (``kernels/*.cu``); the emulator's own tests build
 ``cooperative_kernels.cu`` beside this file.
 
@@ -137,8 +139,9 @@ _SCALARS = {
 class Library:
     """Kernel instantiations compiled for the host, launched on NumPy arrays."""
 
-    def __init__(self, path: Path, names: Sequence[str]) -> None:
+    def __init__(self, path: Path, names: Sequence[str], arch: int = 0) -> None:
         self.names = tuple(names)
+        self.arch = arch  # the architecture whose paths it takes (build)
         self._lib = ctypes.CDLL(str(path))
         self._lib.cudcn_emulate.argtypes = [
             ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
@@ -197,24 +200,34 @@ class Library:
         return result
 
 
-def build(names: Sequence[str] | None = None, sources: Sequence[Path] | None = None) -> Library:
+#: Architectures the emulator can imitate (``build(arch=...)``): 0 takes the
+#: paths every architecture has (those of sm_75 and sm_80); 90 also sm_90's
+#: vector atomics (kernels/dcn_common.cuh, ``DCN_ARCH``).
+ARCHS = (0, 90)
+
+
+def build(names: Sequence[str] | None = None, sources: Sequence[Path] | None = None, arch: int = 0) -> Library:
     """Compile (once per source hash) and load kernel instantiations.
 
     names: name expressions (default: every instantiation the CUDA backend
     uses); sources: the .cu files that define them (default: its kernels).
     Sources may include the headers of kernels/ by name; a header of that
-    name beside the source is included instead.
+    name beside the source is included instead. arch (one of :data:`ARCHS`):
+    the architecture whose code paths the kernels take (``DCN_EMULATED_ARCH``).
     """
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found for the kernel emulation")
+    if arch not in ARCHS:
+        raise ValueError(f"the emulator imitates architectures {ARCHS}, not {arch}")
     kernels = cuda_kernels.kernel_dir()
     if names is None:
         names = [n for dtype in cuda_kernels.TYPES for n in cuda_kernels.name_expressions(dtype)]
     if sources is None:
         sources = [kernels / s for s in cuda_kernels.SOURCES]
     launcher = _launcher_source(names, sources)
-    digest = hashlib.sha256((launcher + " ".join(FLAGS)).encode())
+    flags = (*FLAGS, f"-DDCN_EMULATED_ARCH={arch * 10}") if arch else FLAGS
+    digest = hashlib.sha256((launcher + " ".join(flags)).encode())
     # Headers beside a source shadow those of kernels/ (a changed copy of a
     # header, as the planted-bug tests make): they are part of the key too.
     beside = sorted({h for s in sources for h in Path(s).parent.glob("*.cuh")})
@@ -232,12 +245,12 @@ def build(names: Sequence[str] | None = None, sources: Sequence[Path] | None = N
         folders = dict.fromkeys([*(Path(s).resolve().parent for s in sources), kernels, HERE])
         include = [flag for d in folders for flag in ("-I", str(d))]
         result = subprocess.run(
-            [cxx, *FLAGS, *include, str(source), "-o", str(partial)], capture_output=True, text=True,
+            [cxx, *flags, *include, str(source), "-o", str(partial)], capture_output=True, text=True,
         )
         if result.returncode != 0:
             raise RuntimeError(f"compiling the emulation library failed:\n{result.stderr[-6000:]}")
         os.replace(partial, library)  # atomic: concurrent builds cannot load half a file
-    return Library(library, names)
+    return Library(library, names, arch)
 
 
 #: The emulator's own test kernels (tests/test_emulator.py), also compiled
@@ -248,6 +261,7 @@ COOPERATIVE_NAMES = (
     "warp_shared_sum", "shuffle_probe", "misuse",
     *(f"mma_fragments<{kind}>" for kind in range(3)), *(f"mma_matmul<{kind}>" for kind in range(3)),
     *(f"memory_pattern<{v}>" for v in (1, 2, 4)),
+    "round_to_storage<dcn_half>", "round_to_storage<dcn_bfloat16>",
 )
 
 

@@ -133,8 +133,9 @@ def merge(stats: Iterable[LaunchStats]) -> list[LaunchStats]:
 
 
 #: Budgets (tests/test_memory_transactions.py holds them at channels >= 32):
-#: sectors per warp request of col2im's float32 atomics (32 lanes x 4 bytes
-#: fill 4 sectors);
+#: sectors per warp request of col2im's atomics, per 4 bytes a lane adds
+#: (32 lanes x 4 bytes fill 4 sectors; 32 x 8 bytes of float64, 8; sm_90's
+#: vector atomics of 32 x 16 bytes, 16: each counts 4);
 ATOMIC_SECTORS = 4.0
 #: the sampling kernels' (im2col, col2im, col2im_coord) load sectors over the ideal;
 LOAD_EXCESS = 1.5
@@ -148,9 +149,13 @@ FRAGMENT_FILES = ("dcn_fused_sampling.cuh", "dcn_mma.cuh")
 
 
 def atomic_sectors(launch: LaunchStats) -> float:
-    """Sectors per warp request of the launch's atomics."""
-    total = launch.total("global", "atomic")
-    return total.sectors / total.requests
+    """Sectors per warp request of the launch's atomics, scaled to 4 bytes a
+    lane: each site's sectors times 4 / its width (the bytes a lane adds at
+    once), over all requests. For 4-byte atomics, plainly sectors per request."""
+    sites = launch.select("global", "atomic")
+    if not sites:
+        raise LookupError(f"{launch.kernel}: no global atomic sites")
+    return sum(s.sectors * 4 / s.width for s in sites) / sum(s.requests for s in sites)
 
 
 def load_excess(launch: LaunchStats) -> float:

@@ -31,7 +31,9 @@ the specification this backend matches), per chunk of images:
    other step has no atomics, so the whole backward is then repeatable.
 
 The batch is chunked so that the column buffer stays under the workspace
-budget (:mod:`cudcn.config`). Columns and GEMM operands keep the dtype:
+budget (:mod:`cudcn.config`), in as few chunks as fit, of balanced sizes
+(:func:`cudcn.backends.layout.chunks`): at the benchmark shapes every launch
+then has at least 4 blocks per SM of an H100 (tests/test_workspace.py). Columns and GEMM operands keep the dtype:
 float16 and bfloat16 GEMMs run on tensor cores and sum in float32 (cuBLAS
 GemmEx), float32 GEMMs use TF32 only with :func:`cudcn.config.tf32` on;
 every kernel computes in float32 (float64 for float64). The weight gradient

@@ -44,7 +44,8 @@ HEADERS = (COMMON_HEADER, "dcn_mma.cuh", "dcn_fused_sampling.cuh")
 INDEX_TYPES = ("int", "long long")
 
 #: Threads per block of every launch, and the cap on blocks per launch (the
-#: kernels loop over the rest with a grid stride).
+#: kernels loop over the rest with a grid stride). BLOCK is also the kernels'
+#: launch bound (``DCN_BLOCK_THREADS`` in kernels/dcn_common.cuh).
 BLOCK = 256
 MAX_BLOCKS = 8192
 
@@ -148,10 +149,15 @@ def name_expressions(dtype: str) -> list[str]:
     return [name for _, _, name in instantiations(dtype)]
 
 
-#: The sampling kernels give each sampling point a group of lanes of one
-#: warp (their loops are warp-uniform, their sums warp shuffles): their
-#: blocks are whole warps.
-WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord")
+#: Kernels whose blocks are whole warps: the sampling kernels give each
+#: sampling point a group of lanes of one warp (their loops are
+#: warp-uniform, their sums warp shuffles); the layout passes give each warp
+#: rows of a tile.
+WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last")
+
+#: The layout passes' tile (``kLayoutTile`` in kernels/dcn_layout.cu): a
+#: block transposes LAYOUT_TILE x LAYOUT_TILE elements at a time.
+LAYOUT_TILE = 32
 
 
 def block_shape(kernel: str, block: int = BLOCK) -> tuple[int, int]:
@@ -160,8 +166,9 @@ def block_shape(kernel: str, block: int = BLOCK) -> tuple[int, int]:
     ``block`` (:data:`BLOCK` on a GPU; the emulator's engines take smaller ones).
 
     The column-free kernels are written for blocks of :data:`FUSED_THREADS`
-    (``FusedTile::kThreads``); the sampling kernels (:data:`WARP_KERNELS`)
-    take ``block`` rounded up to whole warps, the others ``block`` as it is.
+    (``FusedTile::kThreads``); the sampling and layout kernels
+    (:data:`WARP_KERNELS`) take ``block`` rounded up to whole warps, the
+    others ``block`` as it is.
     No kernel takes dynamic shared memory. Every launch's shape comes from
     here (:func:`cudcn.backends.cuda.engine.kernel_launch`), and so does the
     resource report's occupancy (:mod:`cudcn.backends.cuda.resources`).

@@ -9,8 +9,9 @@ and choose 32- or 64-bit indexing per launch from the sizes involved.
 
 The sampling kernels (im2col, col2im, col2im_coord) give each sampling point
 a group of lanes (:func:`lanes_per_point`) and run over whole warps; the
-layout passes and the sorted col2im run one thread per element. All of
-these are grid-stride launches of the engine's block size and block cap
+sorted col2im runs one thread per element; the layout passes one block per
+32 x 32 tile (:func:`layout_launch`). All of these are grid-stride launches
+of the engine's block size and block cap
 (:func:`cudcn.backends.cuda.engine.grid_stride`). The column-free forward
 launches one block per output tile instead.
 """
@@ -23,7 +24,7 @@ import numpy as np
 
 from cudcn import config
 from cudcn.backends.cuda import kernels
-from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, grid_stride, kernel_launch
+from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, Launch, grid_stride, kernel_launch
 from cudcn.geometry import Geometry
 
 
@@ -39,18 +40,25 @@ def sampling_points(geom: Geometry, n: int) -> int:
     return n * geom.out_pixels * geom.kernel_points * geom.offset_groups
 
 
-def lanes_per_point(geom: Geometry) -> int:
-    """Lanes of a warp given to one sampling point by the sampling kernels:
-    enough for one block of channels each (``ChannelsPerLane``) across the
-    offset group's channels, a power of two up to 32."""
-    blocks = -(-(geom.in_channels // geom.offset_groups) // kernels.channels_per_lane(geom.dtype.name))
+def lanes_per_point(geom: Geometry, kernel: str = "deform_im2col") -> int:
+    """Lanes of a warp given to one sampling point by a sampling kernel:
+    enough for one block of channels each across the offset group's
+    channels, a power of two up to 32. A block is 16 bytes: of the input or
+    column type for im2col and col2im_coord (``ChannelsPerLane``), of the
+    accumulator for col2im (4 float32, 2 float64), whose lanes are laid out
+    for its atomics (kernels/dcn_col2im.cu)."""
+    if kernel == "deform_col2im":
+        per_lane = 16 // np.dtype(kernels.TYPES[geom.dtype.name].accum_dtype).itemsize
+    else:
+        per_lane = kernels.channels_per_lane(geom.dtype.name)
+    blocks = -(-(geom.in_channels // geom.offset_groups) // per_lane)
     return min(WARP, 1 << (blocks - 1).bit_length())
 
 
 def _sampling_launch(engine: Engine, kernel: str, geom: Geometry, n: int):
     """(points, lanes per point, launch) of a sampling kernel over n images."""
     points = sampling_points(geom, n)
-    lanes = lanes_per_point(geom)
+    lanes = lanes_per_point(geom, kernel)
     warps = -(-points * lanes // WARP)
     return points, lanes, grid_stride(engine, kernel, warps * WARP)
 
@@ -74,6 +82,19 @@ def mask_args(mask: Any, offset: Any) -> list[Any]:
     return [offset if mask is None else mask, np.int32(mask is not None)]
 
 
+def layout_launch(engine: Engine, kernel: str, n: int, channels: int, pixels: int) -> Launch:
+    """A launch of a layout pass (``to_channels_last``, ``from_channels_last``)
+    over n images of channels x pixels: a block per tile of
+    :data:`~cudcn.backends.cuda.kernels.LAYOUT_TILE` squared elements, capped
+    at the engine's block cap (the kernels loop over the rest); a single
+    channel or pixel is a copy, a thread per element."""
+    if channels == 1 or pixels == 1:
+        return grid_stride(engine, kernel, n * channels * pixels)
+    tile = kernels.LAYOUT_TILE
+    tiles = n * -(-channels // tile) * -(-pixels // tile)
+    return kernel_launch(kernel, (min(max(tiles, 1), engine.max_blocks), 1, 1), engine.block)
+
+
 def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -> Any:
     """input (n, C, H, W) -> (n, H*W, C), same dtype: into ``out`` (contiguous) when given."""
     xp = engine.xp
@@ -84,7 +105,8 @@ def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -
     if out.size:
         index, itype = index_type(engine, out.size)
         engine.launch(
-            "to_channels_last", geom.dtype.name, index, grid_stride(engine, "to_channels_last", out.size),
+            "to_channels_last", geom.dtype.name, index,
+            layout_launch(engine, "to_channels_last", n, geom.in_channels, pixels),
             [input, itype(out.size), np.int32(geom.in_channels), np.int32(pixels), out],
         )
     return out
@@ -138,7 +160,8 @@ def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any,
             )
     index, itype = index_type(engine, accum.size)
     engine.launch(
-        "from_channels_last", geom.dtype.name, index, grid_stride(engine, "from_channels_last", accum.size),
+        "from_channels_last", geom.dtype.name, index,
+        layout_launch(engine, "from_channels_last", n, geom.in_channels, pixels),
         [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
     )
 
