@@ -9,6 +9,7 @@
 // to consecutive channels of one pixel of the channels-last accumulator.
 // Half types accumulate in float32 (TAcc); the caller converts back to NCHW.
 #include "dcn_common.cuh"
+#include "sampling.cuh"
 
 /// Scatter the column gradients of a chunk of images onto its input pixels.
 ///

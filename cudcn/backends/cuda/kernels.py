@@ -35,10 +35,12 @@ SOURCES = (
     "dcn_fused_forward.cu", "dcn_fused_backward.cu",
 )
 COMMON_HEADER = "dcn_common.cuh"
-#: The headers a kernel may include, in the order they are inlined:
-#: what every kernel shares, the tensor-core MMA wrappers, and the tiles and
+#: The headers a kernel may include, in the order they are inlined (a
+#: header includes only those before it): what every kernel shares (types,
+#: conversions, memory helpers), the tensor-core MMA wrappers, the
+#: bilinear-sampling core of every operator family, and the tiles and
 #: sampling of the column-free kernels.
-HEADERS = (COMMON_HEADER, "dcn_mma.cuh", "dcn_fused_sampling.cuh")
+HEADERS = (COMMON_HEADER, "dcn_mma.cuh", "sampling.cuh", "dcn_fused_sampling.cuh")
 
 #: The index types, narrow first.
 INDEX_TYPES = ("int", "long long")
