@@ -32,7 +32,7 @@ from typing import Any
 #: Kernel sources, in the order they are joined into one module.
 SOURCES = (
     "dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu",
-    "dcn_fused_forward.cu", "dcn_fused_backward.cu",
+    "dcn_fused_forward.cu", "dcn_fused_backward.cu", "msda.cu",
 )
 COMMON_HEADER = "dcn_common.cuh"
 #: The headers a kernel may include, in the order they are inlined (a
@@ -121,6 +121,11 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
         "to_channels_last": (t.value,),
         "from_channels_last": (t.accum, t.value),
         "fused_weight_split_sum": (t.value,),
+        "msda_forward": (t.value,),
+        "msda_backward": (t.value, t.accum),
+        "msda_value_keys": (t.value,),
+        "msda_value_gather": (t.value, t.accum),
+        "msda_to_storage": (t.accum, t.value),
     }[kernel]
     return f"{kernel}<{', '.join(args + (index,))}>"
 
@@ -130,6 +135,7 @@ KERNELS = (
     "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
     "deform_col2im_coord", "to_channels_last", "from_channels_last", "fused_weight_split_sum",
     *FUSED_KERNELS,
+    "msda_forward", "msda_backward", "msda_value_keys", "msda_value_gather", "msda_to_storage",
 )
 
 
@@ -153,7 +159,7 @@ def name_expressions(dtype: str) -> list[str]:
 #: The sampling kernels give each sampling point a group of lanes of one
 #: warp (their loops are warp-uniform, their sums warp shuffles): their
 #: blocks are whole warps.
-WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord")
+WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "msda_forward", "msda_backward")
 
 
 def block_shape(kernel: str, block: int = BLOCK) -> tuple[int, int]:
