@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -525,3 +528,16 @@ def test_planted_per_channel_sample_reads_are_flagged(planted, plant):
     _, _, file, offset = planted[plant]
     worst = max(_sample_sectors(launch, file, offset).values())
     assert (worst > items * samples) == (plant != "as it is"), tx.table([launch])
+
+
+def test_report_script_prints_the_msda_table_and_budgets(library, capsys):
+    """tools/memory_report.py --operator msda: the kernels' sites and the budget lines, each within budget."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "memory_report.py"
+    spec = importlib.util.spec_from_file_location("memory_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.main(["--operator", "msda", "--dtype", "float32", "--channels", "32", "--kernel", "msda_"]) == 0
+    out = capsys.readouterr().out
+    assert "multi-scale deformable attention" in out and "not measured on a GPU" in out
+    assert re.search(r"msda_forward<float, int>\s+load sectors / ideal\s+1\.\d\d \(budget 1\.5\)\s+ok", out), out
+    assert re.search(r"msda_backward<float, float, int>\s+atomic sectors/request\s+[0-4]\.\d\d \(budget 4\)\s+ok", out)
