@@ -16,22 +16,26 @@
 // weights. Sample (l, p) of an item reads pixel (x*W_l - 0.5, y*H_l - 0.5) of level l of
 // head m of image n: pixel r*W_l + c of it is value[n, s_l + r*W_l + c, m, :].
 //
-// A group of `group_lanes` lanes (a power of two up to 32, aligned in its warp) per item:
-// - every loop that holds a shuffle is warp-uniform, so each lane takes part in every one;
-// - the samples go in chunks of group_lanes: lane j of the group loads sample chunk + j (the
-//   group's loads are consecutive), then each sample's (x, y, weight) is broadcast to the
-//   group by shuffles, so every location and weight is read once per item;
-// - forward: lanes over D in blocks of V = 16 bytes of channels (8 float16 or bfloat16, 4
-//   float32, 2 float64), one vector load per corner where D is a multiple of V and the arrays
-//   are aligned, else the same blocks element by element (the same sums, bit for bit);
-//   the four corners of a block are loaded before any is used (sampling.cuh's gather_taps);
-//   sums in float32 (float64 for float64), in the order (level, point, corner);
-// - backward: lanes over D one channel each, interleaved (lane k of the group takes channels
-//   k, k + group_lanes, ...): a warp's value loads and value-gradient atomics touch
-//   consecutive channels of one pixel. Each lane sums its channels' corner products, then the
-//   group adds the lanes' sums by a butterfly of __shfl_xor_sync (a fixed order: bitwise
-//   repeatable, and every lane ends with the same sums); lane j of the group stores sample
-//   chunk + j's. A point on row or column -1 counts for the slopes (locate's for_slope).
+// A group of `group_lanes` lanes (a power of two up to 32, aligned in its warp) per item;
+// every loop that holds a shuffle is warp-uniform, so each lane takes part in every one.
+// - forward: the samples go in chunks of group_lanes: lane j of the group loads sample
+//   chunk + j (the group's loads are consecutive), then shuffles broadcast each sample's
+//   (x, y, weight) to the group, so every location and weight is read once per item. Lanes
+//   over D in blocks of V = 16 bytes of channels (8 float16 or bfloat16, 4 float32, 2
+//   float64), one vector load per corner where D is a multiple of V and the arrays are
+//   aligned, else the same blocks element by element (the same sums, bit for bit); the four
+//   corners of a block are loaded before any is used (sampling.cuh's gather_taps); sums in
+//   float32 (float64 for float64), in the order (level, point, corner).
+// - backward: every lane of the group reads the sample itself (one address: a sector per
+//   group; no registers held across samples). Lanes over D one channel each, interleaved
+//   (lane k of the group takes channels k, k + group_lanes, ...): a warp's value loads and
+//   value-gradient atomics touch consecutive channels of one pixel. Each lane sums its
+//   channels' corner products, then the group adds the lanes' sums by a butterfly of
+//   __shfl_xor_sync (a fixed order: bitwise repeatable, and every lane ends with the same
+//   sums); the group's first lane stores them. A point on row or column -1 counts for the
+//   slopes (locate's for_slope). The value gradient is a second pass over the channels.
+// Both hold to 64 registers (__launch_bounds__: blocks of 256 threads, kernels.BLOCK, 4 of
+// them resident: 50% occupancy).
 // The deterministic value gradient (msda_value_keys, a stable sort by key on the host side,
 // msda_value_gather) turns the atomics' scatter into a gather in a fixed order, as
 // dcn_col2im_sorted.cu does for deformable convolution.
@@ -84,10 +88,10 @@ __device__ __forceinline__ Index msda_head(Index item, int queries, Index pixels
 ///
 /// group_lanes: lanes per item, a power of two up to 32 (blocks are whole warps).
 template <typename T, typename Index>
-__global__ void __launch_bounds__(256, 4) msda_forward(const T* __restrict__ value, const long long* __restrict__ levels,
-                             const T* __restrict__ locations, const T* __restrict__ weights, Index items,
-                             int queries, Index pixels, int heads, int channels, int level_count, int points,
-                             int group_lanes, T* __restrict__ out) {
+__global__ void __launch_bounds__(256, 4) msda_forward(
+    const T* __restrict__ value, const long long* __restrict__ levels, const T* __restrict__ locations,
+    const T* __restrict__ weights, Index items, int queries, Index pixels, int heads, int channels,
+    int level_count, int points, int group_lanes, T* __restrict__ out) {
   typedef typename ComputeType<T>::type Acc;
   constexpr int V = 16 / sizeof(T);
   const int samples = level_count * points;
@@ -138,12 +142,11 @@ __global__ void __launch_bounds__(256, 4) msda_forward(const T* __restrict__ val
 /// grad_value: (N, S, M, D) in TAcc (float32 for the half types), zero-filled by the caller.
 /// group_lanes: lanes per item, a power of two up to 32 (blocks are whole warps).
 template <typename T, typename TAcc, typename Index>
-__global__ void __launch_bounds__(256, 4) msda_backward(const T* __restrict__ grad_output, const T* __restrict__ value,
-                              const long long* __restrict__ levels, const T* __restrict__ locations,
-                              const T* __restrict__ weights, Index items, int queries, Index pixels, int heads,
-                              int channels, int level_count, int points, int group_lanes, int value_gradient,
-                              TAcc* __restrict__ grad_value, T* __restrict__ grad_locations,
-                              T* __restrict__ grad_weights) {
+__global__ void __launch_bounds__(256, 4) msda_backward(
+    const T* __restrict__ grad_output, const T* __restrict__ value, const long long* __restrict__ levels,
+    const T* __restrict__ locations, const T* __restrict__ weights, Index items, int queries, Index pixels,
+    int heads, int channels, int level_count, int points, int group_lanes, int value_gradient,
+    TAcc* __restrict__ grad_value, T* __restrict__ grad_locations, T* __restrict__ grad_weights) {
   typedef typename ComputeType<T>::type Acc;
   const int samples = level_count * points;
   const int lane = dcn_lane();

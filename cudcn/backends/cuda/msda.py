@@ -153,11 +153,11 @@ def sorted_bytes_per_pair(geom: MSDAGeometry) -> int:
 def sorted_chunks(geom: MSDAGeometry) -> list[slice]:
     """Slices of the flattened (image, query) pairs for the deterministic
     value gradient, each within the workspace budget (:mod:`cudcn.config`)
-    with its segment starts: 8 bytes per pixel and head of every image the
-    chunk touches (p pairs touch at most p / Lq + 2 images). At least one
-    pair per chunk."""
+    with its segment starts and the keys they are searched for: 16 bytes
+    per pixel and head of every image the chunk touches (p pairs touch at
+    most p / Lq + 2 images). At least one pair per chunk."""
     pairs = geom.batch * geom.queries
-    starts_per_image = 8 * geom.pixels * geom.heads
+    starts_per_image = 16 * geom.pixels * geom.heads
     room = config.get_workspace_bytes() - 2 * starts_per_image
     fit = room * geom.queries // (sorted_bytes_per_pair(geom) * geom.queries + starts_per_image)
     step = max(1, min(pairs, fit))
@@ -167,36 +167,42 @@ def sorted_chunks(geom: MSDAGeometry) -> list[slice]:
 def _sorted_value_gradient(engine: Engine, geom: MSDAGeometry, grad_output: Any, table: Any, locations: Any,
                            weights: Any, accum: Any) -> None:
     """accum += the value gradient, summed per value element in a fixed
-    order: per chunk of pairs, keys and weights of every corner, a stable
-    argsort (entries of one key stay in entry order), each key's run found by
-    searchsorted, and a gather that adds each run in order. Chunks are added
-    in order too, so the result depends on the workspace budget and never on
-    the grid."""
+    order: per chunk of pairs (:func:`_sorted_chunk`), in order, so the
+    result depends on the workspace budget and never on the grid."""
+    for chunk in sorted_chunks(geom):
+        _sorted_chunk(engine, geom, chunk, grad_output, table, locations, weights, accum)
+
+
+def _sorted_chunk(engine: Engine, geom: MSDAGeometry, chunk: slice, grad_output: Any, table: Any, locations: Any,
+                  weights: Any, accum: Any) -> None:
+    """One chunk of (image, query) pairs: keys and weights of every corner, a
+    stable argsort (entries of one key stay in entry order), each key's run
+    found by searchsorted, and a gather that adds each run in order. Its
+    arrays go when it returns, before the next chunk's are made."""
     xp = engine.xp
     dtype = geom.dtype.name
     per_item = geom.levels * geom.points
-    for chunk in sorted_chunks(geom):
-        first_item, items = chunk.start * geom.heads, (chunk.stop - chunk.start) * geom.heads
-        first_image, last_image = chunk.start // geom.queries, (chunk.stop - 1) // geom.queries
-        segments = (last_image - first_image + 1) * geom.pixels * geom.heads  # also the sentinel key
-        entries = 4 * items * per_item
-        index, itype = index_type(engine, entries, segments + 1, locations.size, (first_item + items) * per_item)
-        keys = xp.empty(entries, itype)
-        key_weights = xp.empty(entries, kernels.TYPES[dtype].accum_dtype)
-        engine.launch(
-            "msda_value_keys", dtype, index, grid_stride(engine, "msda_value_keys", items * per_item),
-            [table, locations, weights, itype(first_item), itype(items), np.int32(geom.queries),
-             itype(geom.pixels), np.int32(geom.heads), np.int32(geom.levels), np.int32(geom.points),
-             itype(segments), keys, key_weights],
-        )
-        order = xp.argsort(keys, kind="stable")
-        starts = xp.searchsorted(keys[order], xp.arange(segments + 1, dtype=itype), side="left")
-        target = accum[first_image:last_image + 1]  # contiguous: the chunk's images
-        total = segments * geom.channels
-        index, itype = index_type(engine, total, entries, grad_output.size)
-        engine.launch(
-            "msda_value_gather", dtype, index, grid_stride(engine, "msda_value_gather", total),
-            [grad_output, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), key_weights,
-             itype(first_item), np.int32(geom.channels), np.int32(geom.levels), np.int32(geom.points),
-             itype(total), target],
-        )
+    first_item, items = chunk.start * geom.heads, (chunk.stop - chunk.start) * geom.heads
+    first_image, last_image = chunk.start // geom.queries, (chunk.stop - 1) // geom.queries
+    segments = (last_image - first_image + 1) * geom.pixels * geom.heads  # also the sentinel key
+    entries = 4 * items * per_item
+    index, itype = index_type(engine, entries, segments + 1, locations.size, (first_item + items) * per_item)
+    keys = xp.empty(entries, itype)
+    key_weights = xp.empty(entries, kernels.TYPES[dtype].accum_dtype)
+    engine.launch(
+        "msda_value_keys", dtype, index, grid_stride(engine, "msda_value_keys", items * per_item),
+        [table, locations, weights, itype(first_item), itype(items), np.int32(geom.queries),
+         itype(geom.pixels), np.int32(geom.heads), np.int32(geom.levels), np.int32(geom.points),
+         itype(segments), keys, key_weights],
+    )
+    order = xp.argsort(keys, kind="stable")
+    starts = xp.searchsorted(keys[order], xp.arange(segments + 1, dtype=itype), side="left")
+    target = accum[first_image:last_image + 1]  # contiguous: the chunk's images
+    total = segments * geom.channels
+    index, itype = index_type(engine, total, entries, grad_output.size)
+    engine.launch(
+        "msda_value_gather", dtype, index, grid_stride(engine, "msda_value_gather", total),
+        [grad_output, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), key_weights,
+         itype(first_item), np.int32(geom.channels), np.int32(geom.levels), np.int32(geom.points),
+         itype(total), target],
+    )
