@@ -18,6 +18,7 @@
 // would straddle a group or an array is unaligned, W = 1.
 // Half types accumulate in float32 (TAcc); the caller converts back to NCHW.
 #include "dcn_common.cuh"
+#include "sampling.cuh"
 
 /// Channels one lane adds per atomic: a float4 vector red where there is one
 /// (DCN_VECTOR_RED), else one (float64 always: there is no vector red of it).

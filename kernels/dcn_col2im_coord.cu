@@ -13,6 +13,7 @@
 // fixed order. No atomics: deterministic. A point on
 // row or column -1 contributes its one-sided slope (locate's for_slope).
 #include "dcn_common.cuh"
+#include "sampling.cuh"
 
 /// Offset and mask gradients of a chunk of images.
 ///

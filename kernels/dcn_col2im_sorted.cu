@@ -21,6 +21,7 @@
 // sum has one fixed order. Offset, mask and weight gradients need none of
 // this: they never use atomics (dcn_col2im_coord.cu, cuBLAS GEMMs).
 #include "dcn_common.cuh"
+#include "sampling.cuh"
 
 /// Keys and weights of the bilinear corners of a chunk of images.
 ///

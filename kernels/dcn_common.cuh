@@ -20,8 +20,6 @@
 //   column_point(...)          (n, l, k, g) of a sampling point, in the order of the column rows
 //   sampling_point(...)        where kernel point k of output pixel l samples
 //   mask_value(...)            its modulation (1 without a mask)
-//   locate(...)                whether the point counts (for its value or its slope), and its top-left corner
-//   corner(...)                one of the four bilinear corners: pixel, weight, derivatives
 //   ChannelVector, ChannelsPerLane, channel_vectors_fit, aligned_for,
 //   load_channels, column_index, load_column_block, store_column_block
 //                              a lane's block of channels, by 16-byte vectors where they fit
@@ -280,57 +278,6 @@ __device__ __forceinline__ typename ComputeType<T>::type mask_value(
   if (!has_mask) return Acc(1);
   const int K = s.kernel_h * s.kernel_w;
   return to_compute(dcn_load(mask, ((n * s.offset_groups + g) * K + k) * Index(s.out_h * s.out_w) + l));
-}
-
-/// Whether the point (y, x) counts at all (-1 < y < H and -1 < x < W); if so,
-/// its top-left corner (y0, x0) and fractional parts (ly, lx).
-///
-/// With `for_slope`, whether it counts for the derivatives: -1 <= y < H and
-/// -1 <= x < W. On row (column) -1 the value is 0 but the one-sided slope
-/// towards row (column) 0 is not, as in torchvision: there every corner
-/// weight is 0 and only the derivatives of the row (column) 0 corners remain.
-template <typename Acc>
-__device__ __forceinline__ bool locate(Acc y, Acc x, int height, int width, int& y0,
-                                       int& x0, Acc& ly, Acc& lx, bool for_slope = false) {
-  // Tested on the float before any conversion: NaN fails every comparison, and
-  // a huge or infinite value never reaches the float-to-int conversion (which
-  // would be undefined).
-  const bool above = for_slope ? (y >= Acc(-1) && x >= Acc(-1)) : (y > Acc(-1) && x > Acc(-1));
-  if (!(above && y < Acc(height) && x < Acc(width))) return false;
-  const Acc fy = dcn_floor(y), fx = dcn_floor(x);
-  y0 = static_cast<int>(fy);
-  x0 = static_cast<int>(fx);
-  ly = y - fy;
-  lx = x - fx;
-  return true;
-}
-
-/// One corner of the bilinear neighbourhood.
-template <typename Acc>
-struct Corner {
-  int y, x;     // pixel
-  bool valid;   // inside the image (outside pixels count 0)
-  Acc weight;   // bilinear weight
-  Acc d_dy;     // d weight / d y
-  Acc d_dx;     // d weight / d x
-};
-
-/// Corner c of the neighbourhood of (y0 + ly, x0 + lx), in the order
-/// (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
-template <typename Acc>
-__device__ __forceinline__ Corner<Acc> corner(int c, int y0, int x0, Acc ly, Acc lx,
-                                              int height, int width) {
-  const int down = c >> 1, right = c & 1;
-  Corner<Acc> r;
-  r.y = y0 + down;
-  r.x = x0 + right;
-  r.valid = r.y >= 0 && r.y < height && r.x >= 0 && r.x < width;
-  const Acc wy = down ? ly : Acc(1) - ly;
-  const Acc wx = right ? lx : Acc(1) - lx;
-  r.weight = wy * wx;
-  r.d_dy = down ? wx : -wx;
-  r.d_dx = right ? wy : -wy;
-  return r;
 }
 
 // A lane handles a block of consecutive channels of one sampling point: 16

@@ -34,6 +34,7 @@
 
 #include "dcn_common.cuh"
 #include "dcn_mma.cuh"
+#include "sampling.cuh"
 
 /// The block tile of the column-free kernels.
 struct FusedTile {

@@ -10,6 +10,7 @@
 // row. Consecutive points (offset group fastest, then kernel point) fill
 // consecutive column rows, so a warp writes contiguous memory.
 #include "dcn_common.cuh"
+#include "sampling.cuh"
 
 /// Sample the columns of a chunk of images.
 ///

@@ -190,18 +190,28 @@ def test_non_finite_and_far_offsets_count_zero():
     _check_call(args, rng, 1e-10)
 
 
+def on_a_non_blocking_stream(call):
+    """call() on a fresh non-blocking stream, waited for; its result."""
+    # The uploads ran on the legacy stream, which a non-blocking stream does not wait for.
+    cupy.cuda.Stream.null.synchronize()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        result = call()
+    stream.synchronize()
+    return result
+
+
 def test_runs_on_a_non_default_stream():
     rng = np.random.default_rng(4)
     args = _fixed_case(rng, dtype="float32")
     dev = to_device(args)
     expected = cudcn.deform_conv2d(**args)
-    # The uploads ran on the legacy stream, which a non-blocking stream does not wait for.
-    cupy.cuda.Stream.null.synchronize()
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        got = cudcn.deform_conv2d(**dev)
-        grads = cudcn.deform_conv2d_backward(cupy.ones_like(got), **dev)
-    stream.synchronize()
+
+    def call():
+        out = cudcn.deform_conv2d(**dev)
+        return out, cudcn.deform_conv2d_backward(cupy.ones_like(out), **dev)
+
+    got, grads = on_a_non_blocking_stream(call)
     assert relative_error(got, expected) <= 1e-5
     expected_grads = cudcn.deform_conv2d_backward(np.ones_like(expected), **args)
     for name in NAMES:

@@ -335,3 +335,35 @@ def test_memory_helpers_compile_to_the_plain_accesses(tmp_path, arch):
                          .split("\n}\n", 1)[0].replace(lowered[name], "kernel")) for name in names]
         assert "ld.global.nc.v" in bodies[0] and re.search(r"(atom|red)\.global\.add\.f32", bodies[0])
         assert sorted(bodies[0].splitlines()) == sorted(bodies[1].splitlines()), types
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype, vector", [
+    ("float32", "ld.global.nc.v4.f32"), ("float64", "ld.global.nc.v2.f64"),
+    ("float16", "ld.global.nc.v4.u32"), ("bfloat16", "ld.global.nc.v4.u32"),
+])
+def test_msda_kernels_gather_by_vectors_reduce_by_shuffles_and_add_by_red(dtype, vector):
+    """The MSDA forward reads 16-byte vectors and broadcasts by shuffles; the
+    backward reduces by butterfly shuffles and adds the value gradient with
+    fire-and-forget reductions in float32 (float64 for float64)."""
+    from cupy.cuda import compiler
+
+    names = [cuda_kernels.name_expression(k, dtype, "int") for k in ("msda_forward", "msda_backward")]
+    program = compiler._NVRTCProgram(cuda_kernels.source(), "msda.cu", name_expressions=names, method="ptx")
+    ptx, lowered = program.compile(compile_module.runtime_options(90))
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    forward, backward = (ptx.split(f".entry {lowered[name]}(", 1)[1].split(".entry ", 1)[0] for name in names)
+    assert vector in forward and "shfl.sync.idx.b32" in forward
+    assert "shfl.sync.bfly.b32" in backward
+    assert re.search(rf"(red|atom)\.global\.add\.f{64 if dtype == 'float64' else 32}", backward)
+
+
+def test_msda_launch_bounds_match_the_block():
+    """msda_forward and msda_backward promise ptxas blocks of kernels.BLOCK
+    threads, 4 resident (at most 64 registers: 50% occupancy); a bigger
+    block would fail to launch."""
+    text = (cuda_kernels.kernel_dir() / "msda.cu").read_text()
+    for kernel in ("msda_forward", "msda_backward"):
+        bounds = re.search(rf"__global__ void __launch_bounds__\((\d+), (\d+)\) {kernel}\(", text)
+        assert bounds and int(bounds.group(1)) == cuda_kernels.BLOCK, kernel
+        assert cuda_kernels.block_shape(kernel) == (cuda_kernels.BLOCK, 0)

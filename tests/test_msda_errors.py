@@ -156,15 +156,17 @@ class _StandInCupyArray:
         return self.array
 
 
-def test_cupy_arrays_get_a_clear_error_until_the_cuda_backend_has_msda(monkeypatch):
-    """Kinds are told apart through sys.modules; a stand-in module plays CuPy.
-    spatial_shapes and level_start_index are read on the host (.get())."""
+def test_a_backend_without_msda_gives_a_clear_error(monkeypatch):
+    """Kinds are told apart through sys.modules; a stand-in module plays CuPy,
+    and the CUDA backend, its MSDA functions taken away, plays a backend that
+    lacks the family. spatial_shapes and level_start_index are read on the
+    host (.get())."""
     import cudcn.backends.cuda as cuda_backend
 
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=_StandInCupyArray))
+    monkeypatch.delattr(cuda_backend, "ms_deform_attn_forward")
+    monkeypatch.delattr(cuda_backend, "ms_deform_attn_backward")
     on_device = {k: _StandInCupyArray(v) for k, v in good().items()}
-    if hasattr(cuda_backend, "ms_deform_attn_forward"):
-        pytest.skip("the CUDA backend has MSDA now; tests/test_gpu*.py cover it")
     with pytest.raises(cudcn.ArgumentTypeError, match=re.escape(
             "value is a cupy array, and cudcn's cupy backend has no ms_deform_attn_forward yet; pass NumPy arrays")):
         cudcn.ms_deform_attn(**on_device)

@@ -170,3 +170,37 @@ def test_im2col_launches_fill_an_h100(shape, dtype):
                        "deform_col2im_coord"}
     small = [(name, launch.grid) for name, launch in engine.launches if launch.grid[0] < 4 * H100_SMS]
     assert not small, small
+
+
+@pytest.mark.parametrize("budget", [2**23, 2**24, 2**26])
+def test_msda_deterministic_value_gradient_fits_the_workspace_budget(budget):
+    """Multi-scale deformable attention's sorted value gradient at the
+    Deformable-DETR encoder's levels (100x150 ... 13x19, 8 heads of 32
+    channels, 4 levels x 4 points, 2 images of 2000 queries), float32: its
+    keys, weights, sort and segment starts stay under the budget, chunk by
+    chunk (the float32 value gradient is the result; a chunk needs at least
+    the segment starts of two images, 5 MB here); the atomic path takes no
+    workspace but the level table."""
+    from cudcn.backends.cuda import msda
+    from cudcn.msda_geometry import validate_msda
+
+    shapes = np.array([[100, 150], [50, 75], [25, 38], [13, 19]])
+    starts = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])[:-1]])
+    pixels, (n, queries, heads, channels) = int((shapes[:, 0] * shapes[:, 1]).sum()), (2, 2000, 8, 32)
+    arrays = dict(value=np.empty((n, pixels, heads, channels), np.float32),
+                  sampling_locations=np.empty((n, queries, heads, 4, 4, 2), np.float32),
+                  attention_weights=np.empty((n, queries, heads, 4, 4), np.float32))
+    geom = validate_msda(**arrays, spatial_shapes=shapes, level_start_index=starts)
+    grad_output = np.empty(geom.output_shape, np.float32)
+    args = [grad_output, *arrays.values()]
+    with cudcn.workspace_bytes(budget):
+        with cudcn.deterministic_algorithms():
+            engine = DryRunEngine()
+            peak, grads = peak_workspace(lambda: msda.backward(engine, geom, *args))
+            chunks = msda.sorted_chunks(geom)
+        atomic_peak, grads = peak_workspace(lambda: msda.backward(DryRunEngine(), geom, *args))
+    assert len(chunks) > 1 or budget == 2**26
+    keys = [name for name, _ in engine.launches if name.startswith("msda_value_keys")]
+    assert len(keys) == len(chunks)
+    assert peak <= budget, (peak, budget)
+    assert atomic_peak < SLACK

@@ -5,12 +5,15 @@ kernels/ compiled for the host (tests/emulation), with the emulator's memory
 accounting on, and prints per kernel and access site: warp requests, 32-byte
 sectors per request of global memory against the ideal (the bytes / 32), and
 shared-memory wavefronts per request with the worst conflict degree; then
-the budgets that tests/test_memory_transactions.py holds.
+the budgets that tests/test_memory_transactions.py holds (deformable
+convolution) and tests/test_msda_emulated.py holds (``--operator msda``:
+multi-scale deformable attention, its forward and backward).
 
     PYTHONPATH=. python tools/memory_report.py                              # float16, im2col and fused
     PYTHONPATH=. python tools/memory_report.py --dtype float32 --no-tf32 --algorithm fused
     PYTHONPATH=. python tools/memory_report.py --kernel deform_col2im --channels 128
     PYTHONPATH=. python tools/memory_report.py --kernel deform_col2im --arch 90   # sm_90's vector atomics
+    PYTHONPATH=. python tools/memory_report.py --operator msda --dtype float32 --channels 32
 
 Counted, not measured: the emulator's model of a warp's requests
 (tests/emulation/emulate.h, "Memory accounting"); caches are not modelled.
@@ -35,12 +38,7 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 def arguments(dtype_name: str, batch: int, channels: int, out_channels: int, size: int, kernel: int,
               offset_groups: int, seed: int = 0) -> dict:
     """One call's arguments: offsets in (-2, 2), mask and bias, padding kernel // 2."""
-    if dtype_name == "bfloat16":
-        import ml_dtypes
-
-        dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        dtype = np.dtype(dtype_name)
+    dtype = numpy_dtype(dtype_name)
     rng = np.random.default_rng(seed)
     points = offset_groups * kernel * kernel
     arrays = {
@@ -53,13 +51,54 @@ def arguments(dtype_name: str, batch: int, channels: int, out_channels: int, siz
     return dict({k: v.astype(dtype) for k, v in arrays.items()}, padding=kernel // 2)
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def msda_arguments(dtype_name: str, batch: int, channels: int, size: int, seed: int = 0) -> dict:
+    """One multi-scale deformable attention call: 8 queries, 2 heads, levels
+    size x size and size/2 x size/2, 4 points, locations in (-0.1, 1.1)."""
+    dtype = numpy_dtype(dtype_name)
+    rng = np.random.default_rng(seed)
+    shapes = np.array([[size, size], [max(size // 2, 1)] * 2])
+    pixels = int((shapes[:, 0] * shapes[:, 1]).sum())
+    queries, heads, points = 8, 2, 4
+    return dict(
+        value=rng.standard_normal((batch, pixels, heads, channels)).astype(dtype),
+        spatial_shapes=shapes, level_start_index=np.array([0, size * size]),
+        sampling_locations=rng.uniform(-0.1, 1.1, (batch, queries, heads, 2, points, 2)).astype(dtype),
+        attention_weights=rng.uniform(-1, 1, (batch, queries, heads, 2, points)).astype(dtype),
+    )
+
+
+def account_msda(library: harness.Library, args: dict, deterministic: bool) -> list[tx.LaunchStats]:
+    """Every launch of one MSDA forward and backward (grad_output all ones), accounted and merged."""
+    import cudcn
+    from cudcn.backends.cuda import msda
+    from cudcn.msda_geometry import validate_msda
+
+    geom = validate_msda(**args)
+    engine = harness.EmulatedEngine(library, stats=True)
+    arrays = [args[k] for k in ("value", "sampling_locations", "attention_weights")]
+    out = msda.forward(engine, geom, *arrays)
+    with cudcn.deterministic_algorithms(deterministic):
+        msda.backward(engine, geom, np.ones(out.shape, out.dtype), *arrays)
+    return tx.merge(engine.stats)
+
+
 def budgets(stats: list[tx.LaunchStats]) -> list[str]:
     """The budgets that apply to the kernels in stats, each with what was counted."""
     lines = []
     for launch in stats:
         kernel = launch.kernel.split("<")[0]
         checks = []
-        if kernel == "deform_col2im":
+        if kernel == "msda_forward":
+            checks.append(("load sectors / ideal", tx.load_excess(launch), tx.LOAD_EXCESS))
+        if kernel in ("deform_col2im", "msda_backward") and launch.select("global", "atomic"):
             checks.append(("atomic sectors/request/4B", tx.atomic_sectors(launch), tx.ATOMIC_SECTORS))
         if kernel in ("deform_im2col", "deform_col2im", "deform_col2im_coord"):
             checks.append(("load sectors / ideal", tx.load_excess(launch), tx.LOAD_EXCESS))
@@ -74,7 +113,10 @@ def budgets(stats: list[tx.LaunchStats]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--operator", choices=("dcn", "msda"), default="dcn",
+                        help="deformable convolution (default) or multi-scale deformable attention")
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
+    parser.add_argument("--deterministic", action="store_true", help="msda: the sorted value gradient")
     parser.add_argument("--algorithm", choices=("im2col", "fused", "both"), default="both")
     parser.add_argument("--direction", choices=("forward", "backward", "both"), default="both")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="float32 by FMAs, not TF32 MMAs")
@@ -93,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     if options.dtype == "float64" and options.algorithm == "fused":
         parser.error("float64 has no fused kernel")
 
+    if options.operator == "msda":
+        stats = account_msda(harness.build(), msda_arguments(options.dtype, options.batch, options.channels,
+                                                             options.size), options.deterministic)
+        stats = [s for s in stats if options.kernel in s.kernel]
+        print(f"{options.dtype}, multi-scale deformable attention: batch {options.batch}, 8 queries, 2 heads of "
+              f"{options.channels} channels, levels {options.size}x{options.size} and half that, 4 points; "
+              "counted by the emulator, not measured on a GPU")
+        return _print(stats)
     args = arguments(options.dtype, options.batch, options.channels, options.out_channels, options.size,
                      options.kernel_size, options.offset_groups)
     algorithms = ("im2col", "fused") if options.algorithm == "both" else (options.algorithm,)
@@ -109,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{options.size}x{options.size}, {options.kernel_size}x{options.kernel_size}, "
           f"{options.offset_groups} offset group(s), {f'sm_{options.arch} paths' if options.arch else 'portable paths'}; "
           f"counted by the emulator, not measured on a GPU")
+    return _print(stats)
+
+
+def _print(stats: list[tx.LaunchStats]) -> int:
     print(tx.table(stats))
     lines = budgets(stats)
     if lines:

@@ -4,13 +4,16 @@ Every dtype, with and without mask, with convolution and offset groups, the
 building blocks, a chunked batch, a non-default stream, far-outside and NaN
 offsets, the deterministic (sorted) backward, float32 with TF32, and each
 algorithm forward and backward (im2col, and the fused kernels: shared memory,
-barriers and tensor-core MMAs, for racecheck and synccheck). CuPy's
+barriers and tensor-core MMAs, for racecheck and synccheck); and multi-scale
+deformable attention in each dtype, forward and backward, atomic and
+deterministic (sorted), with NaN and far-outside locations (warp shuffles,
+for synccheck). CuPy's
 memory pool is switched off so that every array is its own allocation:
 memcheck then sees any access past its end, and initcheck any read of
 memory that nothing wrote since it was allocated.
 
 ``--quick``: one case (float16 with a mask: im2col and the fused kernels,
-forward and backward), for the quick GPU validation.
+forward and backward) and MSDA in float16, for the quick GPU validation.
 """
 
 from __future__ import annotations
@@ -74,7 +77,32 @@ def main(argv: list[str] | None = None) -> int:
                 cudcn.deform_col2im_coord(columns, dev["input"], dev["offset"], (kh, kw), mask=dev["mask"], **geometry)
             stream.synchronize()
             print(f"{np.dtype(dtype).name:9} tf32={tf32!s:5} mask={with_mask!s:5} ok")
+        if not tf32:
+            ms_deform_attn(cupy, rng, dtype, stream)
     return 0
+
+
+def ms_deform_attn(cupy, rng: np.random.Generator, dtype, stream) -> None:
+    """MSDA forward and backward (atomic and sorted) on three levels, one of
+    them 1 x 1, odd channels, locations outside [0, 1], NaN and huge ones."""
+    shapes = np.array([[5, 7], [2, 3], [1, 1]])
+    starts = np.array([0, 35, 41])
+    n, queries, heads, channels, points = 2, 9, 3, 11, 2
+    locations = rng.uniform(-0.3, 1.3, (n, queries, heads, len(shapes), points, 2))
+    locations.flat[::7] = np.nan
+    locations.flat[1::9] = 1e30
+    value = cupy.asarray(rng.standard_normal((n, 42, heads, channels)).astype(dtype))
+    with np.errstate(over="ignore"):  # 1e30 is infinite in float16
+        locations = cupy.asarray(locations.astype(dtype))
+    weights = cupy.asarray(rng.uniform(-1, 1, locations.shape[:-1]).astype(dtype))
+    cupy.cuda.Stream.null.synchronize()
+    with stream:
+        out = cudcn.ms_deform_attn(value, shapes, starts, locations, weights)
+        for deterministic in (False, True):
+            with cudcn.deterministic_algorithms(deterministic):
+                cudcn.ms_deform_attn_backward(cupy.ones_like(out), value, shapes, starts, locations, weights)
+    stream.synchronize()
+    print(f"{np.dtype(dtype).name:9} ms_deform_attn ok")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ The package, from the bottom up:
   and host-compiled kernels in the test suite);
 - :mod:`~cudcn.backends.cuda.launchers`: one launcher per kernel family;
 - :mod:`~cudcn.backends.cuda.im2col_gemm`: the reference algorithm, im2col + cuBLAS GEMM;
-- :mod:`~cudcn.backends.cuda.algorithms`: which algorithm runs a call ("auto" measures).
+- :mod:`~cudcn.backends.cuda.algorithms`: which algorithm runs a call ("auto" measures);
+- :mod:`~cudcn.backends.cuda.msda`: multi-scale deformable attention (kernels/msda.cu).
 
 This module is the backend interface of :mod:`cudcn.backends`: CuPy arrays,
 run on their own device and CuPy's current stream there.
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from cudcn.backends.cuda import algorithms, im2col_gemm
+from cudcn.backends.cuda import algorithms, im2col_gemm, msda
 from cudcn.backends.cuda.engine import cupy_engine
 from cudcn.geometry import Geometry
+from cudcn.msda_geometry import MSDAGeometry
 
 
 def forward(geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
@@ -54,3 +56,16 @@ def col2im_coord(geom: Geometry, columns: Any, input: Any, offset: Any, mask: An
     with input.device:
         return im2col_gemm.col2im_coord_public(cupy_engine(), geom, columns, input, offset, mask)
 
+
+
+def ms_deform_attn_forward(geom: MSDAGeometry, value: Any, sampling_locations: Any, attention_weights: Any) -> Any:
+    """Multi-scale deformable attention: output (N, Lq, M*D) in the value's dtype."""
+    with value.device:
+        return msda.forward(cupy_engine(), geom, value, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_backward(geom: MSDAGeometry, grad_output: Any, value: Any, sampling_locations: Any,
+                            attention_weights: Any):
+    """Gradients (value, sampling_locations, attention_weights) of multi-scale deformable attention."""
+    with value.device:
+        return msda.backward(cupy_engine(), geom, grad_output, value, sampling_locations, attention_weights)

@@ -32,13 +32,15 @@ from typing import Any
 #: Kernel sources, in the order they are joined into one module.
 SOURCES = (
     "dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu",
-    "dcn_fused_forward.cu", "dcn_fused_backward.cu",
+    "dcn_fused_forward.cu", "dcn_fused_backward.cu", "msda.cu",
 )
 COMMON_HEADER = "dcn_common.cuh"
-#: The headers a kernel may include, in the order they are inlined:
-#: what every kernel shares, the tensor-core MMA wrappers, and the tiles and
+#: The headers a kernel may include, in the order they are inlined (a
+#: header includes only those before it): what every kernel shares (types,
+#: conversions, memory helpers), the tensor-core MMA wrappers, the
+#: bilinear-sampling core of every operator family, and the tiles and
 #: sampling of the column-free kernels.
-HEADERS = (COMMON_HEADER, "dcn_mma.cuh", "dcn_fused_sampling.cuh")
+HEADERS = (COMMON_HEADER, "dcn_mma.cuh", "sampling.cuh", "dcn_fused_sampling.cuh")
 
 #: The index types, narrow first.
 INDEX_TYPES = ("int", "long long")
@@ -120,6 +122,11 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
         "to_channels_last": (t.value,),
         "from_channels_last": (t.accum, t.value),
         "fused_weight_split_sum": (t.value,),
+        "msda_forward": (t.value,),
+        "msda_backward": (t.value, t.accum),
+        "msda_value_keys": (t.value,),
+        "msda_value_gather": (t.value, t.accum),
+        "msda_to_storage": (t.accum, t.value),
     }[kernel]
     return f"{kernel}<{', '.join(args + (index,))}>"
 
@@ -129,6 +136,7 @@ KERNELS = (
     "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
     "deform_col2im_coord", "to_channels_last", "from_channels_last", "fused_weight_split_sum",
     *FUSED_KERNELS,
+    "msda_forward", "msda_backward", "msda_value_keys", "msda_value_gather", "msda_to_storage",
 )
 
 
@@ -150,10 +158,11 @@ def name_expressions(dtype: str) -> list[str]:
 
 
 #: Kernels whose blocks are whole warps: the sampling kernels give each
-#: sampling point a group of lanes of one warp (their loops are
-#: warp-uniform, their sums warp shuffles); the layout passes give each warp
-#: rows of a tile.
-WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last")
+#: sampling point (DCN) or (image, query, head) (MSDA) a group of lanes of
+#: one warp (their loops are warp-uniform, their sums warp shuffles); the
+#: layout passes give each warp rows of a tile.
+WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last",
+                "msda_forward", "msda_backward")
 
 #: The layout passes' tile (``kLayoutTile`` in kernels/dcn_layout.cu): a
 #: block transposes LAYOUT_TILE x LAYOUT_TILE elements at a time.
