@@ -541,4 +541,4 @@ def test_report_script_prints_the_msda_table_and_budgets(library, capsys):
     out = capsys.readouterr().out
     assert "multi-scale deformable attention" in out and "not measured on a GPU" in out
     assert re.search(r"msda_forward<float, int>\s+load sectors / ideal\s+1\.\d\d \(budget 1\.5\)\s+ok", out), out
-    assert re.search(r"msda_backward<float, float, int>\s+atomic sectors/request\s+[0-4]\.\d\d \(budget 4\)\s+ok", out)
+    assert re.search(r"msda_backward<float, float, int>\s+atomic sectors/request/4B\s+[0-4]\.\d\d \(budget 4\)\s+ok", out)
