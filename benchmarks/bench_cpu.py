@@ -8,8 +8,9 @@ gradient), at three shapes:
 against the pure-torch ``grid_sample`` implementation of ``cudcn bench``,
 ``torchvision.ops.deform_conv2d`` and ``paddle.vision.ops.deform_conv2d`` on
 the CPU, whichever are installed. All run in this process on the same
-inputs, interleaved round by round (``cudcn.cli.bench.median_ms``); the table
-gives medians. Each output is compared with cudcn's in float64 first, so the
+inputs, interleaved round by round (``cudcn.cli.bench.median_ms``, with a
+pause before each timed call so that the previous library's idle threads
+stop spinning first); the table gives medians. Each output is compared with cudcn's in float64 first, so the
 timed computations are the same. Peak memory is that of cudcn's NumPy
 backend as tracemalloc traces it (NumPy's arrays), above the arguments, in
 units of the column buffer (N*Ho*Wo*kh*kw*C_in values).
@@ -62,6 +63,12 @@ FLOOR = "torch conv2d (floor)"
 TIMED = ("cudcn (numpy backend)", "pure torch (grid_sample)", "torchvision", "paddle", FLOOR)
 OURS = TIMED[0]
 
+#: Untimed pause before each timed call, longer than the libraries' idle
+#: threads spin (see ``cudcn.cli.bench.median_ms``): without it, each cudcn
+#: call, timed right after a torch call, shares the cores with torch's
+#: spinning OpenMP threads (measured: about 7 ms of CPU after each torch call).
+SETTLE_S = 0.15
+
 #: Environment variables that hold OpenBLAS to a kernel or cache size other than the one it would choose.
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -113,7 +120,7 @@ def measure(case: Case, warmup: int, repeat: int) -> dict:
     names = list(ready)
     timed = [(ready[n].forward, ready[n].synchronize) for n in names]
     timed += [(ready[n].forward_backward, ready[n].synchronize) for n in names]
-    medians = median_ms(timed, warmup, repeat)
+    medians = median_ms(timed, warmup, repeat, settle_s=SETTLE_S)
     forward, forward_backward = medians[:len(names)], medians[len(names):]
 
     arrays = {k: v.astype(case.dtype) for k, v in args.items()}

@@ -82,3 +82,15 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
     saved = json.loads(paths["json"].read_text())
     assert saved["case"]["size"] == 6 and len(saved["rows"]) == len(rows)
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_median_ms_pauses_untimed_before_each_timed_call():
+    """The settle pause comes before every timed call and is not part of its time."""
+    import time
+
+    started = []
+    medians = bench.median_ms([(lambda: started.append(time.perf_counter()), lambda: None)] * 2,
+                              warmup=0, repeat=3, settle_s=0.05)
+    assert len(started) == 6
+    assert all(later - earlier >= 0.05 for earlier, later in zip(started, started[1:]))
+    assert all(ms < 50 for ms in medians)

@@ -313,12 +313,16 @@ def _paddle_prepared(case: Case, args: dict) -> Prepared:
 
 
 def median_ms(timed: Sequence[tuple[Callable[[], Any], Callable[[], None]]],
-              warmup: int = 1, repeat: int = 5) -> list[float]:
+              warmup: int = 1, repeat: int = 5, settle_s: float = 0.0) -> list[float]:
     """Median wall time in milliseconds of each (function, synchronise) pair.
 
     The calls are interleaved: each round calls every function once, in turn,
     so that a change in the machine's load during the run falls on all of them
     alike. Each call is timed from a synchronised start to its synchronised end.
+    With settle_s, each timed call waits that long first (untimed): the idle
+    threads of the previous call's library spin for a while before they sleep
+    (torch's OpenMP threads about 10 ms, OpenBLAS's about 0.1 s), and would
+    otherwise take a core from the call being timed.
     """
     for _ in range(warmup):
         for fn, sync in timed:
@@ -328,6 +332,8 @@ def median_ms(timed: Sequence[tuple[Callable[[], Any], Callable[[], None]]],
     for _ in range(repeat):
         for (fn, sync), series in zip(timed, times):
             sync()
+            if settle_s:
+                time.sleep(settle_s)
             start = time.perf_counter()
             fn()
             sync()
