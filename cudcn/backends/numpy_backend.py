@@ -79,8 +79,9 @@ a block at a time.
 Threads: scipy's sparse products run on one thread, so a chunk's images are
 shared out among threads, a part per CPU (when each part still gets enough
 work), each doing all three steps for its images (scipy and NumPy release
-the GIL); meanwhile BLAS runs one thread per part. The parts' column buffers
-add up to the chunk's. The weight gradient sums the parts in a fixed order,
+the GIL); meanwhile BLAS runs one thread per part. BLAS keeps its own
+threads only for a single image with enough work for two. The parts' column
+buffers add up to the chunk's. The weight gradient sums the parts in a fixed order,
 so results are bitwise repeatable on a given number of CPUs.
 """
 
@@ -348,12 +349,17 @@ def _cpu_count() -> int:
 _MIN_PART_VALUES = 2**17
 
 
+def _column_values(geom: Geometry, images: slice) -> int:
+    """Column-buffer values of some images."""
+    return len(range(geom.batch)[images]) * geom.out_pixels * geom.kernel_points * geom.in_channels
+
+
 def _parts(geom: Geometry, chunk: slice) -> list[slice]:
     """The images of a chunk shared out among threads: a part per CPU, at
     most one per image and one per _MIN_PART_VALUES column values. The parts'
     column buffers together are the chunk's."""
     images = range(geom.batch)[chunk]
-    values = len(images) * geom.out_pixels * geom.kernel_points * geom.in_channels
+    values = _column_values(geom, chunk)
     count = max(1, min(_cpu_count(), len(images), values // _MIN_PART_VALUES))
     bounds = [images.start + len(images) * i // count for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
@@ -373,7 +379,7 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(_cpu_count() - 1, 1), thread_name_prefix="cudcn")
 
 
-def _in_threads(fn, parts: list[slice]) -> list:
+def _in_threads(fn, geom: Geometry, parts: list[slice]) -> list:
     """[fn(part) for part in parts], the first part in the calling thread and
     each other in a thread of its own (the threads are made once and kept).
 
@@ -381,9 +387,14 @@ def _in_threads(fn, parts: list[slice]) -> list:
     the parts run at once; scipy's products are single-threaded, so this is
     how they use every core. Meanwhile BLAS runs one thread per part: its own
     threads would only compete with the parts' (and, waiting for each other,
-    stall whenever a core is busy with something else).
+    stall whenever a core is busy with something else). BLAS keeps its own
+    threads only for a single part with two parts' worth of work (a single
+    image), where they are the only parallelism there is. With less work they
+    cost more than they give, and afterwards an idle OpenBLAS thread spins
+    for about 0.1 s on a core that the caller may need (N8 C16 14x14, two
+    CPUs: 2.3x the CPU time, 2.9x the wall time, and 22 ms of spinning after).
     """
-    if len(parts) == 1:
+    if len(parts) == 1 and _column_values(geom, parts[0]) >= 2 * _MIN_PART_VALUES:
         return [fn(parts[0])]
     with _blas().limit(limits=1, user_api="blas"):
         others = [_pool().submit(fn, part) for part in parts[1:]]
@@ -401,7 +412,7 @@ def forward(geom, input, offset, weight, bias, mask):
         _forward_part(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype, out[part])
 
     for chunk in layout.chunks(geom, dtype):
-        _in_threads(run, _parts(geom, chunk))
+        _in_threads(run, geom, _parts(geom, chunk))
     if bias is not None:
         out += bias.astype(dtype).reshape(1, -1, 1, 1)
     return out.astype(geom.dtype, copy=False)
@@ -425,7 +436,7 @@ def backward(geom, grad_output, input, offset, weight, mask):
 
     grad_w = np.zeros_like(w)
     for chunk in layout.chunks(geom, dtype):
-        for part_grad_w in _in_threads(run, _parts(geom, chunk)):
+        for part_grad_w in _in_threads(run, geom, _parts(geom, chunk)):
             grad_w += part_grad_w  # in a fixed order: bitwise repeatable
     grad_bias = None
     if geom.has_bias:
