@@ -10,10 +10,11 @@ against the pure-torch ``grid_sample`` implementation of ``cudcn bench``,
 the CPU, whichever are installed. All run in this process on the same
 inputs, interleaved round by round (``cudcn.cli.bench.median_ms``, with a
 pause before each timed call so that the previous library's idle threads
-stop spinning first); the table gives medians. Each output is compared with cudcn's in float64 first, so the
-timed computations are the same. Peak memory is that of cudcn's NumPy
-backend as tracemalloc traces it (NumPy's arrays), above the arguments, in
-units of the column buffer (N*Ho*Wo*kh*kw*C_in values).
+stop spinning first); the table gives medians. Each output is compared
+with cudcn's in float64 first, so the timed computations are the same. Peak
+memory is that of cudcn's NumPy backend as tracemalloc traces it (NumPy's
+arrays), above the arguments, in units of the column buffer
+(N*Ho*Wo*kh*kw*C_in values).
 
 The floor: a plain ``torch.nn.functional.conv2d`` of the same shape, forward
 + backward with the gradients it has (input, weight, bias). A deformable
