@@ -96,7 +96,8 @@ def test_bench_prints_a_readable_header_and_the_files_it_wrote(tmp_path, capsys)
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("DCNv1 float32: batch 1, 2 -> 2 channels, 4x4 images, 3x3 kernel, padding 1, 1 offset group; "
-                        "medians of 1 round over every implementation in turn, after 0 warm-up rounds, in ms")
+                        "medians of 1 round over every implementation in turn, after 0 warm-up rounds, "
+                        f"a {bench.SETTLE_S} s pause before each timed call, in ms")
     assert lines[-2:] == [f"wrote {csv_path} (csv)", f"wrote {json_path} (json)"]
     assert not any("Case(" in line for line in lines)
 
@@ -153,3 +154,15 @@ def test_bench_keeps_paddles_import_warning_to_itself(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ccache" not in result.stderr + result.stdout
     assert any(line.startswith("paddle ") and line.rstrip().endswith("ok") for line in result.stdout.splitlines())
+
+
+def test_median_ms_pauses_untimed_before_each_timed_call():
+    """The settle pause comes before every timed call and is not part of its time."""
+    import time
+
+    started = []
+    medians = bench.median_ms([(lambda: started.append(time.perf_counter()), lambda: None)] * 2,
+                              warmup=0, repeat=3, settle_s=0.05)
+    assert len(started) == 6
+    assert all(later - earlier >= 0.05 for earlier, later in zip(started, started[1:]))
+    assert all(ms < 50 for ms in medians)
