@@ -232,17 +232,20 @@ def _backward_part(geom, grad_output, input, offset, mask, w, dtype, grad_input)
     n, g, L, Og = input.shape[0], geom.groups, geom.out_pixels, geom.out_channels // geom.groups
     sampling = _sampling(geom, offset, mask, dtype)
     pixels = _pixel_rows(geom, input, dtype)
-    go = np.empty((g, n * L, Og), dtype)  # grad_output channels-last, per group
-    for group, grad_output_group in enumerate(grad_output.reshape(n, g, Og, L).transpose(1, 0, 2, 3)):
-        _to_channels_last(grad_output_group, go[group].reshape(n, L, Og))
+    # grad_output per group as (O/groups, n*L): whole rows of L values move,
+    # where channels-last would need a transpose, and BLAS takes either
+    # operand transposed at the same speed.
+    go = np.empty((g, Og, n * L), dtype)
+    go.reshape(g, Og, n, L)[...] = grad_output.reshape(n, g, Og, L).transpose(1, 2, 0, 3)
     columns = _im2col(sampling, pixels)
     grouped = layout.grouped_columns(geom, columns.reshape(n, geom.out_pixels, geom.kernel_points, -1))
-    grad_w = np.matmul(grouped.transpose(0, 2, 1), go)
+    grad_w = np.matmul(go, grouped).transpose(0, 2, 1)  # (groups, K*C/groups, O/groups)
     # The column gradients take the columns' place; with one convolution group
     # the grouped view is the columns' own memory, so they take it over too.
     out = grouped if g == 1 else None
     del columns
-    grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1), out=out), n)
+    grad_grouped = np.matmul(go.transpose(0, 2, 1), w.transpose(0, 2, 1), out=out)  # (groups, n*L, K*C/groups)
+    grad_columns = layout.ungrouped_columns(geom, grad_grouped, n)
     grad_columns = _column_rows(geom, grad_columns, dtype)
     _col2im(geom, sampling, grad_columns, grad_input)
     grad_offset, grad_mask = _col2im_coord(geom, sampling, grad_columns, pixels, dtype)
