@@ -89,11 +89,19 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_prints_a_readable_header_and_the_files_it_wrote(tmp_path, capsys):
+def test_bench_prints_a_readable_header_and_the_files_it_wrote(tmp_path, capsys, monkeypatch):
     csv_path, json_path = tmp_path / "b.csv", tmp_path / "b.json"
     argv = ["bench", "--batch", "1", "--in-channels", "2", "--out-channels", "2", "--size", "4",
             "--repeat", "1", "--warmup", "0", "--v1", "--csv", str(csv_path), "--json", str(json_path)]
+    pauses = []
+
+    def median_ms(timed, warmup, repeat, settle_s=0.0):  # the pause the header names is the one taken
+        pauses.append(settle_s)
+        return [0.0] * len(timed)
+
+    monkeypatch.setattr(bench, "median_ms", median_ms)
     assert cli.main(argv) == 0
+    assert pauses == [bench.SETTLE_S]
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("DCNv1 float32: batch 1, 2 -> 2 channels, 4x4 images, 3x3 kernel, padding 1, 1 offset group; "
                         "medians of 1 round over every implementation in turn, after 0 warm-up rounds, "
