@@ -89,14 +89,23 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_prints_a_readable_header_and_the_files_it_wrote(tmp_path, capsys):
+def test_bench_prints_a_readable_header_and_the_files_it_wrote(tmp_path, capsys, monkeypatch):
     csv_path, json_path = tmp_path / "b.csv", tmp_path / "b.json"
     argv = ["bench", "--batch", "1", "--in-channels", "2", "--out-channels", "2", "--size", "4",
             "--repeat", "1", "--warmup", "0", "--v1", "--csv", str(csv_path), "--json", str(json_path)]
+    pauses = []
+
+    def median_ms(timed, warmup, repeat, settle_s=0.0):  # the pause the header names is the one taken
+        pauses.append(settle_s)
+        return [0.0] * len(timed)
+
+    monkeypatch.setattr(bench, "median_ms", median_ms)
     assert cli.main(argv) == 0
+    assert pauses == [bench.SETTLE_S]
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("DCNv1 float32: batch 1, 2 -> 2 channels, 4x4 images, 3x3 kernel, padding 1, 1 offset group; "
-                        "medians of 1 round over every implementation in turn, after 0 warm-up rounds, in ms")
+                        "medians of 1 round over every implementation in turn, after 0 warm-up rounds, "
+                        f"a {bench.SETTLE_S} s pause before each timed call, in ms")
     assert lines[-2:] == [f"wrote {csv_path} (csv)", f"wrote {json_path} (json)"]
     assert not any("Case(" in line for line in lines)
 
@@ -153,3 +162,15 @@ def test_bench_keeps_paddles_import_warning_to_itself(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ccache" not in result.stderr + result.stdout
     assert any(line.startswith("paddle ") and line.rstrip().endswith("ok") for line in result.stdout.splitlines())
+
+
+def test_median_ms_pauses_untimed_before_each_timed_call():
+    """The settle pause comes before every timed call and is not part of its time."""
+    import time
+
+    started = []
+    medians = bench.median_ms([(lambda: started.append(time.perf_counter()), lambda: None)] * 2,
+                              warmup=0, repeat=3, settle_s=0.05)
+    assert len(started) == 6
+    assert all(later - earlier >= 0.05 for earlier, later in zip(started, started[1:]))
+    assert all(ms < 50 for ms in medians)

@@ -65,6 +65,25 @@ def test_blas_runs_one_thread_per_part_and_is_restored(monkeypatch):
 
 
 def _check_blas_threads(monkeypatch, threadpoolctl):
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)
+    monkeypatch.setattr(numpy_backend, "_MIN_PART_VALUES", 1)
+    assert _blas_threads_seen(monkeypatch, threadpoolctl, batch=2) == [{1}, {1}]  # one per part while they run
+
+
+@pytest.mark.parametrize(("batch", "min_part_values", "expected"), [
+    (2, 10**6, [{1}]),  # little work, one part: BLAS's threads would cost more than they give
+    (1, 100, [{2}]),  # one image with work for two: BLAS's own threads are the only parallelism
+])
+def test_blas_threads_of_a_single_part(monkeypatch, batch, min_part_values, expected):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)
+    monkeypatch.setattr(numpy_backend, "_MIN_PART_VALUES", min_part_values)  # 27*25 column values per image
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        assert _blas_threads_seen(monkeypatch, threadpoolctl, batch) == expected
+
+
+def _blas_threads_seen(monkeypatch, threadpoolctl, batch: int) -> list[set[int]]:
+    """The BLAS thread counts each part of a forward saw; checks they are restored after."""
     before = [(lib["filepath"], lib["num_threads"]) for lib in threadpoolctl.threadpool_info()]
     assert any(threads == 2 for _, threads in before)
     seen = []
@@ -75,10 +94,8 @@ def _check_blas_threads(monkeypatch, threadpoolctl):
         return real_part(*args)
 
     monkeypatch.setattr(numpy_backend, "_forward_part", spy)
-    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)
-    monkeypatch.setattr(numpy_backend, "_MIN_PART_VALUES", 1)
     rng = np.random.default_rng(0)
-    cudcn.deform_conv2d(rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((2, 18, 5, 5)),
+    cudcn.deform_conv2d(rng.standard_normal((batch, 3, 5, 5)), rng.standard_normal((batch, 18, 5, 5)),
                         rng.standard_normal((4, 3, 3, 3)), padding=1)
-    assert seen == [{1}, {1}]  # one BLAS thread per part while the parts run
     assert [(lib["filepath"], lib["num_threads"]) for lib in threadpoolctl.threadpool_info()] == before
+    return seen

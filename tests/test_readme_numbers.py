@@ -56,6 +56,42 @@ def test_cpu_benchmark_text_is_what_its_record_gives_and_readme_quotes_it():
     _assert_quoted("benchmarks/results/bench_cpu.md", "Speed and memory (CPU)")
 
 
+def test_cpu_benchmark_text_gives_the_floor_ratio_and_the_blas_kernels():
+    """A record with the floor (a plain conv2d) and the kernels gets the
+    cudcn / floor column and names each library's kernel and the OpenBLAS
+    variables as the measuring process saw them."""
+    bench_cpu = _script("benchmarks/bench_cpu.py")
+    record = json.loads((ROOT / "benchmarks/results/bench_cpu.json").read_text())
+    environment = {k: v for k, v in record.items() if k != "results"} | {
+        "kernels": {"torch": "AVX512, oneDNN 3.12.0", "numpy (openblas)": "SkylakeX"},
+        "openblas_variables": {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None},
+    }
+    results = record["results"]
+    for result, floor_ms in zip(results, (4.0, 50.0, 100.0)):
+        result["implementations"][bench_cpu.FLOOR] = {
+            "status": "ok", "forward_ms": floor_ms / 3, "forward_backward_ms": floor_ms}
+    text = bench_cpu.markdown(environment, results)
+    assert ("kernels: torch AVX512, oneDNN 3.12.0, numpy (openblas) SkylakeX, "
+            "with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset") in text
+    header = next(line for line in text.splitlines() if line.startswith("| shape |")).split(" | ")
+    assert header[-1] == f"cudcn / {bench_cpu.FLOOR} |"
+    for result, line in zip(results, [line for line in text.splitlines() if line.startswith("| N")][:3]):
+        ours = result["implementations"][bench_cpu.OURS]["forward_backward_ms"]
+        floor = result["implementations"][bench_cpu.FLOOR]["forward_backward_ms"]
+        assert line.endswith(f"| {ours / floor:.2f} |")
+    environment["openblas_variables"]["OPENBLAS_CORETYPE"] = "Haswell"
+    assert "with OPENBLAS_CORETYPE=Haswell;" in bench_cpu.markdown(environment, results)
+
+
+def test_cpu_benchmark_measures_without_the_openblas_overrides():
+    """The variables are removed for the measuring process only, and only when set."""
+    bench_cpu = _script("benchmarks/bench_cpu.py")
+    assert bench_cpu.environment_without_openblas_overrides({"PATH": "/bin"}) is None
+    held = {"PATH": "/bin", "OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1048576", "OPENBLAS_NUM_THREADS": "2"}
+    assert bench_cpu.environment_without_openblas_overrides(held) == {"PATH": "/bin", "OPENBLAS_NUM_THREADS": "2"}
+    assert held["OPENBLAS_CORETYPE"] == "Haswell"  # the caller's mapping is left alone
+
+
 def test_memory_bounds_in_readme_hold_for_the_recorded_peaks():
     match = re.search(r"peak at under (\d+) column buffers in the forward and\s+under (\d+) in the backward", README)
     assert match, "README's sentence on the NumPy backend's peak memory moved"

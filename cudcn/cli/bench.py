@@ -330,13 +330,24 @@ def _paddle_prepared(case: Case, args: dict) -> Prepared:
 # Timing and reporting
 
 
+#: Untimed pause before each timed call of ``cudcn bench`` and the CPU
+#: benchmark, longer than the libraries' idle threads spin (median_ms):
+#: without it, a call timed right after a torch call shares the cores with
+#: torch's spinning OpenMP threads (measured: about 7 ms of CPU after each).
+SETTLE_S = 0.15
+
+
 def median_ms(timed: Sequence[tuple[Callable[[], Any], Callable[[], None]]],
-              warmup: int = 1, repeat: int = 5) -> list[float]:
+              warmup: int = 1, repeat: int = 5, settle_s: float = 0.0) -> list[float]:
     """Median wall time in milliseconds of each (function, synchronise) pair.
 
     The calls are interleaved: each round calls every function once, in turn,
     so that a change in the machine's load during the run falls on all of them
     alike. Each call is timed from a synchronised start to its synchronised end.
+    With settle_s, each timed call waits that long first (untimed): the idle
+    threads of the previous call's library spin for a while before they sleep
+    (torch's OpenMP threads about 10 ms, OpenBLAS's about 0.1 s), and would
+    otherwise take a core from the call being timed.
     """
     for _ in range(warmup):
         for fn, sync in timed:
@@ -346,6 +357,8 @@ def median_ms(timed: Sequence[tuple[Callable[[], Any], Callable[[], None]]],
     for _ in range(repeat):
         for (fn, sync), series in zip(timed, times):
             sync()
+            if settle_s:
+                time.sleep(settle_s)
             start = time.perf_counter()
             fn()
             sync()
@@ -371,13 +384,15 @@ def peak_traced_bytes(fn: Callable[[], Any]) -> int:
             tracemalloc.stop()
 
 
-def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0) -> list[dict]:
+def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0,
+              settle_s: float = 0.0) -> list[dict]:
     """One row per implementation: name, device, forward_ms, forward_backward_ms,
     max_rel_diff (output vs cudcn's NumPy backend in float64), status.
 
     Every implementation that runs is timed in the same rounds (median_ms):
     a round calls each one's forward, then each one's forward + backward, so
-    that a change in the machine's load falls on all of them alike."""
+    that a change in the machine's load falls on all of them alike; with
+    settle_s, a pause before each timed call (median_ms)."""
     args = make_arguments(case, seed)
     reference = cudcn.deform_conv2d(**args, stride=1, padding=case.padding, dilation=1)
     scale = float(np.abs(reference).max())
@@ -410,7 +425,7 @@ def benchmark(case: Case, warmup: int = 1, repeat: int = 5, seed: int = 0) -> li
 
     timed = [(guarded(i, p.forward), p.synchronize) for i, p in ready.items()]
     timed += [(guarded(i, p.forward_backward), p.synchronize) for i, p in ready.items()]
-    medians = median_ms(timed, warmup, repeat)
+    medians = median_ms(timed, warmup, repeat, settle_s)
     for index, forward, forward_backward in zip(ready, medians, medians[len(ready):]):
         if index in failures:
             error = failures[index]
@@ -518,9 +533,9 @@ def run(args: argparse.Namespace) -> int:
     case = Case(args.batch, args.in_channels, args.out_channels, args.size, args.kernel,
                 args.offset_groups, not args.v1, args.dtype)
     _check_request(args, case)
-    rows = benchmark(case, warmup=args.warmup, repeat=args.repeat)
+    rows = benchmark(case, warmup=args.warmup, repeat=args.repeat, settle_s=SETTLE_S)
     print(f"{case.describe()}; medians of {plural(args.repeat, 'round')} over every implementation in turn, "
-          f"after {plural(args.warmup, 'warm-up round')}, in ms")
+          f"after {plural(args.warmup, 'warm-up round')}, a {SETTLE_S} s pause before each timed call, in ms")
     print(format_table(rows))
     print("rel. diff: largest |output - cudcn numpy float64| / largest |output|")
     try:

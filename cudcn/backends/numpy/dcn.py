@@ -81,9 +81,10 @@ a block at a time.
 Threads: scipy's sparse products run on one thread, so a chunk's images are
 shared out among threads, a part per CPU (when each part still gets enough
 work), each doing all three steps for its images (scipy and NumPy release
-the GIL); meanwhile BLAS runs one thread per part. The parts' column buffers
-add up to the chunk's. The weight gradient sums the parts in a fixed order,
-so results are bitwise repeatable on a given number of CPUs.
+the GIL); meanwhile BLAS runs one thread per part. BLAS keeps its own
+threads only for a single image with enough work for two. The parts' column
+buffers add up to the chunk's. The weight gradient sums the parts in a fixed
+order, so results are bitwise repeatable on a given number of CPUs.
 """
 
 from __future__ import annotations
@@ -133,11 +134,37 @@ def _sampling(geom: Geometry, offset: np.ndarray, mask: np.ndarray | None, dtype
     return sample(y, x, H, W, image_group, G, outside, _mask_rows(geom, mask, dtype))
 
 
+#: Channels moved at once by a transpose to channels-last. An image's channel
+#: planes lie H*W*itemsize bytes apart, often a multiple of 4 KiB, so the same
+#: pixel of every channel falls into one cache set: reading more channels at a
+#: time than the cache has ways evicts the lines before their next pixels are
+#: read (1.5 ms against 0.35 ms for N8 C64 32x32 float32).
+_TRANSPOSE_CHANNELS = 8
+
+#: Pixels moved at once by a transpose to channels-first (rows of C values).
+_TRANSPOSE_PIXELS = 256
+
+
+def _to_channels_last(source: np.ndarray, out: np.ndarray) -> None:
+    """out[i, p, c] = source[i, c, p], source (n, C, P), out (n, P, C), any dtypes."""
+    for i in range(source.shape[0]):
+        for c in range(0, source.shape[1], _TRANSPOSE_CHANNELS):
+            out[i, :, c:c + _TRANSPOSE_CHANNELS] = source[i, c:c + _TRANSPOSE_CHANNELS].T
+
+
+def _to_channels_first(source: np.ndarray, out: np.ndarray) -> None:
+    """out[i, c, p] = source[i, p, c], source (n, P, C), out (n, C, P), any dtypes."""
+    for i in range(source.shape[0]):
+        for p in range(0, source.shape[1], _TRANSPOSE_PIXELS):
+            out[i, :, p:p + _TRANSPOSE_PIXELS] = source[i, p:p + _TRANSPOSE_PIXELS].T
+
+
 def _pixel_rows(geom: Geometry, input: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """X: input (n, C, H, W) channels-last as (n*H*W*G + 1, C/G), a zero row last."""
     n, C, G = input.shape[0], geom.in_channels, geom.offset_groups
     pixels = pixel_rows(n * geom.height * geom.width * G, C // G, dtype)
-    pixels[:-1].reshape(n, geom.height, geom.width, C)[...] = input.transpose(0, 2, 3, 1)
+    P = geom.height * geom.width  # explicit sizes, no -1: an empty batch has size 0
+    _to_channels_last(input.reshape(n, C, P), pixels[:-1].reshape(n, P, C))
     return pixels
 
 
@@ -146,11 +173,11 @@ def _im2col(sampling: Sampling, pixels: np.ndarray) -> np.ndarray:
     return sampling.matrix @ pixels
 
 
-def _col2im(geom: Geometry, sampling: Sampling, grad_columns: np.ndarray) -> np.ndarray:
-    """Sᵀ·dcol: input gradient (n, C, H, W) from column gradients (n*L*K*G, C/G)."""
+def _col2im(geom: Geometry, sampling: Sampling, grad_columns: np.ndarray, out: np.ndarray) -> None:
+    """Sᵀ·dcol: input gradient into out (n, C, H, W) from column gradients (n*L*K*G, C/G)."""
     grad = sampling.matrix.T @ grad_columns  # (n*H*W*G + 1, C/G)
-    grad = grad[:-1].reshape(-1, geom.height, geom.width, geom.in_channels)
-    return grad.transpose(0, 3, 1, 2)
+    n, C, P = out.shape[0], geom.in_channels, geom.height * geom.width
+    _to_channels_first(grad[:-1].reshape(n, P, C), out.reshape(n, C, P))
 
 
 def _col2im_coord(geom, sampling, grad_columns, pixels, dtype):
@@ -183,40 +210,46 @@ def _column_rows(geom: Geometry, columns: np.ndarray, dtype: np.dtype) -> np.nda
     return np.ascontiguousarray(columns, dtype=dtype).reshape(-1, geom.in_channels // geom.offset_groups)
 
 
-def _forward_part(geom, input, offset, mask, w, dtype) -> np.ndarray:
-    """Output (n, C_out, Ho, Wo) of some images, without the bias; w from layout.weight_matrix."""
-    n = input.shape[0]
+def _forward_part(geom, input, offset, mask, w, dtype, out) -> None:
+    """Output of some images into out (n, C_out, Ho, Wo), without the bias; w from layout.weight_matrix."""
+    n, g, L, Og = input.shape[0], geom.groups, geom.out_pixels, geom.out_channels // geom.groups
     sampling = _sampling(geom, offset, mask, dtype)
     columns = _im2col(sampling, _pixel_rows(geom, input, dtype))
-    columns = columns.reshape(n, geom.out_pixels, geom.kernel_points, geom.in_channels)
+    columns = columns.reshape(n, L, geom.kernel_points, geom.in_channels)
     y = np.matmul(layout.grouped_columns(geom, columns), w)  # (groups, n*L, O/groups)
-    y = y.transpose(1, 0, 2).reshape(n, geom.out_h, geom.out_w, geom.out_channels)
-    return y.transpose(0, 3, 1, 2)
+    out = out.reshape(n, g, Og, L)
+    for group in range(g):
+        _to_channels_first(y[group].reshape(n, L, Og), out[:, group])
 
 
-def _backward_part(geom, grad_output, input, offset, mask, w, dtype):
-    """Gradients (input, offset, mask or None, weight matrix) of some images.
+def _backward_part(geom, grad_output, input, offset, mask, w, dtype, grad_input):
+    """Gradients (offset, mask or None, weight matrix) of some images, the
+    input's into grad_input (n, C, H, W).
 
     S is built once and serves im2col (for the weight gradient), col2im and
     col2im_coord. Its temporaries end with the call.
     """
-    n, g = input.shape[0], geom.groups
+    n, g, L, Og = input.shape[0], geom.groups, geom.out_pixels, geom.out_channels // geom.groups
     sampling = _sampling(geom, offset, mask, dtype)
     pixels = _pixel_rows(geom, input, dtype)
-    go = grad_output.astype(dtype, copy=False).reshape(n, g, -1, geom.out_pixels).transpose(1, 0, 3, 2)
-    go = go.reshape(g, n * geom.out_pixels, -1)  # (groups, n*L, O/groups)
+    # grad_output per group as (O/groups, n*L): whole rows of L values move,
+    # where channels-last would need a transpose, and BLAS takes either
+    # operand transposed at the same speed.
+    go = np.empty((g, Og, n * L), dtype)
+    go.reshape(g, Og, n, L)[...] = grad_output.reshape(n, g, Og, L).transpose(1, 2, 0, 3)
     columns = _im2col(sampling, pixels)
     grouped = layout.grouped_columns(geom, columns.reshape(n, geom.out_pixels, geom.kernel_points, -1))
-    grad_w = np.matmul(grouped.transpose(0, 2, 1), go)
+    grad_w = np.matmul(go, grouped).transpose(0, 2, 1)  # (groups, K*C/groups, O/groups)
     # The column gradients take the columns' place; with one convolution group
     # the grouped view is the columns' own memory, so they take it over too.
     out = grouped if g == 1 else None
     del columns
-    grad_columns = layout.ungrouped_columns(geom, np.matmul(go, w.transpose(0, 2, 1), out=out), n)
+    grad_grouped = np.matmul(go.transpose(0, 2, 1), w.transpose(0, 2, 1), out=out)  # (groups, n*L, K*C/groups)
+    grad_columns = layout.ungrouped_columns(geom, grad_grouped, n)
     grad_columns = _column_rows(geom, grad_columns, dtype)
-    grad_input = _col2im(geom, sampling, grad_columns)
+    _col2im(geom, sampling, grad_columns, grad_input)
     grad_offset, grad_mask = _col2im_coord(geom, sampling, grad_columns, pixels, dtype)
-    return grad_input, grad_offset, grad_mask, grad_w
+    return grad_offset, grad_mask, grad_w
 
 
 #: Fewest column-buffer values worth a thread of their own: for less work,
@@ -224,13 +257,32 @@ def _backward_part(geom, grad_output, input, offset, mask, w, dtype):
 _MIN_PART_VALUES = 2**17
 
 
+def _column_values(geom: Geometry, images: slice) -> int:
+    """Column-buffer values of some images."""
+    return len(range(geom.batch)[images]) * geom.out_pixels * geom.kernel_points * geom.in_channels
+
+
 def _parts(geom: Geometry, chunk: slice) -> list[slice]:
     """The images of a chunk shared out among threads: a part per CPU, at
     most one per image and one per _MIN_PART_VALUES column values. The parts'
     column buffers together are the chunk's."""
     images = range(geom.batch)[chunk]
-    values = len(images) * geom.out_pixels * geom.kernel_points * geom.in_channels
-    return parallel.parts(images, values, _MIN_PART_VALUES)
+    return parallel.parts(images, _column_values(geom, chunk), _MIN_PART_VALUES)
+
+
+def _in_threads(run, geom: Geometry, chunk: slice) -> list:
+    """[run(part) for part in the chunk's parts], in threads (parallel.in_threads).
+
+    BLAS keeps its own threads only for a single part with two parts' worth
+    of work (a single image), where they are the only parallelism there is.
+    With less work they cost more than they give, and afterwards an idle
+    OpenBLAS thread spins for about 0.1 s on a core that the caller may need
+    (N8 C16 14x14, two CPUs: 2.3x the CPU time, 2.9x the wall time, and 22 ms
+    of spinning after).
+    """
+    parts = _parts(geom, chunk)
+    blas_threads = len(parts) == 1 and _column_values(geom, chunk) >= 2 * _MIN_PART_VALUES
+    return parallel.in_threads(run, parts, blas_threads=blas_threads)
 
 
 def forward(geom, input, offset, weight, bias, mask):
@@ -240,10 +292,10 @@ def forward(geom, input, offset, weight, bias, mask):
     w = layout.weight_matrix(geom, weight, dtype)
 
     def run(part):
-        out[part] = _forward_part(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype)
+        _forward_part(geom, input[part], offset[part], _chunk_mask(mask, part), w, dtype, out[part])
 
     for chunk in layout.chunks(geom, dtype):
-        parallel.in_threads(run, _parts(geom, chunk))
+        _in_threads(run, geom, chunk)
     if bias is not None:
         out += bias.astype(dtype).reshape(1, -1, 1, 1)
     return out.astype(geom.dtype, copy=False)
@@ -259,15 +311,15 @@ def backward(geom, grad_output, input, offset, weight, mask):
 
     def run(part):
         grads = _backward_part(geom, grad_output[part], input[part], offset[part],
-                               _chunk_mask(mask, part), w, dtype)
-        grad_input[part], grad_offset[part] = grads[0], grads[1]
+                               _chunk_mask(mask, part), w, dtype, grad_input[part])
+        grad_offset[part] = grads[0]
         if grad_mask is not None:
-            grad_mask[part] = grads[2]
-        return grads[3]
+            grad_mask[part] = grads[1]
+        return grads[2]
 
     grad_w = np.zeros_like(w)
     for chunk in layout.chunks(geom, dtype):
-        for part_grad_w in parallel.in_threads(run, _parts(geom, chunk)):
+        for part_grad_w in _in_threads(run, geom, chunk):
             grad_w += part_grad_w  # in a fixed order: bitwise repeatable
     grad_bias = None
     if geom.has_bias:
@@ -288,8 +340,9 @@ def col2im(geom, columns, offset, mask):
     """Input gradient (N, C_in, H, W) from column gradients (N, Ho*Wo, kh*kw, C_in)."""
     dtype = compute_dtype(geom.dtype)
     sampling = _sampling(geom, offset, mask, dtype)
-    grad = _col2im(geom, sampling, _column_rows(geom, columns, dtype))
-    return np.ascontiguousarray(grad, dtype=geom.dtype)
+    grad = np.empty((geom.batch, geom.in_channels, geom.height, geom.width), dtype)
+    _col2im(geom, sampling, _column_rows(geom, columns, dtype), grad)
+    return grad.astype(geom.dtype, copy=False)
 
 
 def col2im_coord(geom, columns, input, offset, mask):

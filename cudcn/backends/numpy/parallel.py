@@ -44,7 +44,7 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(cpu_count() - 1, 1), thread_name_prefix="cudcn")
 
 
-def in_threads(fn, parts: list[slice]) -> list:
+def in_threads(fn, parts: list[slice], blas_threads: bool = False) -> list:
     """[fn(part) for part in parts], the first part in the calling thread and
     each other in a thread of its own (the threads are made once and kept).
 
@@ -52,9 +52,14 @@ def in_threads(fn, parts: list[slice]) -> list:
     the parts run at once; scipy's products are single-threaded, so this is
     how they use every core. Meanwhile BLAS runs one thread per part: its own
     threads would only compete with the parts' (and, waiting for each other,
-    stall whenever a core is busy with something else).
+    stall whenever a core is busy with something else). With blas_threads
+    and a single part, BLAS keeps its own threads: a caller asks for that
+    only where one part has enough work for several, so that BLAS's threads
+    are the only parallelism there is; for less work they cost more than
+    they give, and an idle OpenBLAS thread then spins for about 0.1 s on a
+    core the caller may need.
     """
-    if len(parts) == 1:
+    if len(parts) == 1 and blas_threads:
         return [fn(parts[0])]
     with _blas().limit(limits=1, user_api="blas"):
         others = [_pool().submit(fn, part) for part in parts[1:]]
