@@ -74,6 +74,8 @@ Where things are (``cudcn/torch/``):
   DCNv4 operators, :func:`dcnv3` and :func:`dcnv4` (channels-last, no
   weight: the depthwise sampling core of the DCNv3/DCNv4 modules).
 - ``modules.py``: the nn.Modules.
+- ``dcnv3_modules.py``: the DCNv3 and DCNv4 modules (InternImage's and
+  FlashInternImage's drop-ins).
 - ``export.py``: ONNX export (the dynamo translation table, and the legacy
   exporter's symbolic, registered when ``cudcn.torch`` is imported).
 """
@@ -83,6 +85,7 @@ from cudcn.errors import import_framework
 import_framework("torch", "torch")  # without torch, an error that names cudcn's extra
 
 from cudcn.torch.dcnv3 import dcnv3, dcnv4  # noqa: E402
+from cudcn.torch.dcnv3_modules import DCNv3, DCNv4  # noqa: E402
 from cudcn.torch.export import ONNX_MIN_OPSET, onnx_translation_table  # noqa: E402
 from cudcn.torch.functional import deform_conv2d  # noqa: E402
 from cudcn.torch.modules import (  # noqa: E402
@@ -95,6 +98,8 @@ from cudcn.torch.modules import (  # noqa: E402
 
 __all__ = [
     "CoordConv2d",
+    "DCNv3",
+    "DCNv4",
     "DeformConv2d",
     "DeformConv2dPack",
     "ModulatedDeformConv2dPack",
