@@ -71,7 +71,9 @@ def _blend(module: nn.Module, out: Tensor, projected: Tensor, query: Tensor) -> 
     scale = module.center_feature_scale_module(
         query, module.center_feature_scale_proj_weight, module.center_feature_scale_proj_bias
     )
-    scale = scale.repeat_interleave(module.group_channels, dim=-1)
+    # Explicit sizes, not repeat_interleave: its ONNX form reshapes with a -1,
+    # which onnxruntime refuses for an empty batch.
+    scale = scale.unsqueeze(-1).expand(*scale.shape, module.group_channels).reshape(*out.shape)
     return out * (1 - scale) + projected * scale
 
 

@@ -2,7 +2,8 @@
 
 For the dynamo exporter through :func:`onnx_translation_table`; for the
 legacy exporter through a symbolic registered when this module is imported
-(``import cudcn.torch`` imports it).
+(``import cudcn.torch`` imports it). DCNv3 and DCNv4 (dynamo exporter only):
+:mod:`cudcn.torch.dcnv3_export`.
 """
 
 from __future__ import annotations
@@ -85,15 +86,29 @@ def _deform_conv2d_onnx(input, offset, weight, bias, mask, stride, padding, dila
     return op.DeformConv(input, weight, offset, bias, mask, **attributes)
 
 
-def onnx_translation_table() -> dict[Any, Any]:
-    """cudcn's op as ONNX DeformConv (opset >= 19), for torch's dynamo exporter.
+def onnx_translation_table(*, dcnv3: str = "standard") -> dict[Any, Any]:
+    """cudcn's ops in ONNX, for torch's dynamo exporter.
 
     ``torch.onnx.export(model, args, f, dynamo=True,
     custom_translation_table=cudcn.torch.onnx_translation_table())`` exports
     every call of :func:`deform_conv2d` (and so of the modules) as a standard
-    ``DeformConv`` node. Needs onnxscript (torch's exporter needs it anyway).
+    ``DeformConv`` node (opset >= 19). Needs onnxscript (torch's exporter
+    needs it anyway).
+
+    ``dcnv3`` says how :func:`cudcn.torch.dcnv3` and :func:`cudcn.torch.dcnv4`
+    (and so the DCNv3/DCNv4 modules) are written: "standard", as standard
+    ops (Pad, GridSample, Mul, ReduceSum; opset >= 16) that onnxruntime runs;
+    "tensorrt", as the ``mmdeploy::TRTDCNv3`` custom node of InternImage's
+    TensorRT plugin (float32, stride 1, no remove_center). See
+    :mod:`cudcn.torch.dcnv3_export`.
     """
-    return {torch.ops.cudcn.deform_conv2d.default: _deform_conv2d_onnx}
+    table = {torch.ops.cudcn.deform_conv2d.default: _deform_conv2d_onnx}
+    # ---- DCNv3 / DCNv4 (cudcn/torch/dcnv3_export.py) ----
+    from cudcn.torch.dcnv3_export import dcnv3_translation_table
+
+    table.update(dcnv3_translation_table(dcnv3))
+    # ---- end DCNv3 / DCNv4 ----
+    return table
 
 
 def _deform_conv2d_symbolic(g, input, offset, weight, bias, mask, stride, padding, dilation):
