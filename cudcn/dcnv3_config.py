@@ -158,6 +158,18 @@ def dcnv4_config(
                        without_pointwise=_flag(without_pointwise, "without_pointwise"))
 
 
+def keep_attributes(layer: Any, config: _ModuleConfig) -> None:
+    """The config on ``layer._config`` (what its forward reads), and the
+    attributes the references keep, for code that reads them."""
+    layer._config = config
+    for name in ("offset_scale", "channels", "kernel_size", "dw_kernel_size", "stride", "dilation", "pad",
+                 "group", "group_channels", "center_feature_scale", "remove_center"):
+        setattr(layer, name, getattr(config, name))
+    if isinstance(config, DCNv4Config):
+        layer.without_pointwise = config.without_pointwise
+        layer.K = config.K
+
+
 def check_same_size(config: _ModuleConfig, height: int, width: int, module: str) -> None:
     """The module's offsets are predicted at the input's pixels, so the
     operator's output must be the input's size (stride 1, pad =

@@ -26,6 +26,7 @@ from cudcn.dcnv3_config import (
     check_same_size,
     dcnv3_config,
     dcnv4_config,
+    keep_attributes,
     token_grid,
 )
 from cudcn.torch.dcnv3 import dcnv3, dcnv4
@@ -75,15 +76,6 @@ def _blend(module: nn.Module, out: Tensor, projected: Tensor, query: Tensor) -> 
     # which onnxruntime refuses for an empty batch.
     scale = scale.unsqueeze(-1).expand(*scale.shape, module.group_channels).reshape(*out.shape)
     return out * (1 - scale) + projected * scale
-
-
-def _keep(module: nn.Module, config: DCNv3Config | DCNv4Config) -> None:
-    """The config, and the attributes the references keep (read by code
-    around them; the forward reads the config)."""
-    module._config = config
-    for name in ("offset_scale", "channels", "kernel_size", "dw_kernel_size", "stride", "dilation", "pad",
-                 "group", "group_channels", "center_feature_scale", "remove_center"):
-        setattr(module, name, getattr(config, name))
 
 
 def _add_center_feature_scale(module: nn.Module, config: DCNv3Config | DCNv4Config) -> None:
@@ -147,7 +139,7 @@ class DCNv3(nn.Module):
         super().__init__()
         config = dcnv3_config(channels, kernel_size, dw_kernel_size, stride, pad, dilation, group, offset_scale,
                               act_layer, norm_layer, center_feature_scale, remove_center)
-        _keep(self, config)
+        keep_attributes(self, config)
 
         C, G, P, dwk = config.channels, config.group, config.points, config.dw_kernel_size
         self.dw_conv = nn.Sequential(
@@ -248,9 +240,7 @@ class DCNv4(nn.Module):
         super().__init__()
         config = dcnv4_config(channels, kernel_size, stride, pad, dilation, group, offset_scale, dw_kernel_size,
                               center_feature_scale, remove_center, output_bias, without_pointwise)
-        _keep(self, config)
-        self.without_pointwise = config.without_pointwise
-        self.K = config.K
+        keep_attributes(self, config)
 
         C = config.channels
         if config.dw_kernel_size is not None:
