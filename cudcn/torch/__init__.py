@@ -58,7 +58,8 @@ Leaving Python: TorchScript compiles the function and the modules to calls of
 the op; torch.export captures the op (a dynamic batch works); ONNX export
 writes the standard ``DeformConv`` node, through
 :func:`onnx_translation_table` (dynamo exporter) or the symbolic registered
-at import (legacy exporter).
+at import (legacy exporter). DCNv3 and DCNv4 export as standard ops
+around ``GridSample`` (dynamo exporter; :mod:`cudcn.torch.dcnv3_export`).
 
 Where things are (``cudcn/torch/``):
 
@@ -77,7 +78,8 @@ Where things are (``cudcn/torch/``):
 - ``dcnv3_modules.py``: the DCNv3 and DCNv4 modules (InternImage's and
   FlashInternImage's drop-ins).
 - ``export.py``: ONNX export (the dynamo translation table, and the legacy
-  exporter's symbolic, registered when ``cudcn.torch`` is imported).
+  exporter's symbolic, registered when ``cudcn.torch`` is imported);
+  ``dcnv3_export.py``: DCNv3 and DCNv4's entries in that table.
 """
 
 from cudcn.errors import import_framework
