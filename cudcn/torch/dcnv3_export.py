@@ -18,7 +18,9 @@ that any runtime has (onnxruntime included; GridSample needs opset 16):
 DCNv4 first cuts offset_mask into its offsets and mask (Slice, Reshape).
 Every size is read from the tensors in the graph, so the batch, H and W may
 all be dynamic; G, D, the kernel and the other scalars are the call's
-constants. float16 and bfloat16 graphs build the sampling grid in float32;
+constants. float16 and bfloat16 graphs build the sampling grid in float32
+(bfloat16 ones also pad, sample and sum in float32, then round: onnxruntime
+has no bfloat16 Pad or GridSample);
 float64 graphs in float64.
 
 ``"tensorrt"``: one ``mmdeploy::TRTDCNv3`` node (inputs input, offset, mask;
@@ -119,7 +121,10 @@ def _standard(call: _Call, input, offset, mask):
 
     version = _opset_version()
     G, D, P = call.group, call.group_channels, call.points
-    padded = op.Pad(input, _ints(op, [0, call.pad_h, call.pad_w, 0, 0, call.pad_h, call.pad_w, 0]))
+    # onnxruntime has no bfloat16 Pad or GridSample: a bfloat16 graph pads, samples and sums in float32.
+    bfloat16 = input.dtype == onnx.TensorProto.BFLOAT16
+    source = op.Cast(input, to=onnx.TensorProto.FLOAT) if bfloat16 else input
+    padded = op.Pad(source, _ints(op, [0, call.pad_h, call.pad_w, 0, 0, call.pad_h, call.pad_w, 0]))
     n, out_h, out_w = (_size(op, offset, axis) for axis in range(3))
     # N*G images of D channels: (N*G, D, Hp, Wp).
     images = op.Reshape(op.Transpose(op.Reshape(padded, _ints(op, [0, 0, 0, G, D])), perm=[0, 3, 4, 1, 2]),
@@ -139,7 +144,8 @@ def _standard(call: _Call, input, offset, mask):
                           op.Concat(n, _ints(op, [G, D]), out_h, out_w, _ints(op, [P]), axis=0))
     summed = op.ReduceSum(weighted, _ints(op, [5]), keepdims=0)  # (N, G, D, Ho, Wo)
     out = op.Transpose(summed, perm=[0, 3, 4, 1, 2])  # (N, Ho, Wo, G, D)
-    return op.Reshape(out, op.Concat(n, out_h, out_w, _ints(op, [G * D]), axis=0))
+    out = op.Reshape(out, op.Concat(n, out_h, out_w, _ints(op, [G * D]), axis=0))
+    return op.CastLike(out, input) if bfloat16 else out
 
 
 def _split(op, call: _Call, offset_mask):
