@@ -67,6 +67,8 @@ Where things are (``cudcn/paddle/``):
 - ``dcnv3.py``: :func:`dcnv3` and :func:`dcnv4` (InternImage's DCNv3 and
   FlashInternImage's DCNv4 operators, channels-last), their autograd
   layers; dygraph only.
+- ``dcnv3_layers.py``: the DCNv3 and DCNv4 layers (InternImage's and
+  FlashInternImage's modules; dygraph only).
 - ``_static.py``: the static-graph path (shapes paddle leaves unknown, and
   paddle's own op emitted into the graph).
 - ``layers.py``: the layers.
@@ -77,6 +79,7 @@ from cudcn.errors import import_framework
 import_framework("paddle", "paddlepaddle")  # without paddle, an error that names cudcn's extra
 
 from cudcn.paddle.dcnv3 import dcnv3, dcnv4  # noqa: E402
+from cudcn.paddle.dcnv3_layers import DCNv3, DCNv4  # noqa: E402
 from cudcn.paddle.functional import LAYOUTS, NAMES, deform_conv2d, ms_deform_attn  # noqa: E402
 from cudcn.paddle.layers import (  # noqa: E402
     CoordConv2D,
@@ -90,6 +93,8 @@ from cudcn.paddle.layers import (  # noqa: E402
 
 __all__ = [
     "CoordConv2D",
+    "DCNv3",
+    "DCNv4",
     "DeformConv2D",
     "DeformConv2DPack",
     "ModulatedDeformConv2DPack",

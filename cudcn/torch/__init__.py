@@ -67,6 +67,8 @@ at import (legacy exporter). Multi-scale deformable attention exports the
 same two ways as standard ops (GridSample per level), or as TensorRT's
 plugin node; torch.export and torch.compile capture its op with a dynamic
 batch and number of queries (TorchScript does not take it).
+DCNv3 and DCNv4 export as standard ops around ``GridSample`` (dynamo
+exporter; :mod:`cudcn.torch.dcnv3_export`).
 
 Where things are (``cudcn/torch/``):
 
@@ -84,8 +86,11 @@ Where things are (``cudcn/torch/``):
   DCNv4 operators, :func:`dcnv3` and :func:`dcnv4` (channels-last, no
   weight: the depthwise sampling core of the DCNv3/DCNv4 modules).
 - ``modules.py``: the nn.Modules.
+- ``dcnv3_modules.py``: the DCNv3 and DCNv4 modules (InternImage's and
+  FlashInternImage's drop-ins).
 - ``export.py``: ONNX export (the dynamo translation table, and the legacy
-  exporter's symbolics, registered when ``cudcn.torch`` is imported).
+  exporter's symbolics, registered when ``cudcn.torch`` is imported);
+  ``dcnv3_export.py``: DCNv3 and DCNv4's entries in that table.
 """
 
 from cudcn.errors import import_framework
@@ -93,6 +98,7 @@ from cudcn.errors import import_framework
 import_framework("torch", "torch")  # without torch, an error that names cudcn's extra
 
 from cudcn.torch.dcnv3 import dcnv3, dcnv4  # noqa: E402
+from cudcn.torch.dcnv3_modules import DCNv3, DCNv4  # noqa: E402
 from cudcn.torch.export import ONNX_MIN_OPSET, onnx_translation_table  # noqa: E402
 from cudcn.torch.functional import deform_conv2d, hf_ms_deform_attn_forward, ms_deform_attn  # noqa: E402
 from cudcn.torch.modules import (  # noqa: E402
@@ -107,6 +113,8 @@ from cudcn.torch.modules import (  # noqa: E402
 
 __all__ = [
     "CoordConv2d",
+    "DCNv3",
+    "DCNv4",
     "DeformConv2d",
     "DeformConv2dPack",
     "ModulatedDeformConv2dPack",

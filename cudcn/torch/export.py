@@ -4,7 +4,8 @@ level, Mul, ReduceSum, ...), or as TensorRT's plugin node on request.
 
 For the dynamo exporter through :func:`onnx_translation_table`; for the
 legacy exporter through symbolics registered when this module is imported
-(``import cudcn.torch`` imports it).
+(``import cudcn.torch`` imports it). DCNv3 and DCNv4 (dynamo exporter only):
+:mod:`cudcn.torch.dcnv3_export`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _deform_conv2d_onnx(input, offset, weight, bias, mask, stride, padding, dila
     return op.DeformConv(input, weight, offset, bias, mask, **attributes)
 
 
-def onnx_translation_table(ms_deform_attn: str = "onnx") -> dict[Any, Any]:
+def onnx_translation_table(ms_deform_attn: str = "onnx", *, dcnv3: str = "onnx") -> dict[Any, Any]:
     """cudcn's ops for torch's dynamo exporter.
 
     ``torch.onnx.export(model, args, f, dynamo=True,
@@ -107,16 +108,25 @@ def onnx_translation_table(ms_deform_attn: str = "onnx") -> dict[Any, Any]:
       GridSample per level, see :func:`_msda_graph`), or as one node of
       TensorRT's ``MultiscaleDeformableAttnPlugin_TRT``
       (``ms_deform_attn="tensorrt"``, for TensorRT only: see
-      :func:`_msda_tensorrt_graph`).
+      :func:`_msda_tensorrt_graph`);
+    - every call of :func:`cudcn.torch.dcnv3` and :func:`cudcn.torch.dcnv4`
+      (and so of the DCNv3/DCNv4 modules) as standard ops (Pad, GridSample,
+      Mul, ReduceSum; opset >= 16) that onnxruntime runs (``dcnv3="onnx"``),
+      or as the ``mmdeploy::TRTDCNv3`` custom node of InternImage's TensorRT
+      plugin (``dcnv3="tensorrt"``: float32, stride 1, no remove_center).
+      See :mod:`cudcn.torch.dcnv3_export`.
 
     Needs onnxscript (torch's exporter needs it anyway).
     """
+    from cudcn.torch.dcnv3_export import dcnv3_translation_table
+
     routes = {"onnx": _ms_deform_attn_onnx, "tensorrt": _ms_deform_attn_tensorrt}
     if ms_deform_attn not in routes:
         raise ArgumentError(f"ms_deform_attn must be one of {', '.join(map(repr, routes))}, got {ms_deform_attn!r}")
     return {
         torch.ops.cudcn.deform_conv2d.default: _deform_conv2d_onnx,
         torch.ops.cudcn.ms_deform_attn.default: routes[ms_deform_attn],
+        **dcnv3_translation_table(dcnv3),
     }
 
 
