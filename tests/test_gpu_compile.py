@@ -152,9 +152,9 @@ def test_compile_uses_cupys_runtime_options():
 @needs_nvrtc
 @pytest.mark.parametrize("arch", [75, 80, 90])
 def test_mma_wrappers_and_cooperative_kernels_compile(arch):
-    """The emulator's test kernels (shared memory, shuffles, votes, every MMA
-    wrapper of kernels/dcn_mma.cuh) through NVRTC: the inline PTX the
-    emulator stands in for is assembled for each architecture."""
+    """The emulator's test kernels (shared memory, shuffles, votes, every MMA,
+    ldmatrix and cp.async wrapper of kernels/dcn_mma.cuh) through NVRTC: the
+    inline PTX the emulator stands in for is assembled for each architecture."""
     from emulation import harness
 
     source = cuda_kernels.translation_unit([harness.COOPERATIVE_SOURCE], cuda_kernels.kernel_dir())
@@ -172,6 +172,12 @@ def test_mma_wrappers_and_cooperative_kernels_compile(arch):
         }
     else:  # f16 as two k8 steps; bf16 and tf32 have no sm_75 instruction and trap
         assert mmas == {"mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32"} and "trap;" in module["ptx"]
+    # ldmatrix from sm_75; cp.async from sm_80 (before: a plain load and store, nothing to wait for).
+    assert {"ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"} <= set(
+        re.findall(r"ldmatrix\.sync\.aligned\.[\w.]+", module["ptx"]))
+    asynchronous = {"cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group"}
+    found = set(re.findall(r"cp\.async\.[\w.]+", module["ptx"]))
+    assert found == (asynchronous if arch >= 80 else set()), found
 
 
 @needs_nvrtc
