@@ -11,7 +11,7 @@
 //   DCN_SHARED(type, name, count)              static shared memory (per block)
 //   DCN_SHARED_DYNAMIC(type, name)             dynamic shared memory, sized at launch
 //   DCN_SHARED_PTR(type)                       the type of a pointer into shared memory
-//   atomicAdd, __float_as_uint, __uint_as_float, __popc, __ffs
+//   atomicAdd, __float_as_uint, __uint_as_float, __float_as_int, __int_as_float, __popc, __ffs
 //   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
 //                                              global memory accesses of kernels/dcn_common.cuh, recorded
 //   dcn_host_half_to_float, dcn_host_float_to_half   (what PTX cvt does on a GPU)
@@ -991,9 +991,11 @@ inline void cp_async(const SharedArray<unsigned>& dst, const void* src, int byte
   me().uncommitted.push_back(copy);
 }
 
-/// cp.async.commit_group: the copies issued since the last commit become a group.
+/// cp.async.commit_group: the copies issued since the last commit become a
+/// group (none: an empty group, complete at once, which no wait counts).
 inline void async_commit() {
   Fiber& f = me();
+  if (f.uncommitted.empty()) return;
   f.groups.push_back(std::move(f.uncommitted));
   f.uncommitted.clear();
 }
@@ -1317,6 +1319,18 @@ inline unsigned int __float_as_uint(float f) {
   unsigned int u;
   std::memcpy(&u, &f, sizeof u);
   return u;
+}
+
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
 }
 
 // g++ (12+, x86-64) converts _Float16 with round to nearest even, as cvt.rn does.

@@ -20,11 +20,15 @@ adds the bias and writes the NCHW output once. The operands are:
 
 Workspace: the kernel reads the input channels-last, so each chunk of
 images is copied to (n, H*W, C) first; a chunk's copy stays under
-1/:data:`STAGING_SHARE` of the workspace budget (at least one image). With
-the weight in the kernel's layout (groups, K, O/groups, C/groups) that is
-all: a few percent of the im2col path's column buffer at the benchmark
-shapes (tests/test_workspace.py). Every chunk is one launch; the batch need
-not divide into chunks evenly, and the output is written in place.
+1/:data:`STAGING_SHARE` of the workspace budget (at least one image), or
+takes as many images as a launch of
+:data:`~cudcn.backends.cuda.launchers.FUSED_TARGET_BLOCKS` blocks needs, up
+to 1/:data:`TARGET_SHARE` of it (:func:`staging_chunks`). With the weight in
+the kernel's layout (groups, K, O/groups, C/groups) that is all: a few
+percent of the im2col path's workspace at the benchmark shapes
+(tests/test_workspace.py). Every chunk is one launch; the batch need not
+divide into chunks evenly (their sizes differ by one at most), and the
+output is written in place.
 
 Backward: :mod:`cudcn.backends.cuda.fused_backward` (the same operands and
 capability rules; not with deterministic algorithms on, see there).
@@ -35,12 +39,15 @@ from __future__ import annotations
 from typing import Any
 
 from cudcn import config
-from cudcn.backends.cuda import fused_backward, launchers
+from cudcn.backends.cuda import fused_backward, kernels, launchers
 from cudcn.backends.cuda.engine import Engine
 from cudcn.geometry import Geometry
 
-#: A chunk's channels-last copy stays under 1/STAGING_SHARE of the workspace budget.
+#: A chunk's channels-last copy stays under 1/STAGING_SHARE of the workspace
+#: budget, or under 1/TARGET_SHARE where more images are needed to give a
+#: launch FUSED_TARGET_BLOCKS blocks.
 STAGING_SHARE = 128
+TARGET_SHARE = 32
 
 #: Compute capabilities the operand types need: float16 MMAs since sm_75,
 #: bfloat16 and TF32 MMAs since sm_80.
@@ -58,7 +65,7 @@ def applies(engine: Engine, geom: Geometry, direction: str) -> str | None:
     if dtype == "float16" and engine.capability < F16_CAPABILITY:
         return f"float16 MMAs need compute capability 7.5, this device has {_version(engine.capability)}"
     if direction == "backward":
-        return fused_backward.why_not(geom)
+        return fused_backward.why_not(geom) or launchers.fused_fits(geom)
     return launchers.fused_fits(geom)
 
 
@@ -78,11 +85,18 @@ def kernel(engine: Engine, geom: Geometry) -> str:
     return "deform_fused_forward" if tensor_cores(engine, geom) else "deform_fused_forward_fma"
 
 
-def staging_images(geom: Geometry) -> int:
-    """Images per chunk: their channels-last copy fits 1/STAGING_SHARE of the budget (at least one)."""
-    per_image = geom.in_channels * geom.height * geom.width * geom.dtype.itemsize
-    fit = config.get_workspace_bytes() // STAGING_SHARE // max(per_image, 1)
-    return max(1, min(fit, geom.batch))
+def staging_chunks(geom: Geometry) -> list[slice]:
+    """The batch in chunks (one launch each, :func:`launchers.fused_chunks`):
+    as many images as 1/STAGING_SHARE of the budget holds, and, where that
+    gives a launch fewer than FUSED_TARGET_BLOCKS blocks, as many as reach
+    it within 1/TARGET_SHARE of the budget."""
+    per_image = max(geom.in_channels * geom.height * geom.width * geom.dtype.itemsize, 1)
+    budget = config.get_workspace_bytes()
+    _, out_tiles, _ = launchers.fused_grid(geom, 1)
+    pixel_tiles = -(-launchers.FUSED_TARGET_BLOCKS // out_tiles)
+    wanted = -(-pixel_tiles * kernels.FUSED_PIXELS // max(geom.out_pixels, 1))
+    return launchers.fused_chunks(geom.batch, budget // STAGING_SHARE // per_image, wanted,
+                                  budget // TARGET_SHARE // per_image)
 
 
 def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
@@ -94,12 +108,12 @@ def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any
     name = kernel(engine, geom)
     tiles = launchers.fused_weight(engine, geom, weight)
     bias = None if bias is None else xp.ascontiguousarray(bias)
-    step = staging_images(geom)
-    # One staging buffer for every chunk (the last may use part of it).
-    staging = xp.empty((step, geom.height * geom.width, geom.in_channels), geom.dtype)
-    for start in range(0, geom.batch, step):
-        part = slice(start, start + step)
-        n = min(step, geom.batch - start)
+    parts = staging_chunks(geom)
+    # One staging buffer for every chunk (a smaller one uses part of it).
+    most = max(part.stop - part.start for part in parts)
+    staging = xp.empty((most, geom.height * geom.width, geom.in_channels), geom.dtype)
+    for part in parts:
+        n = part.stop - part.start
         pixels = launchers.channels_last(engine, geom, input[part], staging[:n])
         off = xp.ascontiguousarray(offset[part])
         m = None if mask is None else xp.ascontiguousarray(mask[part])
