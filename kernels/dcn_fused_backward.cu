@@ -168,18 +168,20 @@ __device__ __forceinline__ void fused_backward_data_units(
         for (;;) {
           DCN_SHARED_PTR(unsigned) a_tile = tiles + stage * Layout::kStageWords;
           DCN_SHARED_PTR(unsigned) b_tile = a_tile + FusedTile::kTileWords;
-          // This thread's two A chunks: grad_output of its pixel, every load issued before
-          // any is used.
+          // This thread's two A chunks: grad_output of its pixel, every load of both (of
+          // one, with 64-bit indices, whose addresses take twice the registers) issued
+          // before any is used.
           const Index output_row = output_rows[t];
-#pragma unroll
+#pragma unroll(sizeof(Index) == 4 ? 2 : 1)
           for (int j = 0; j < 2; ++j) {
-            float outputs[V];
+            float outputs[V];  // (past the pixels or the output channels: read where valid, dropped)
 #pragma unroll
             for (int v = 0; v < V; ++v) {
               const int o = o0 + (part + 2 * j) * V + v;
-              outputs[v] = 0.0f;
-              if (output_row >= 0 && o < Og)
-                outputs[v] = to_compute(dcn_load(grad_output, output_row + Index(group * Og + o) * L));
+              const bool valid = output_row >= 0 && o < Og;
+              const float value = to_compute(
+                  dcn_load(grad_output, (valid ? output_row : Index(0)) + Index(group * Og + (valid ? o : 0)) * L));
+              outputs[v] = valid ? value : 0.0f;
             }
             fused_store_chunk(a_tile, m, part + 2 * j, pack_chunk<Op>(outputs));
           }
@@ -240,13 +242,13 @@ __device__ __forceinline__ void fused_backward_data_units(
               const unsigned word = tiles[m * DataLayout::kColumnStride + column_skew(m) + channel];
               const float grad = __uint_as_float(word);
 #pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                if (!corners[q].valid) continue;
-                const float product = grad * pixel[e][q];
+              for (int q = 0; q < 4; ++q) {  // a corner outside the image counts 0 (a select, not a branch)
+                const float product = corners[q].valid ? grad * pixel[e][q] : 0.0f;
                 grad_y += corners[q].d_dy * product;
                 grad_x += corners[q].d_dx * product;
                 grad_m += corners[q].weight * product;
-                if (value) dcn_atomic_add(grad_input + planes[e] + at[q], corners[q].weight * (grad * mask_m));
+                if (value && corners[q].valid)
+                  dcn_atomic_add(grad_input + planes[e] + at[q], corners[q].weight * (grad * mask_m));
               }
             }
           }

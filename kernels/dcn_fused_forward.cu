@@ -84,16 +84,16 @@ __device__ __forceinline__ void fused_forward_main(DCN_SHARED_PTR(unsigned) tile
 
   auto issue = [&](DCN_SHARED_PTR(unsigned) b_tile) {
     const int count = end - channel < DEPTH ? end - channel : DEPTH;
-    // (The element-wise path loads one chunk's four corners at a time: registers.)
+    // (The element-wise path loads one chunk at one corner at a time: registers.)
 #pragma unroll(kVector ? 2 : 1)
     for (int j = 0; j < 2; ++j) {
       const int c = part + 2 * j, first = c * V;
       const int valid = count - first >= V ? V : (count - first > 0 ? count - first : 0);
       const T* at = image + channel + first;
-#pragma unroll
+#pragma unroll(kVector ? 4 : 1)
       for (int q = 0; q < 4; ++q)
         fill_chunk<kVector>(raw + ((q * 2 + j) * THREADS + t) * 4, at + Index(tap_corner(tap, q)) * s.channels,
-                            tap.pixel[q] < 0 ? 0 : valid, image);
+                            tap_pixel(tap, q) < 0 ? 0 : valid, image);
       fill_chunk<kVector>(fused_chunk_at(b_tile, row, c),
                           weight_row + Index(k) * group_out * group_channels + channel + first, out_live ? valid : 0,
                           weight);

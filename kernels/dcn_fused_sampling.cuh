@@ -16,7 +16,7 @@
 //                                  element loads and a store
 //   offset_groups_of(...)          the offset groups whose channels a convolution group uses
 //   shared_channels(...)           the channels a convolution group shares with one offset group
-//   BilinearTap, bilinear_tap(...), empty_tap(), tap_corner(...)
+//   BilinearTap, bilinear_tap(...), empty_tap(), tap_pixel(...), tap_corner(...)
 //                                  where (image, output pixel, kernel point, offset group) samples:
 //                                  four corners (pixel in the image), bilinear weights and the mask
 //   warp_tile_product<Op>(...)     acc += A B for the calling warp's 32 x 32 part of the tile
@@ -168,27 +168,23 @@ __device__ __forceinline__ DcnChunk pack_chunk(const float (&values)[FusedLayout
 }
 
 /// The 16 bytes of T elements p[0 .. 16/sizeof(T)), those at or past `count`
-/// zero (and not read), loaded element by element: every load issued before
-/// the chunk is assembled.
+/// zero, loaded element by element without a branch (a value past `count`
+/// is read from p[0], or from `fallback` when count is 0, and dropped): every
+/// load issued before the chunk is assembled.
 template <typename T>
-__device__ __forceinline__ DcnChunk load_chunk(const T* p, int count, DcnCaller = {}) {
+__device__ __forceinline__ DcnChunk load_chunk(const T* p, int count, const T* fallback, DcnCaller = {}) {
   constexpr int V = 16 / sizeof(T);
+  const T* from = count > 0 ? p : fallback;
   T e[V];
 #pragma unroll
-  for (int v = 0; v < V; ++v) {
-    if constexpr (sizeof(T) == 2)
-      e[v].bits = 0;
-    else
-      e[v] = T(0);
-    if (v < count) e[v] = dcn_load(p, v);
-  }
+  for (int v = 0; v < V; ++v) e[v] = dcn_load(from, v < count ? v : 0);
   DcnChunk chunk;
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     if constexpr (sizeof(T) == 2)
-      chunk.w[w] = dcn_pack_half2(e[2 * w].bits, e[2 * w + 1].bits);
+      chunk.w[w] = dcn_pack_half2(2 * w < count ? e[2 * w].bits : 0, 2 * w + 1 < count ? e[2 * w + 1].bits : 0);
     else
-      chunk.w[w] = __float_as_uint(e[w]);
+      chunk.w[w] = w < count ? __float_as_uint(e[w]) : 0u;
   }
   return chunk;
 }
@@ -196,15 +192,15 @@ __device__ __forceinline__ DcnChunk load_chunk(const T* p, int count, DcnCaller 
 /// dst (16 bytes of shared memory) = the T elements p[0 .. 16/sizeof(T)), the
 /// first `valid` of them (zeros after). kVector: `valid` is all or none and p
 /// is 16-byte aligned: one cp.async (complete at the caller's
-/// dcn_cp_async_wait; `fallback`, any aligned address, stands for p when
-/// none is valid). Else element loads and a 16-byte store, complete at once.
+/// dcn_cp_async_wait). Else element loads and a 16-byte store, complete at
+/// once. `fallback`, any aligned address, stands for p when none is valid.
 template <bool kVector, typename T>
 __device__ __forceinline__ void fill_chunk(DCN_SHARED_PTR(unsigned) dst, const T* p, int valid, const T* fallback,
                                            DcnCaller = {}) {
   if constexpr (kVector)
     dcn_cp_async_16(dst, valid > 0 ? p : fallback, valid > 0);
   else
-    dcn_shared_cast<DcnChunk>(dst)[0] = load_chunk(p, valid);
+    dcn_shared_cast<DcnChunk>(dst)[0] = load_chunk(p, valid, fallback);
 }
 
 /// The offset groups [first, last] whose channels convolution group `group` uses.
@@ -266,11 +262,18 @@ __device__ __forceinline__ BilinearTap bilinear_tap(const ConvShape& s, const T*
   return tap;
 }
 
+/// Corner q's pixel, -1 outside the image (selects, not an indexed array:
+/// q may be a loop counter without the tap going to local memory).
+__device__ __forceinline__ int tap_pixel(const BilinearTap& tap, int q) {
+  return q == 0 ? tap.pixel[0] : q == 1 ? tap.pixel[1] : q == 2 ? tap.pixel[2] : tap.pixel[3];
+}
+
 /// Corner q's pixel clamped into the image (pixel 0 for a corner outside it,
 /// whose weight is 0 and whose value the caller replaces by 0): an address
 /// every corner may read, so that all four loads issue before any is used.
 __device__ __forceinline__ int tap_corner(const BilinearTap& tap, int q) {
-  return tap.pixel[q] < 0 ? 0 : tap.pixel[q];
+  const int pixel = tap_pixel(tap, q);
+  return pixel < 0 ? 0 : pixel;
 }
 
 /// acc[mi][ni] += A[rows 16 mi .. 16 mi + 15] x B[rows 8 ni .. 8 ni + 7]^T over
@@ -290,7 +293,7 @@ __device__ __forceinline__ void warp_tile_product(float (&acc)[2][4][4], DCN_SHA
     // 8-15) are registers 0-1 of two 8-row column blocks.
     const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_chunk = lane >> 4;
     const int b_row = (lane & 7) + 8 * (lane >> 4), b_chunk = (lane >> 3) & 1;
-#pragma unroll
+#pragma unroll 1
     for (int step = 0; step < FusedTile::kRowChunks / 2; ++step) {
       unsigned fa[2][4], fb[4][2];
 #pragma unroll

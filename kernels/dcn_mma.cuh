@@ -382,11 +382,12 @@ __device__ __forceinline__ void dcn_ldmatrix_x4_trans(unsigned (&r)[4], DCN_SHAR
 }
 
 /// 16 bytes from global memory (src, 16-byte aligned) to shared memory (dst,
-/// 16-byte aligned), or 16 zero bytes without reading src when !fill:
-/// cp.async.cg on sm_80 and newer, complete once a later dcn_cp_async_wait
-/// covers its group (dcn_cp_async_commit); before sm_80 a plain 16-byte load
-/// and store, complete at once. Either way dst must not be touched before
-/// that wait, and other threads see it only after a barrier that follows it.
+/// 16-byte aligned), or 16 zero bytes when !fill (src must still be a
+/// readable address: the plain path reads it and drops it): cp.async.cg on
+/// sm_80 and newer, complete once a later dcn_cp_async_wait covers its group
+/// (dcn_cp_async_commit); before sm_80 a plain 16-byte load and store,
+/// complete at once. Either way dst must not be touched before that wait,
+/// and other threads see it only after a barrier that follows it.
 __device__ __forceinline__ void dcn_cp_async_16(DCN_SHARED_PTR(unsigned) dst, const void* src, bool fill,
                                                 DcnCaller = {}) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -394,9 +395,9 @@ __device__ __forceinline__ void dcn_cp_async_16(DCN_SHARED_PTR(unsigned) dst, co
                "r"(fill ? 16 : 0)
                : "memory");
 #elif defined(__CUDA_ARCH__)
-  DcnChunk value = {{0u, 0u, 0u, 0u}};
-  if (fill) value = *reinterpret_cast<const DcnChunk*>(src);
-  *reinterpret_cast<DcnChunk*>(dst) = value;
+  const DcnChunk value = *reinterpret_cast<const DcnChunk*>(src);  // no branch: the loads of a batch issue together
+  const DcnChunk zero = {{0u, 0u, 0u, 0u}};
+  *reinterpret_cast<DcnChunk*>(dst) = fill ? value : zero;
 #else
   dcn_emu::cp_async(dst, src, 16, fill ? 16 : 0, __builtin_FILE(), __builtin_LINE());
 #endif
