@@ -2,18 +2,22 @@
 
 Forward (``kernels/dcn_fused_forward.cu``): a block of 128 threads owns 64
 output pixels x 64 output channels of one convolution group. For each
-kernel point and each 32-channel slice of an offset group's channels, its
-threads sample bilinear x mask straight into a shared-memory tile (the
-bilinear taps computed once per kernel point and offset group, kept in
-registers across the slices) beside the matching weight tile, and each of
-its 4 warps multiplies a 32 x 32 part into float32 registers; the epilogue
-adds the bias and writes the NCHW output once. The operands are:
+kernel point and each slice of an offset group's channels (64 bytes: 32
+channels in 16-bit types, 16 in float32), its threads copy the channels at
+their pixels' four corners and the slice's weights by ``cp.async`` while
+the warps multiply the previous slice, then blend bilinear x mask into a
+swizzled shared-memory tile (the bilinear taps computed once per kernel
+point and offset group, kept in registers across the slices) beside the
+weight tile, and each of its 4 warps multiplies a 32 x 32 part into
+float32 registers (``ldmatrix`` fragments); the epilogue adds the bias and
+writes the NCHW output once. The operands are:
 
 - float16: float16 tiles, ``mma.m16n8k16`` (sm_75 and newer);
 - bfloat16: bfloat16 tiles, ``mma.m16n8k16`` (sm_80 and newer);
 - float32 with :func:`cudcn.config.tf32` on (and sm_80 or newer): float32
-  values rounded once to TF32, ``mma.m16n8k8``: about 1e-3 relative error,
-  as the im2col path's TF32 GEMM;
+  tiles, each value rounded to TF32 as its fragment is loaded,
+  ``mma.m16n8k8``: about 1e-3 relative error, as the im2col path's TF32
+  GEMM;
 - float32 otherwise: the same tiles in float32, multiplied by scalar FMAs
   in float32 (full float32 precision, no tensor cores);
 - float64: not here (the im2col path computes it).
