@@ -395,9 +395,17 @@ __device__ __forceinline__ void dcn_cp_async_16(DCN_SHARED_PTR(unsigned) dst, co
                "r"(fill ? 16 : 0)
                : "memory");
 #elif defined(__CUDA_ARCH__)
-  const DcnChunk value = *reinterpret_cast<const DcnChunk*>(src);  // no branch: the loads of a batch issue together
-  const DcnChunk zero = {{0u, 0u, 0u, 0u}};
-  *reinterpret_cast<DcnChunk*>(dst) = fill ? value : zero;
+  // Loaded whatever `fill` says and zeroed by predicated moves, in one piece
+  // the compiler cannot split into branches, so that a batch of copies
+  // issues its loads together.
+  DcnChunk value;
+  asm volatile(
+      "{\n\t.reg .pred empty;\n\tsetp.eq.u32 empty, %5, 0;\n\t"
+      "ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
+      "@empty mov.b32 %0, 0;\n\t@empty mov.b32 %1, 0;\n\t@empty mov.b32 %2, 0;\n\t@empty mov.b32 %3, 0;\n\t}"
+      : "=r"(value.w[0]), "=r"(value.w[1]), "=r"(value.w[2]), "=r"(value.w[3])
+      : "l"(src), "r"(static_cast<unsigned>(fill)));
+  *reinterpret_cast<DcnChunk*>(dst) = value;
 #else
   dcn_emu::cp_async(dst, src, 16, fill ? 16 : 0, __builtin_FILE(), __builtin_LINE());
 #endif
