@@ -9,6 +9,12 @@
 //   dcn_mma_c_coord                     (row, col) of element i of a lane's fragment
 //   dcn_mma_load_a16, dcn_mma_load_b16_col, dcn_mma_load_b16_row, dcn_mma_load_a8_tf32,
 //   dcn_mma_load_b8_tf32, dcn_mma_store_c   fragments from and to tiles in memory
+//   DcnChunk, dcn_shared_cast<U>(p)     16 bytes; a shared-memory pointer as another element type
+//   dcn_ldmatrix_x4(r, row), dcn_ldmatrix_x4_trans(r, row)
+//                                       ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 (sm_75 and newer)
+//   dcn_cp_async_16(dst, src, fill), dcn_cp_async_commit(), dcn_cp_async_wait<N>()
+//                                       cp.async.cg 16 bytes global -> shared, its groups (sm_80 and
+//                                       newer; a plain load and store before)
 //
 // Fragment layouts, from the PTX ISA ("Matrix Fragments for mma.m16n8k16 with
 // floating point type", "Matrix Fragments for mma.m16n8k8"), with
@@ -27,6 +33,11 @@
 // halves of the k16 registers. The bf16 and tf32 MMAs need sm_80: on older
 // GPUs they trap, and launchers must not choose kernels that use them there.
 //
+// ldmatrix moves 16-bit elements; it serves 32-bit (tf32) fragments too: the
+// two 16-bit elements a lane receives of a row are one 32-bit word of it
+// (word l % 4 of row l / 4), exactly the m16n8k8 tf32 A and B layouts below
+// with 8 rows of 4 words a matrix.
+//
 // On the host (under tests/emulation/emulate.h) each wrapper is a warp
 // collective of all 32 lanes (mask 0xffffffff: mma.sync.aligned needs the
 // whole warp, converged): the last lane to arrive assembles A, B and C from
@@ -39,6 +50,27 @@
 #pragma once
 
 #include "dcn_common.cuh"
+
+/// 16 bytes: a vector of four 32-bit words (a row of an 8x8 16-bit matrix, one
+/// cp.async, one 16-byte shared-memory access).
+struct alignas(16) DcnChunk {
+  unsigned w[4];
+};
+
+#ifdef __CUDA_ARCH__
+/// A pointer into shared memory as a pointer to U (the emulator defines its own).
+template <typename U, typename T>
+__device__ __forceinline__ U* dcn_shared_cast(T* p) {
+  return reinterpret_cast<U*>(p);
+}
+
+/// The shared-memory address (state space .shared) of a generic pointer into it.
+__device__ __forceinline__ unsigned dcn_shared_address(const void* p) {
+  unsigned address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(p));
+  return address;
+}
+#endif
 
 /// Lane group (lane >> 2) and thread in group (lane % 4), as the PTX ISA names them.
 __device__ __forceinline__ int dcn_mma_group(int lane) { return lane >> 2; }
@@ -312,4 +344,88 @@ __device__ __forceinline__ void dcn_mma_store_c(Tile tile, int ld, const float (
     dcn_mma_c_coord(lane, i, row, col);
     dcn_store(tile, row * ld + col, d[i]);
   }
+}
+
+// Matrix loads and asynchronous copies. All lanes of the warp, converged,
+// call the ldmatrix wrappers; the cp.async ones are per thread.
+
+/// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane 8m + i passes row i of
+/// matrix m (16 bytes, 16-byte aligned, in shared memory); r[m] receives
+/// elements 2(l % 4), 2(l % 4) + 1 of row l / 4 of matrix m (l: the lane),
+/// i.e. that row's 32-bit word l % 4. sm_75 and newer.
+__device__ __forceinline__ void dcn_ldmatrix_x4(unsigned (&r)[4], DCN_SHARED_PTR(unsigned) row, DcnCaller = {}) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(dcn_shared_address(row)));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#else
+  dcn_emu::ldmatrix(r, row, false, __builtin_FILE(), __builtin_LINE());
+#endif
+}
+
+/// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: as dcn_ldmatrix_x4, each
+/// matrix transposed: r[m] receives elements l / 4 of rows 2(l % 4) and
+/// 2(l % 4) + 1 (the low half first). sm_75 and newer.
+__device__ __forceinline__ void dcn_ldmatrix_x4_trans(unsigned (&r)[4], DCN_SHARED_PTR(unsigned) row,
+                                                      DcnCaller = {}) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(dcn_shared_address(row)));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#else
+  dcn_emu::ldmatrix(r, row, true, __builtin_FILE(), __builtin_LINE());
+#endif
+}
+
+/// 16 bytes from global memory (src, 16-byte aligned) to shared memory (dst,
+/// 16-byte aligned), or 16 zero bytes when !fill (src must still be a
+/// readable address: the plain path reads it and drops it): cp.async.cg on
+/// sm_80 and newer, complete once a later dcn_cp_async_wait covers its group
+/// (dcn_cp_async_commit); before sm_80 a plain 16-byte load and store,
+/// complete at once. Either way dst must not be touched before that wait,
+/// and other threads see it only after a barrier that follows it.
+__device__ __forceinline__ void dcn_cp_async_16(DCN_SHARED_PTR(unsigned) dst, const void* src, bool fill,
+                                                DcnCaller = {}) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dcn_shared_address(dst)), "l"(src),
+               "r"(fill ? 16 : 0)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  // Loaded whatever `fill` says and zeroed by predicated moves, in one piece
+  // the compiler cannot split into branches, so that a batch of copies
+  // issues its loads together.
+  DcnChunk value;
+  asm volatile(
+      "{\n\t.reg .pred empty;\n\tsetp.eq.u32 empty, %5, 0;\n\t"
+      "ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
+      "@empty mov.b32 %0, 0;\n\t@empty mov.b32 %1, 0;\n\t@empty mov.b32 %2, 0;\n\t@empty mov.b32 %3, 0;\n\t}"
+      : "=r"(value.w[0]), "=r"(value.w[1]), "=r"(value.w[2]), "=r"(value.w[3])
+      : "l"(src), "r"(static_cast<unsigned>(fill)));
+  *reinterpret_cast<DcnChunk*>(dst) = value;
+#else
+  dcn_emu::cp_async(dst, src, 16, fill ? 16 : 0, __builtin_FILE(), __builtin_LINE());
+#endif
+}
+
+/// cp.async.commit_group: the copies this thread issued since the last commit form a group.
+__device__ __forceinline__ void dcn_cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#elif !defined(__CUDA_ARCH__)
+  dcn_emu::async_commit();
+#endif
+}
+
+/// cp.async.wait_group N: all but this thread's N most recent groups are complete.
+template <int N>
+__device__ __forceinline__ void dcn_cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif !defined(__CUDA_ARCH__)
+  dcn_emu::async_wait(N);
+#endif
 }

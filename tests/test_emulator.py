@@ -4,8 +4,9 @@ Each CUDA feature it emulates is checked against NumPy or against CUDA's
 documented semantics, written out here a second time (shuffle lanes, vote
 results, the PTX fragment layouts of the MMA wrappers); and each planted bug
 -- a missing __syncthreads, a missing __syncwarp, a wrong shuffle lane, an
-MMA fragment mapped wrongly, a shared index off by one, collectives and
-barriers used as CUDA forbids -- must be caught, by the emulator or by the
+MMA fragment mapped wrongly, an ldmatrix row or transposition wrong, a
+shared index off by one, an asynchronous copy read before its wait,
+collectives and barriers used as CUDA forbids -- must be caught, by the emulator or by the
 comparison it makes possible. The kernels are in
 tests/emulation/cooperative_kernels.cu.
 
@@ -423,3 +424,90 @@ def test_sm75_storage_rounding_on_the_device(storage):
     out = cupy.zeros(values.size, cupy.uint16)
     module.get_function(lowered[name])((4,), (128,), (cupy.asarray(values), out, np.int32(values.size)))
     np.testing.assert_array_equal(out.get(), _rounded_bits(values, storage))
+
+# ---------------------------------------------------------------------------
+# ldmatrix: the PTX ISA's layout written out a second time. Lane 8m + i gives
+# the address of row i of matrix m; lane l receives, of each matrix, the
+# 16-bit elements (l / 4, 2(l % 4)) and (l / 4, 2(l % 4) + 1), or with .trans
+# (2(l % 4), l / 4) and (2(l % 4) + 1, l / 4), the first in the low half.
+
+
+def _ldmatrix_expected(words: np.ndarray, rows: np.ndarray, trans: bool) -> np.ndarray:
+    elements = words.view(np.uint16).reshape(64, 8)  # little-endian: the low half is the even element
+    out = np.zeros((32, 4), np.uint32)
+    for lane in range(32):
+        for m in range(4):
+            matrix = elements[rows[8 * m:8 * m + 8]]
+            r, c = (2 * (lane % 4), lane // 4) if trans else (lane // 4, 2 * (lane % 4))
+            low, high = (matrix[r, c], matrix[r + 1, c]) if trans else (matrix[r, c], matrix[r, c + 1])
+            out[lane, m] = np.uint32(low) | (np.uint32(high) << np.uint32(16))
+    return out
+
+
+def _ldmatrix(lib, trans: bool, bug: int, rows: np.ndarray, stats: bool = False):
+    rng = np.random.default_rng(7)
+    words = rng.integers(0, 2**32, 64 * 4, dtype=np.uint64).astype(np.uint32)
+    out = np.zeros(32 * 4, np.uint32)
+    launched = lib.launch(f"ldmatrix_probe<{int(trans)}>", Launch((1, 1, 1), (32, 1, 1)),
+                          [words, rows.astype(np.int32), out, np.int32(bug)], **({"stats": True} if stats else {}))
+    return out.reshape(32, 4), _ldmatrix_expected(words, rows, trans), launched
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+def test_ldmatrix_fragment_layout(target, trans):
+    """Rows in any order (a permutation of 32 of the 64): each lane's four registers as the PTX ISA says."""
+    rows = np.random.default_rng(3).permutation(64)[:32]
+    got, expected, _ = _ldmatrix(target, trans, 0, rows)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+@pytest.mark.parametrize("bug", [1, 2], ids=["a lane gives the next row", "transposed the other way"])
+def test_planted_wrong_ldmatrix_row_or_transposition_changes_the_result(target, trans, bug):
+    rows = np.random.default_rng(3).permutation(64)[:32]
+    got, expected, _ = _ldmatrix(target, trans, bug, rows)
+    assert (got != expected).any()
+
+
+@pytest.mark.parametrize("stride, worst", [(1, 1), (2, 2), (8, 8)])
+def test_ldmatrix_is_accounted_a_matrix_per_phase(lib, stride, worst):
+    """Matrices of 8 consecutive 16-byte rows take a wavefront each; rows 32
+    bytes apart fall two to a bank group, 128 bytes apart all eight."""
+    rows = (np.arange(32) * stride) % 64
+    if stride == 8:
+        rows = (np.arange(32) % 8) * 8  # every matrix the same eight rows, 128 bytes apart
+    got, expected, stats = _ldmatrix(lib, False, 0, rows, stats=True)
+    np.testing.assert_array_equal(got, expected)
+    load, = [s for s in stats.select("shared", "load") if s.file == "dcn_mma.cuh"]
+    assert (load.requests, load.width, load.lanes, load.ideal_wavefronts) == (1, 16, 32, 4)
+    assert (load.worst, load.wavefronts) == (worst, 4 * worst)
+
+
+# ---------------------------------------------------------------------------
+# cp.async: the copy lands at cp.async.wait_group; reading the destination
+# before that, or another thread's bytes without a barrier, is caught.
+
+
+def _async_copy(lib, bug: int, threads: int = 64):
+    values = np.random.default_rng(5).integers(1, 2**32, 4 * threads, dtype=np.uint64).astype(np.uint32)
+    out = np.zeros(4 * threads, np.uint32)
+    run(lib, "async_copy", (1, 1, 1), (threads, 1, 1), values, out, np.int32(bug))
+    expected = values.reshape(threads, 4).copy()
+    expected[np.arange(threads) % 5 == 4] = 0  # zero-filled copies
+    return out.reshape(threads, 4), np.roll(expected, -1, axis=0)
+
+
+def test_async_copy_lands_at_the_wait(target):
+    got, expected = _async_copy(target, 0)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("bug, message", [
+    (1, r"shared-memory race on tile\[\d+\].* reads it while an asynchronous copy into it .* is pending"),
+    (2, r"thread \(0,0,0\) of block \(0,0,0\) exited with asynchronous copies into shared memory never waited"),
+    (3, r"shared-memory race on tile\[\d+\]"),
+    (4, r"shared-memory race on tile\[\d+\].* while an asynchronous copy into it .* is pending"),
+], ids=["read before the wait", "never waited", "no barrier after the wait", "the newer group not waited for"])
+def test_planted_async_copy_bugs_are_caught(lib, bug, message):
+    with pytest.raises(harness.EmulationError, match=r"^async_copy: " + message):
+        _async_copy(lib, bug)

@@ -196,20 +196,31 @@ def test_algorithm_settings_use_the_fused_algorithm(library, monkeypatch):
 
 PLANTED = {
     "main-loop barrier dropped": (
-        "dcn_fused_forward.cu", "        __syncthreads();\n        warp_tile_product", "        warp_tile_product"),
+        "dcn_fused_forward.cu", "    }\n    __syncthreads();\n\n    // The next slice", "    }\n\n    // The next slice"),
     "epilogue barrier dropped": (
         "dcn_fused_forward.cu", "  __syncthreads();\n  fused_each_product(", "  fused_each_product("),
-    "A fragment rows swapped": (
-        "dcn_fused_sampling.cuh", "fa[mi][r] = a[(mi * 16 + row) * ld", "fa[mi][r] = a[(mi * 16 + (row ^ 8)) * ld"),
+    "blend before its copies land (no cp.async.wait_group)": (
+        "dcn_fused_forward.cu", "    if constexpr (kVector) dcn_cp_async_wait<0>();\n", ""),
+    "A fragment rows swapped (ldmatrix rows 8-15 for 0-7)": (
+        "dcn_fused_sampling.cuh", "fused_chunk_at(a, 16 * mi + a_row,", "fused_chunk_at(a, 16 * mi + (a_row ^ 8),"),
+    "a lane gives ldmatrix the next row": (
+        "dcn_fused_sampling.cuh", "const int a_row = (lane & 7) +", "const int a_row = ((lane + 1) & 7) +"),
+    "B fragments transposed (ldmatrix .trans)": (
+        "dcn_fused_sampling.cuh", "dcn_ldmatrix_x4(r, fused_chunk_at(b,", "dcn_ldmatrix_x4_trans(r, fused_chunk_at(b,"),
+    "tile stores not swizzled": (
+        "dcn_fused_sampling.cuh", "dcn_shared_cast<DcnChunk>(fused_chunk_at(tile, row, c))[0] = value;",
+        "dcn_shared_cast<DcnChunk>(tile + row * FusedTile::kRowWords + 4 * c)[0] = value;"),
     "mask not applied": (
-        "dcn_fused_sampling.cuh", "for (int v = 0; v < V; ++v) values[v] *= tap.mask;", ""),
+        "dcn_fused_forward.cu", "values[v] = sum * tap.mask;", "values[v] = sum;"),
 }
 
 
 @pytest.mark.parametrize("planted", [None, *PLANTED], ids=["as it is", *PLANTED])
 def test_planted_bugs_are_caught(tmp_path, planted):
-    """A changed copy of the kernel or its header, each bug caught: a race by
-    the emulator, a wrong result by the comparison (unchanged, the copy passes)."""
+    """A changed copy of the kernel or its header, each bug caught: a race (a
+    missing barrier, a read of a copy still in flight) by the emulator, a
+    wrong result (a wrong fragment row or transposition, an unswizzled store,
+    no mask) by the comparison; unchanged, the copy passes."""
     if harness.compiler() is None:
         pytest.skip("no C++ compiler for the kernel emulation")
     directory = cuda_kernels.kernel_dir()
@@ -222,14 +233,15 @@ def test_planted_bugs_are_caught(tmp_path, planted):
         (tmp_path / file).write_text(text.replace(old, new))
     names = [cuda_kernels.name_expression(k, "float16", "int") for k in ("deform_fused_forward", "to_channels_last")]
     library = harness.build(names, [tmp_path / "dcn_fused_forward.cu", directory / "dcn_layout.cu"])
-    # 60 channels, 2 convolution groups, 3 offset groups: the second
-    # convolution group starts inside an offset group, and slices of 20
-    # channels take two MMA steps.
-    args = _case("float16", 2, 60, 6, 3, 2, 4, 5, 3, seed=3)
+    # 48 channels, 2 convolution groups, 3 offset groups: the second
+    # convolution group starts inside an offset group (slices of 16 and 8
+    # channels, the second MMA step partly zero); channels in 16-byte chunks,
+    # so that the copies go by cp.async.
+    args = _case("float16", 2, 48, 6, 3, 2, 4, 5, 3, seed=3)
     engine = harness.EmulatedEngine(library)
     if planted is None:
         check_forward(engine, args)
-    elif "barrier" in planted:
+    elif "barrier" in planted or "cp.async" in planted:
         with pytest.raises(harness.EmulationError, match="shared-memory race on tiles"):
             check_forward(engine, args)
     else:

@@ -152,9 +152,9 @@ def test_compile_uses_cupys_runtime_options():
 @needs_nvrtc
 @pytest.mark.parametrize("arch", [75, 80, 90])
 def test_mma_wrappers_and_cooperative_kernels_compile(arch):
-    """The emulator's test kernels (shared memory, shuffles, votes, every MMA
-    wrapper of kernels/dcn_mma.cuh) through NVRTC: the inline PTX the
-    emulator stands in for is assembled for each architecture."""
+    """The emulator's test kernels (shared memory, shuffles, votes, every MMA,
+    ldmatrix and cp.async wrapper of kernels/dcn_mma.cuh) through NVRTC: the
+    inline PTX the emulator stands in for is assembled for each architecture."""
     from emulation import harness
 
     source = cuda_kernels.translation_unit([harness.COOPERATIVE_SOURCE], cuda_kernels.kernel_dir())
@@ -172,6 +172,12 @@ def test_mma_wrappers_and_cooperative_kernels_compile(arch):
         }
     else:  # f16 as two k8 steps; bf16 and tf32 have no sm_75 instruction and trap
         assert mmas == {"mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32"} and "trap;" in module["ptx"]
+    # ldmatrix from sm_75; cp.async from sm_80 (before: a plain load and store, nothing to wait for).
+    assert {"ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"} <= set(
+        re.findall(r"ldmatrix\.sync\.aligned\.[\w.]+", module["ptx"]))
+    asynchronous = {"cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group"}
+    found = set(re.findall(r"cp\.async\.[\w.]+", module["ptx"]))
+    assert found == (asynchronous if arch >= 80 else set()), found
 
 
 @needs_nvrtc
@@ -250,21 +256,29 @@ def _fused_names(index: str = "int") -> list[str]:
             for d in cuda_kernels.TYPES if cuda_kernels.has_kernel(k, d)]
 
 
-@needs_nvrtc
-@pytest.mark.parametrize("arch", [75, 80, 90])
-def test_fused_kernels_use_their_mma_and_16_byte_loads(arch):
-    """Each column-free instantiation through NVRTC: the MMA of its operand
-    policy (float16 as two k8 steps on sm_75, where bfloat16 and TF32 trap
-    and the backend does not choose them), none for the FMA policy, 16-byte
-    global loads (but in the weight gradient's, whose samples and
-    grad_output are read pixel by pixel from NCHW arrays)."""
+def _fused_ptx(arch: int, names: list[str], source: str | None = None) -> dict[str, str]:
+    """Each instantiation's PTX body (NVRTC, sm_<arch>)."""
     from cupy.cuda import compiler
 
-    names = _fused_names()
-    program = compiler._NVRTCProgram(cuda_kernels.source(), "fused.cu", name_expressions=names, method="ptx")
+    program = compiler._NVRTCProgram(source or cuda_kernels.source(), "fused.cu", name_expressions=names,
+                                     method="ptx")
     ptx, lowered = program.compile(compile_module.runtime_options(arch))
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    bodies = {name: ptx.split(f".entry {lowered[name]}(", 1)[1].split(".entry ", 1)[0] for name in names}
+    return {name: ptx.split(f".entry {lowered[name]}(", 1)[1].split(".entry ", 1)[0] for name in names}
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_fused_kernels_use_their_mma_ldmatrix_and_async_copies(arch):
+    """Each column-free instantiation through NVRTC: the MMA of its operand
+    policy (float16 as two k8 steps on sm_75, where bfloat16 and TF32 trap
+    and the backend does not choose them), none for the FMA policy;
+    fragments by ldmatrix.x4 for every tensor-core policy (TF32 included);
+    16-byte chunks into shared memory by cp.async from sm_80 (the forward's
+    corners and weights, the backward's weights), by 16-byte loads before;
+    16-byte shared stores of their tiles (the weight gradient stores a word
+    or a word pair of two pixels)."""
+    bodies = _fused_ptx(arch, _fused_names())
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32"
     expected = {
         "FusedF16": "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32" if arch < 80 else mma.format("f16"),
@@ -274,13 +288,119 @@ def test_fused_kernels_use_their_mma_and_16_byte_loads(arch):
     for name, body in bodies.items():
         policy = name.split(", ")[1]
         if policy == "FusedFMA":
-            assert "mma.sync" not in body, name
+            assert "mma.sync" not in body and "ldmatrix" not in body, name
         else:
             assert expected[policy] in body, name
+            if expected[policy] != "trap;":
+                assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body, name
         if not name.startswith("fused_backward_weight"):
-            assert "ld.global.nc.v4" in body, name
+            copies = {"cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group"}
+            if arch >= 80:
+                assert copies <= set(re.findall(r"cp\.async\.[\w.]+", body)), name
+            else:
+                assert "cp.async" not in body and "ld.global.nc.v4" in body, name
+            assert "st.shared.v4.u32" in body, name
 
 
+_REGISTER = re.compile(r"%[a-z]+[0-9]+")
+
+
+def _instructions(body: str) -> list[str]:
+    """The opcodes of a PTX body in order, a label as "label"."""
+    out = []
+    for line in body.splitlines():
+        line = line.strip()
+        if re.match(r"^\$\w+:", line):
+            out.append("label")
+        elif line and not line.startswith(("//", ".", "{", "}", ")")):
+            out.append(re.sub(r"^@!?%p\d+\s+", "", line).split()[0].rstrip(";"))
+    return out
+
+
+def _loads_per_block(opcodes: list[str]) -> list[int]:
+    """Global loads in each basic block (cut at labels and after branches):
+    ptxas schedules a block's loads together, so a batch of n loads in one
+    block can all be in flight before the first is used; a load behind a
+    branch of its own (a corner tested before it is read) waits for what
+    came before."""
+    counts, run = [], 0
+    for opcode in opcodes:
+        if opcode == "label" or opcode.startswith("bra"):
+            counts.append(run)
+            run = 0
+        elif opcode.startswith("ld.global"):
+            run += 1
+    return counts + [run]
+
+
+def _phase_two(opcodes: list[str]) -> list[str]:
+    """fused_backward_data's corner loop: from the barrier before the first
+    input-gradient atomic to it."""
+    atomic = next(i for i, o in enumerate(opcodes) if o.startswith(("red.global.add.f32", "atom.global.add.f32")))
+    barrier = max(i for i in range(atomic) if opcodes[i].startswith("bar."))
+    return opcodes[barrier:atomic + 1]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [75, 90])
+def test_fused_gathers_issue_their_loads_together(arch):
+    """In the PTX, each batch of loads sits in one basic block, no branch
+    between a load and the next: the forward's 16-byte corner and weight
+    chunks of a thread's slice (sm_75: plain loads; sm_80 on copies them by
+    cp.async), or element by element a chunk's values; the data gradient's
+    corner loop four corners of two channels (one channel with 64-bit
+    indices); the weight gradient's two pixels' grad_output and four
+    corners. (Before, a branch per corner held each load back until the
+    previous corner's use.) The forward's element-wise path, a fallback for
+    unaligned or odd channel counts, takes one chunk at a time: registers."""
+    names = [cuda_kernels.name_expression(k, d, i) for k in ("deform_fused_forward", "fused_backward_data",
+                                                             "fused_backward_weight")
+             for d in ("float16", "float32") for i in cuda_kernels.INDEX_TYPES]
+    for name, body in _fused_ptx(arch, names).items():
+        opcodes = _instructions(body)
+        values = 8 if "dcn_half" in name else 4
+        if name.startswith("deform_fused_forward"):
+            assert max(_loads_per_block(opcodes)) >= (10 if arch < 80 else values), name
+        elif name.startswith("fused_backward_data"):
+            assert max(_loads_per_block(_phase_two(opcodes))) == (8 if name.endswith("int>") else 4), name
+        else:
+            assert max(_loads_per_block(opcodes)) >= 10, name
+
+
+@needs_nvrtc
+def test_planted_serialised_corner_loads_are_flagged():
+    """fused_backward_data with each corner's load moved back into its
+    branch, after the previous corner's atomic (as before the gathers were
+    batched): one load a block."""
+    source = cuda_kernels.source()
+    old = ("              for (int q = 0; q < 4; ++q) pixel[e][q] = to_compute(dcn_load(input, planes[e] + at[q]));\n",
+           "                const float product = corners[q].valid ? grad * pixel[e][q] : 0.0f;\n")
+    new = ("", "                if (!corners[q].valid) continue;\n"
+               "                const float product = grad * to_compute(dcn_load(input, planes[e] + at[q]));\n")
+    for before, after in zip(old, new):
+        assert source.count(before) == 1, before
+        source = source.replace(before, after)
+    name = cuda_kernels.name_expression("fused_backward_data", "float16", "int")
+    assert max(_loads_per_block(_phase_two(_instructions(_fused_ptx(90, [name], source)[name])))) == 1
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [80, 90])
+def test_fused_forward_copies_the_next_slice_before_multiplying(arch):
+    """The forward's pipeline in its PTX: after a slice's barrier the ten
+    cp.async of the next slice (a thread's two chunks at four corners, and
+    its two weight chunks) and their commit come before the slice's
+    fragment loads and MMAs; each slice's copies are waited for before its
+    blend, which precedes the barrier."""
+    names = [cuda_kernels.name_expression(k, d, "int") for k in ("deform_fused_forward", "deform_fused_forward_fma")
+             for d in cuda_kernels.TYPES if cuda_kernels.has_kernel(k, d)]
+    tokens = {"cp.async.cg": "copy", "cp.async.commit_group": "commit", "cp.async.wait_group": "wait",
+              "bar.": "bar", "ldmatrix": "ldmatrix", "mma": "mma", "ld.shared": "lds"}
+    for name, body in _fused_ptx(arch, names).items():
+        text = " ".join(next(token for prefix, token in tokens.items() if opcode.startswith(prefix))
+                        for opcode in _instructions(body) if opcode.startswith(tuple(tokens)))
+        # wait, blend (its staged corners: ld.shared), barrier, ten copies, commit, then the multiply
+        assert re.search(r"wait (lds )+bar (copy ){10}commit (ldmatrix|lds)", text), (name, text)
 #: The same accesses written plainly and through kernels/dcn_common.cuh's
 #: memory helpers (which the emulator records for its memory accounting).
 ACCESS_HELPERS_SOURCE = r"""

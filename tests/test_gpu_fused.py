@@ -6,6 +6,7 @@
   geometries, every precision the device has;
 - against torchvision.ops.deform_conv2d in float64 on the same values;
 - batch 0, a batch of 33 in chunks of one image, non-contiguous arguments;
+- the 16-byte (cp.async, ldmatrix) and element-wise paths bitwise equal;
 - an image of more than 2^31 input elements (the 64-bit index kernel);
 - "auto" times im2col and fused once per key, keeps the faster, and later
   calls reuse the choice.
@@ -23,7 +24,7 @@ from hypothesis import given, settings
 import cudcn
 import test_gpu
 from cudcn.backends import numpy as numpy_backend
-from cudcn.backends.cuda import algorithms, fused
+from cudcn.backends.cuda import algorithms, fused, launchers
 from cudcn.backends.cuda.engine import cupy_engine
 from cudcn.geometry import validate
 from emulation.cases import cases, ml_dtypes, rounded_operands_forward
@@ -129,6 +130,36 @@ def test_matches_torchvision(precision):
         got = cudcn.deform_conv2d(**to_device(args))
     tol = {"float16": 4e-3, "bfloat16": 3e-2, "float32 tf32": 2e-3, "float32": 1e-5}[precision]
     assert relative_error(got, expected.cpu().numpy()) <= tol
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_async_copies_and_element_loads_agree_bitwise(precision):
+    """The forward's 16-byte path (cp.async on sm_80 and newer, ldmatrix
+    fragments) and its element-wise path (the same arrays one element off
+    16-byte alignment) give the same bits on the device, as they do under
+    the emulator, whose cp.async and ldmatrix stand in for the hardware's."""
+    _usable(precision)
+    dtype, tf32, _ = PRECISIONS[precision]
+    rng = np.random.default_rng(23)
+    args = cast(test_gpu._fixed_case(rng, n=2, c=64, o=72, h=9, w=10, groups=2, offset_groups=2), dtype)
+    geom = validate(**args)
+    engine = cupy_engine()
+    dev = to_device(args)
+    with cudcn.tf32(tf32):
+        name = fused.kernel(engine, geom)
+        weight = launchers.fused_weight(engine, geom, dev["weight"])
+        pixels = launchers.channels_last(engine, geom, dev["input"])
+        outputs = []
+        for shift in (0, 1):  # aligned, then one element past a 16-byte boundary
+            moved_pixels = cupy.empty(pixels.size + shift, pixels.dtype)[shift:].reshape(pixels.shape)
+            moved_weight = cupy.empty(weight.size + shift, weight.dtype)[shift:].reshape(weight.shape)
+            moved_pixels[...], moved_weight[...] = pixels, weight
+            out = cupy.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), geom.dtype)
+            launchers.fused_forward(engine, geom, name, moved_pixels, dev["offset"], dev["mask"], moved_weight,
+                                    dev["bias"], out)
+            outputs.append(cupy.asnumpy(out))
+    assert outputs[0].tobytes() == outputs[1].tobytes()
 
 
 def test_auto_times_both_and_keeps_the_choice(monkeypatch):

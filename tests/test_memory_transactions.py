@@ -12,7 +12,8 @@ wavefronts of shared memory they take. It is trusted as the emulator is:
   channels read lane-major (lanes striding by several vectors), a shared
   row stride of 65 words, atomics of a lane's own consecutive channels
   (scalar, and sm_90's vectors), layout tiles loaded down their columns,
-  layout tiles without padding.
+  layout tiles without padding, the fused forward's two threads of a pixel
+  reading 16-byte chunks a sector apart.
 
 The budgets, at a representative small geometry (64 input and 64 output
 channels, one offset group, 8 x 8 pixels, 3 x 3 kernel; every dtype and
@@ -21,9 +22,10 @@ operand policy; the sampling kernels on the portable paths and on sm_90's,
 request and 4 bytes a lane adds; the sampling kernels' loads within 1.5x of
 the ideal sectors; the layout passes' global accesses at the ideal sectors
 and their shared memory conflict-free; the fused kernels' shared stores at
-most 2-way conflicts and their fragment loads conflict-free. A kernel that
-breaks one today is marked xfail(strict) with what was measured, so that a
-fix shows up as an unexpected pass.
+most 2-way conflicts, their fragment loads (ldmatrix) conflict-free, and
+the fused forward's 16-byte gathers whole sectors. A kernel that breaks one
+today is marked xfail(strict) with what was measured, so that a fix shows
+up as an unexpected pass.
 """
 
 from __future__ import annotations
@@ -278,19 +280,13 @@ def test_layout_passes_are_coalesced_and_conflict_free(library, kernel, dtype):
 
 FUSED = ["deform_fused_forward", "fused_backward_data", "fused_backward_weight"]
 POLICIES = {"f16": ("float16", True), "bf16": ("bfloat16", True), "tf32": ("float32", True), "fma": ("float32", False)}
-# Tile stores: rows of 20 (16-bit) or 36 (32-bit) words, a thread's half row
-# of 16 channels word by word: four rows of a warp share each bank. The
-# backward's column gradients (a row of 65 words per pixel) likewise.
-STORE_CONFLICTS = {
-    "deform_fused_forward": "4-way A- and B-tile stores (dcn_fused_forward.cu gather_a_row, load_b_row)",
-    "fused_backward_data": "4-way A- and B-tile stores and column-gradient stores (stride 65)",
-}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("kernel", [pytest.param(k, marks=_xfail(STORE_CONFLICTS[k])) if k in STORE_CONFLICTS else k
-                                    for k in FUSED])
+@pytest.mark.parametrize("kernel", FUSED)
 def test_fused_tile_stores_conflict_at_most_2_way(library, kernel, policy):
+    """Swizzled 16-byte tile stores, the staged corners, the skewed column
+    gradients, the weight gradient's word (pair) stores: every shared store."""
     dtype, tf32 = POLICIES[policy]
     launch = tx.launches_of(_measured(dtype, "fused", tf32), kernel)
     assert tx.store_conflict(launch) <= tx.STORE_CONFLICT, tx.table([launch])
@@ -299,9 +295,23 @@ def test_fused_tile_stores_conflict_at_most_2_way(library, kernel, policy):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("kernel", FUSED)
 def test_fused_fragment_loads_are_conflict_free(library, kernel, policy):
+    """ldmatrix (a matrix a phase) for the tensor-core policies, scalar word loads for FMA."""
     dtype, tf32 = POLICIES[policy]
     launch = tx.launches_of(_measured(dtype, "fused", tf32), kernel)
     assert tx.fragment_conflict(launch) == tx.FRAGMENT_CONFLICT, tx.table([launch])
+    loads = [s for s in launch.select("shared", "load") if s.file in tx.FRAGMENT_FILES]
+    assert {s.width for s in loads} == ({4} if policy == "fma" else {16}), tx.table([launch])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fused_forward_gathers_fill_whole_sectors(library, policy):
+    """The forward's 16-byte loads (corner chunks and weights, by cp.async):
+    the two threads of a row read neighbouring chunks in each request, so
+    the sectors are the ideal ones."""
+    dtype, tf32 = POLICIES[policy]
+    launch = tx.launches_of(_measured(dtype, "fused", tf32), "deform_fused_forward")
+    gathers = [s for s in launch.select("global", "load") if s.width == 16]
+    assert gathers and all(s.sectors == s.ideal_sectors for s in gathers), tx.table([launch])
 
 
 # ---------------------------------------------------------------------------
@@ -433,3 +443,24 @@ def test_planted_layout_regressions_are_flagged(tmp_path, planted, dtype):
         tx.table([launch])
     if planted == "unpadded rows":
         assert conflict == (32 if dtype == "float32" else 16)
+@pytest.mark.parametrize("planted", [False, True], ids=["as it is", "a pixel's chunks a sector apart"])
+def test_planted_half_sector_gathers_are_flagged(tmp_path, planted):
+    """The fused forward with a thread's chunks 2p and 2p + 1 of its row
+    (instead of p and p + 2): the two threads of a pixel then read 16 bytes
+    32 bytes apart in each request, each half of a sector. The same output."""
+    edits = []
+    if planted:
+        edits = [("      const int c = part + 2 * j, first = c * V;", "      const int c = 2 * part + j, first = c * V;"),
+                 ("      fused_store_chunk(a_tile, row, part + 2 * j, pack_chunk<Op>(values));",
+                  "      fused_store_chunk(a_tile, row, 2 * part + j, pack_chunk<Op>(values));")]
+    names = [cuda_kernels.name_expression(k, "float16", "int") for k in ("deform_fused_forward", "to_channels_last")]
+    library = _planted_library(tmp_path, "dcn_fused_forward.cu", edits, names)
+    args = _arguments("float16", channels=32, out_channels=16, size=6)
+    geom = validate(**args)
+    engine = harness.EmulatedEngine(library, stats=True)
+    out = fused.forward(engine, geom, *(args[k] for k in ("input", "offset", "weight", "bias", "mask")))
+    reference = numpy_backend.forward(geom, *(args[k] for k in ("input", "offset", "weight", "bias", "mask")))
+    assert_close(out, reference, "float16")
+    gathers = [s for s in tx.launches_of(engine.stats, "deform_fused_forward").select("global", "load") if s.width == 16]
+    excess = sum(s.sectors for s in gathers) / sum(s.ideal_sectors for s in gathers)
+    assert (excess > 1.5) == planted, excess

@@ -56,18 +56,6 @@ def _table(text: str) -> dict[tuple[str, int, str, str, str], str]:
 
 
 _BROKEN_12_9_AND_13_0 = _table("""
-    occupancy | 90 | fused_backward_data       | float16  | int       | 150 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data       | float16  | long long | 163 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_weight     | float16  | long long | 144 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data       | bfloat16 | int       | 167 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data       | bfloat16 | long long | 168 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_weight     | bfloat16 | long long | 144 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data       | float32  | int       | 164 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data_fma   | float32  | int       | 152 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_weight     | float32  | int       | 140 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data       | float32  | long long | 175 registers: 2 blocks of 128 threads, 12.5%
-    occupancy | 90 | fused_backward_data_fma   | float32  | long long | 167 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_weight     | float32  | long long | 168 registers: 3 blocks of 128 threads, 18.8%
 """)
 
 #: The budgets broken today, by NVRTC version: (budget, arch, kernel, dtype,
@@ -77,19 +65,6 @@ BROKEN = {
     (12, 9): _BROKEN_12_9_AND_13_0,
     (13, 0): _BROKEN_12_9_AND_13_0,
     (13, 5): _table("""
-    spills    | 80 | deform_fused_forward      | bfloat16 | int       | 36 B spill stores, 36 B loads, 32 B stack
-    spills    | 80 | fused_backward_weight     | bfloat16 | long long | 8 B spill stores, 8 B loads, 8 B stack
-    spills    | 80 | fused_backward_weight_fma | float32  | long long | 4 B spill stores, 4 B loads, 8 B stack
-    occupancy | 90 | fused_backward_data       | float16  | int       | 138 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data       | float16  | long long | 148 registers: 3 blocks of 128 threads, 18.8%
-    spills    | 90 | fused_backward_weight     | float16  | long long | 4 B spill stores, 4 B loads, 8 B stack
-    occupancy | 90 | fused_backward_data       | bfloat16 | long long | 150 registers: 3 blocks of 128 threads, 18.8%
-    spills    | 90 | fused_backward_weight     | bfloat16 | long long | 4 B spill stores, 4 B loads, 8 B stack
-    occupancy | 90 | fused_backward_data       | float32  | int       | 132 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data_fma   | float32  | int       | 152 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data       | float32  | long long | 140 registers: 3 blocks of 128 threads, 18.8%
-    occupancy | 90 | fused_backward_data_fma   | float32  | long long | 162 registers: 3 blocks of 128 threads, 18.8%
-    spills    | 90 | fused_backward_weight_fma | float32  | long long | 8 B spill stores, 8 B loads, 8 B stack
 """),
 }
 

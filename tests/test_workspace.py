@@ -3,10 +3,13 @@
 Each algorithm runs at the benchmark shapes (benchmarks/bench_gpu.py) under
 an engine whose kernels and GEMMs do nothing (tests/emulation/dry_run.py),
 while tracemalloc counts the bytes its arrays take beyond the call's result:
-the workspace the call takes from the GPU's allocator. The fused forward's
-and the fused backward's peaks must stay under 5% of im2col's, direction by
-direction. im2col's kernel launches each fill at least 4 blocks per SM of
-an H100.
+the workspace the call takes from the GPU's allocator. The fused backward's
+peak must stay under 5% of im2col's, the fused forward's under 6%: its
+chunks take as many images as a launch of FUSED_TARGET_BLOCKS blocks needs,
+which at N32 C128 32x32 G4 is 17 images of staging, 5.3% of im2col's
+workspace there (the other shapes stay under 4%). Every kernel launch of
+either algorithm fills at least 4 blocks per SM of an H100 where the
+workspace budget allows.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from cudcn.geometry import validate
 from emulation.dry_run import DryRunEngine, peak_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-FUSED_LIMIT = 0.05
+FORWARD_LIMIT = 0.06
+BACKWARD_LIMIT = 0.05
 #: What a call's small Python objects may add to its arrays.
 SLACK = 2**20
 
@@ -63,7 +67,7 @@ def _untouched_arrays(shape, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_fused_forward_workspace_is_under_5_percent_of_im2col(shape, dtype):
+def test_fused_forward_workspace_is_under_6_percent_of_im2col(shape, dtype):
     arrays = _untouched_arrays(shape, dtype)
     geom = validate(**arrays, padding=1)
     args = [arrays[k] for k in ("input", "offset", "weight", "bias", "mask")]
@@ -82,9 +86,10 @@ def test_fused_forward_workspace_is_under_5_percent_of_im2col(shape, dtype):
     chunk = _largest_chunk(geom, dtype)
     one_chunk = chunk * (column_bytes + image_bytes) + weight_bytes
     assert one_chunk <= im2col_peak < one_chunk + SLACK
-    staging = fused.staging_images(geom) * image_bytes
+    most = max(part.stop - part.start for part in fused.staging_chunks(geom))
+    staging = most * image_bytes
     assert weight_bytes + staging <= fused_peak < weight_bytes + staging + SLACK
-    assert fused_peak < FUSED_LIMIT * im2col_peak, (fused_peak, im2col_peak)
+    assert fused_peak < FORWARD_LIMIT * im2col_peak, (fused_peak, im2col_peak)
 
 
 def test_peak_workspace_counts_lifetimes():
@@ -107,10 +112,11 @@ def test_fused_launches_one_kernel_per_staging_chunk():
     geom = validate(**arrays, padding=1)
     engine = DryRunEngine()
     fused.forward(engine, geom, *(arrays[k] for k in ("input", "offset", "weight", "bias", "mask")))
-    step = fused.staging_images(geom)
+    parts = fused.staging_chunks(geom)
     kernels = [(name, launch) for name, launch in engine.launches if name.startswith("deform_fused")]
-    assert len(kernels) == -(-geom.batch // step)
-    assert kernels[0][1].grid == launchers.fused_grid(geom, step) and kernels[0][1].block == (128, 1, 1)
+    assert len(kernels) == len(parts) and sum(part.stop - part.start for part in parts) == geom.batch
+    for (_, launch), part in zip(kernels, parts):
+        assert launch.grid == launchers.fused_grid(geom, part.stop - part.start) and launch.block == (128, 1, 1)
     # float32 without TF32 multiplies by FMAs; the 32-bit index suffices.
     assert kernels[0][0] == "deform_fused_forward<float, FusedFMA, int>"
 
@@ -140,10 +146,16 @@ def test_fused_backward_workspace_is_under_5_percent_of_im2col(shape, dtype, tf3
     weight_elements = arrays["weight"].size
     splits = fused_backward.weight_splits(geom)
     parts = 4 * splits * weight_elements if splits > 1 else 0
-    accumulator = 0 if dtype == "float32" else fused_backward.accumulator_images(geom) * 4 * arrays["input"][0].size
+    images = max(part.stop - part.start for part in fused_backward.data_chunks(geom))
+    accumulator = 0 if dtype == "float32" else images * 4 * arrays["input"][0].size
     expected = max(parts, weight_elements * np.dtype(dtype).itemsize + accumulator)
     assert expected <= fused_peak < expected + SLACK
-    assert fused_peak < FUSED_LIMIT * im2col_peak, (fused_peak, im2col_peak)
+    assert fused_peak < BACKWARD_LIMIT * im2col_peak, (fused_peak, im2col_peak)
+
+
+def _blocks(launch) -> int:
+    x, y, z = launch.grid
+    return x * y * z
 
 
 #: SMs of an H100 SXM; a launch should give each at least 4 blocks.
@@ -170,6 +182,37 @@ def test_im2col_launches_fill_an_h100(shape, dtype):
                        "deform_col2im_coord"}
     small = [(name, launch.grid) for name, launch in engine.launches if launch.grid[0] < 4 * H100_SMS]
     assert not small, small
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_fused_launches_fill_the_gpu_at_the_benchmark_shapes(shape, dtype):
+    """Every column-free launch has FUSED_TARGET_BLOCKS (4 x 132) blocks or
+    more -- or, for the forward's balanced chunks, nearly (32 images in two
+    chunks of 16 where 17 would reach the target: 512 blocks) -- unless the
+    workspace budget is what stops it: the forward's chunk at its most
+    images (1/TARGET_SHARE of the budget), the weight gradient's splits at
+    what their float32 parts may take. Chunks differ by one image at most."""
+    arrays = _untouched_arrays(shape, dtype)
+    geom = validate(**arrays, padding=1)
+    grad_output = np.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), dtype)
+    engine = DryRunEngine()
+    fused.forward(engine, geom, *(arrays[k] for k in ("input", "offset", "weight", "bias", "mask")))
+    fused.backward(engine, geom, grad_output, *(arrays[k] for k in ("input", "offset", "weight", "mask")))
+    target = launchers.FUSED_TARGET_BLOCKS
+    per_image = arrays["input"][0].nbytes
+    most_images = cudcn.get_workspace_bytes() // fused.TARGET_SHARE // per_image
+    forward = [la for name, la in engine.launches if name.startswith("deform_fused")]
+    sizes = [part.stop - part.start for part in fused.staging_chunks(geom)]
+    assert max(sizes) - min(sizes) <= 1 and len(forward) == len(sizes)
+    for launch, images in zip(forward, sizes):
+        assert _blocks(launch) >= 0.95 * target or images + 1 > most_images, (launch, images, most_images)
+    weight, = [la for name, la in engine.launches if name.startswith("fused_backward_weight")]
+    weight_bytes = 4 * arrays["weight"].size
+    splits = fused_backward.weight_splits(geom)
+    assert _blocks(weight) >= target or (splits + 1) * weight_bytes > fused_backward.workspace_limit(geom)
+    data = [la for name, la in engine.launches if name.startswith("fused_backward_data")]
+    assert data and all(_blocks(launch) >= target for launch in data)
 
 
 @pytest.mark.parametrize("budget", [2**23, 2**24, 2**26])

@@ -18,6 +18,11 @@
 //                             lane strides, for the memory accounting's hand-counted cases
 //   round_to_storage<T>       to_storage<T> of each float (kernels/dcn_common.cuh): the host's and
 //                             each architecture's conversions, compared bit for bit
+//   ldmatrix_probe<Trans>     one warp's ldmatrix.x4 (.trans) from rows it chooses
+//                             (bug 1: a lane gives the next row; bug 2: .trans the other way)
+//   async_copy                cp.async into shared memory, two groups, waits and a barrier, read back
+//                             (bug 1: read before the wait; 2: exit unwaited; 3: no barrier before
+//                             reading another thread's bytes; 4: waits for the older group only)
 // Kind: 0 float16, 1 bfloat16 (m16n8k16), 2 tf32 (m16n8k8).
 #include "dcn_mma.cuh"
 
@@ -258,4 +263,48 @@ template <typename T>
 __global__ void round_to_storage(const float* in, T* out, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
     out[i] = to_storage<T>(in[i]);
+}
+
+/// One warp: out[lane * 4 + m] = register m of an ldmatrix.x4 (.trans when
+/// Trans) from a shared tile of 64 rows of 8 16-bit elements (tile_words, 4
+/// words a row), lane l passing row rows[l].
+template <int Trans>
+__global__ void ldmatrix_probe(const unsigned* tile_words, const int* rows, unsigned* out, int bug) {
+  DCN_SHARED(unsigned, tile, 64 * 4);
+  const int lane = dcn_lane();
+  for (int i = lane; i < 64 * 4; i += 32) tile[i] = tile_words[i];
+  __syncwarp();
+  const int row = bug == 1 && lane % 8 == 3 ? rows[lane + 1] : rows[lane];
+  unsigned r[4];
+  if ((Trans != 0) != (bug == 2))
+    dcn_ldmatrix_x4_trans(r, tile + 4 * row);
+  else
+    dcn_ldmatrix_x4(r, tile + 4 * row);
+  for (int m = 0; m < 4; ++m) out[lane * 4 + m] = r[m];
+}
+
+/// One block: thread t copies words 4t .. 4t + 3 of `in` (zeros instead
+/// where t % 5 == 4) into a shared tile by cp.async in two groups (the first
+/// half of the threads' copies in the first), waits for both, and after a
+/// barrier writes the 16 bytes of thread (t + 1) % n to out[4t ..]. `bug`:
+/// 1 reads its own bytes before the wait; 2 exits without waiting; 3 no barrier before
+/// reading the neighbour's bytes; 4 waits for the older group only.
+__global__ void async_copy(const unsigned* in, unsigned* out, int bug) {
+  DCN_SHARED(unsigned, tile, 4 * 128);
+  const int t = threadIdx.x, n = blockDim.x;
+  DCN_SHARED_PTR(unsigned) mine = tile + 4 * t;
+  if (t < n / 2) dcn_cp_async_16(mine, in + 4 * t, t % 5 != 4);
+  dcn_cp_async_commit();
+  if (t >= n / 2) dcn_cp_async_16(mine, in + 4 * t, t % 5 != 4);
+  dcn_cp_async_commit();
+  if (bug == 1) out[4 * t] = mine[0];
+  if (bug == 2) return;
+  if (bug == 4)
+    dcn_cp_async_wait<1>();
+  else
+    dcn_cp_async_wait<0>();
+  if (bug != 3) __syncthreads();
+  const DcnChunk value = dcn_shared_cast<DcnChunk>(tile + 4 * ((t + 1) % n))[0];
+  for (int w = 0; w < 4; ++w) out[4 * t + w] = value.w[w];
+  if (bug == 4) dcn_cp_async_wait<0>();
 }

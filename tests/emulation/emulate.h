@@ -11,7 +11,7 @@
 //   DCN_SHARED(type, name, count)              static shared memory (per block)
 //   DCN_SHARED_DYNAMIC(type, name)             dynamic shared memory, sized at launch
 //   DCN_SHARED_PTR(type)                       the type of a pointer into shared memory
-//   atomicAdd, __float_as_uint, __uint_as_float, __popc, __ffs
+//   atomicAdd, __float_as_uint, __uint_as_float, __float_as_int, __int_as_float, __popc, __ffs
 //   dcn_load, dcn_store, dcn_atomic_add, DcnCaller, dcn_reconverge
 //                                              global memory accesses of kernels/dcn_common.cuh, recorded
 //                                              (dcn_atomic_add of a ChannelVector: sm_90's vector red)
@@ -19,6 +19,9 @@
 //   (DCN_EMULATED_ARCH, a compiler flag: the architecture whose code paths kernels/dcn_common.cuh's
 //   DCN_ARCH selects, e.g. 900 for sm_90's vector atomics; tests/emulation/harness.py sets it)
 //   dcn_emu::warp_collective                   building block of the MMA wrappers (kernels/dcn_mma.cuh)
+//   dcn_emu::ldmatrix, cp_async, async_commit, async_wait, dcn_shared_cast
+//                                              ldmatrix, cp.async and vector shared accesses of
+//                                              kernels/dcn_mma.cuh's wrappers
 //   dcn_emu::launch(kernel, name, grid, block, shared_bytes, argv, account)
 //   dcn_emu::accounting                        the memory accounting of the last accounted launch
 //
@@ -63,8 +66,18 @@
 //   - Global memory is plain host memory: atomicAdd is a plain add (no fiber
 //     switches inside it), and races on global memory are not detected (the
 //     harness's guard bytes catch out-of-range indices there).
+//   - ldmatrix (m8n8, x1/x2/x4, .trans) is a warp collective: each lane that
+//     supplies a row reads its 16 bytes when it arrives (race detector,
+//     accounting: one 16-byte load per lane, a matrix per quarter-warp phase),
+//     and every lane receives its registers by the PTX ISA's fragment layout.
+//   - cp.async (4, 8 or 16 bytes, zero-fill) reads the source when issued and
+//     writes shared memory when the issuing thread's cp.async.wait_group
+//     completes its group (commit_group makes the groups): until then any
+//     access to those bytes by any thread fails as a race, the write counts
+//     for the race detector as the issuing thread's at the wait, and a thread
+//     that exits with copies never waited for fails the launch.
 //   Not emulated: atomics on shared memory (a compile error: the proxy is no
-//   pointer), __threadfence, cooperative groups, clusters, asynchronous copies.
+//   pointer), __threadfence, cooperative groups, clusters, TMA and other bulk copies.
 //   Cost: a fiber switch takes a few hundred nanoseconds (swapcontext saves
 //   the signal mask with a system call) and a warp collective 32 of them,
 //   so emulated launches should stay tiny (a few thousand warp steps).
@@ -181,6 +194,16 @@ constexpr std::size_t kMaxStaticSharedBytes = 48 * 1024;      // CUDA's limit fo
 
 enum class Wait : unsigned char { running, barrier, collective, exited };
 
+/// An asynchronous copy into shared memory (cp.async) not yet waited for:
+/// the bytes it will write (read from global memory when it was issued).
+struct AsyncCopy {
+  std::size_t offset;  // in the block's arena
+  std::uint32_t size;
+  const char* name;  // the shared array and element it writes (for messages)
+  long long index;
+  unsigned char data[16];
+};
+
 /// One CUDA thread.
 struct Fiber {
   ucontext_t context;  // not movable (glibc points into it): fibers live behind unique_ptr
@@ -202,6 +225,10 @@ struct Fiber {
   std::uint32_t interval = 0;
   std::uint32_t counted_interval = 0;
   std::vector<std::pair<int, std::uint32_t>> executions;  // (site, count) in counted_interval
+  // Asynchronous copies (cp.async): issued since the last commit, then the
+  // committed groups, oldest first, until a cp.async.wait_group completes them.
+  std::vector<AsyncCopy> uncommitted;
+  std::vector<std::vector<AsyncCopy>> groups;
 };
 
 /// A shared-memory access: the thread (linear index in its block) and its
@@ -217,6 +244,7 @@ struct ByteState {
   Access writer{};
   std::uint32_t read_epoch = 0;
   std::vector<Access> readers;  // since the last write, in read_epoch
+  int async_thread = -1;  // the thread whose asynchronous copy into this byte is pending, or -1
 };
 
 struct Declaration {
@@ -244,6 +272,7 @@ struct Emulator {
   void (*body)(void*) = nullptr;
   void* body_argument = nullptr;
   bool accounting = false;  // memory accounting of the launch in progress (opt-in)
+  std::vector<std::size_t> async_bytes;  // bytes an asynchronous copy was issued into, this block
 };
 
 inline Emulator g;
@@ -704,6 +733,12 @@ inline void access_shared(std::size_t offset, std::size_t size, bool write, cons
   const Access now{g.current, g.clocks[g.current][lane_of(g.current)]};
   for (std::size_t at = offset; at < offset + size; ++at) {
     ByteState& s = g.bytes[at];
+    if (s.async_thread >= 0)
+      fail("shared-memory race on " + std::string(name) + "[" + std::to_string(index) + "] (byte " +
+           std::to_string(at) + " of block " + describe(blockIdx) + "'s shared memory): " + thread_name(g.current) +
+           " " + (write ? "writes" : "reads") + " it while an asynchronous copy into it by thread " +
+           describe(g.fibers[s.async_thread]->thread) +
+           " is pending (cp.async.wait_group, then a barrier for other threads, must come first)");
     if (s.write_epoch == g.epoch && s.writer.thread != now.thread && !ordered(s.writer))
       race(name, index, at, s.writer, "wrote", write ? "writes" : "reads");
     if (write) {
@@ -818,6 +853,23 @@ class SharedArray {
   template <typename I>
   SharedArray operator-(I k) const { return SharedArray(offset_, count_, position_ - static_cast<long long>(k), name_); }
 
+  /// The same bytes as elements of U (reinterpret_cast on a device): the
+  /// position must fall on a U boundary (16 bytes for a 16-byte vector).
+  template <typename U>
+  SharedArray<U> as() const {
+    const long long byte = position_ * static_cast<long long>(sizeof(T));
+    if (byte % static_cast<long long>(alignof(U)) != 0 || (offset_ + byte) % alignof(U) != 0)
+      fail(thread_name(g.current) + " reinterprets shared array " + name_ + " at element " +
+           std::to_string(position_) + " as a " + std::to_string(sizeof(U)) + "-byte element: misaligned");
+    return SharedArray<U>(offset_, count_ * static_cast<long long>(sizeof(T)) / static_cast<long long>(sizeof(U)),
+                          byte / static_cast<long long>(sizeof(U)), name_);
+  }
+  /// Where it points: the byte in the block's arena, and the element of its array.
+  std::size_t byte_offset() const { return offset_ + static_cast<std::size_t>(position_) * sizeof(T); }
+  long long position() const { return position_; }
+  const char* name() const { return name_; }
+  long long count() const { return count_; }
+
  private:
   std::size_t offset_;
   long long count_;
@@ -862,6 +914,110 @@ SharedArray<T> declare_dynamic(const char* name) {
 }
 
 // ---------------------------------------------------------------------------
+// Matrix loads and asynchronous copies (kernels/dcn_mma.cuh's wrappers).
+
+/// 16 bytes: one row of an 8x8 matrix of 16-bit elements, or one asynchronous copy.
+struct alignas(16) Bytes16 {
+  unsigned words[4];
+};
+
+/// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16 for the calling
+/// lane, as the PTX ISA defines it: a warp collective in which lane 8m + i
+/// gives the address of row i of matrix m (m < N; other lanes' addresses are
+/// not read), each a 16-byte aligned row of eight 16-bit elements, and every
+/// lane receives one register per matrix. Without .trans lane l receives
+/// elements 2(l % 4) and 2(l % 4) + 1 of row l / 4 (the low half first), i.e.
+/// the row's 32-bit word l % 4; with .trans, elements l / 4 of rows 2(l % 4)
+/// and 2(l % 4) + 1 (the matrix transposed). A lane reads its row when it
+/// arrives (the race detector and the memory accounting see a 16-byte load
+/// of that lane, so a matrix is one phase of 8 lanes).
+template <int N>
+void ldmatrix(unsigned (&out)[N], const SharedArray<unsigned>& row, bool trans, const char* file, int line) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  const int lane = lane_of(g.current);
+  Bytes16 mine{};
+  if (lane < 8 * N) mine = row.as<Bytes16>()[SharedIndex(0, file, line)];
+  const char* op = trans ? (N == 4 ? "ldmatrix.x4.trans" : N == 2 ? "ldmatrix.x2.trans" : "ldmatrix.x1.trans")
+                         : (N == 4 ? "ldmatrix.x4" : N == 2 ? "ldmatrix.x2" : "ldmatrix.x1");
+  struct Registers {
+    unsigned r[4];
+  };
+  const Registers got = warp_collective<Registers>(op, 0xffffffffu, 0, mine, [trans](const Bytes16* rows, Registers* outs,
+                                                                                       unsigned) {
+    auto element = [rows](int matrix, int r, int c) -> unsigned {  // 16-bit element (r, c) of a matrix
+      return (rows[8 * matrix + r].words[c / 2] >> (16 * (c % 2))) & 0xffffu;
+    };
+    for (int l = 0; l < kWarp; ++l)
+      for (int m = 0; m < N; ++m)
+        outs[l].r[m] = trans ? element(m, 2 * (l % 4), l / 4) | (element(m, 2 * (l % 4) + 1, l / 4) << 16)
+                             : element(m, l / 4, 2 * (l % 4)) | (element(m, l / 4, 2 * (l % 4) + 1) << 16);
+  });
+  for (int m = 0; m < N; ++m) out[m] = got.r[m];
+}
+
+/// cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes for the
+/// calling thread: the first src_bytes bytes of src and zeros after them go
+/// to dst (bytes 4, 8 or 16, both addresses aligned to it). The source is read
+/// now; the write to shared memory happens when this thread's
+/// cp.async.wait_group completes its group (async_wait): until then every
+/// access to those bytes, by any thread, is a race, and the race detector sees
+/// the write as this thread's at the wait. The memory accounting counts the
+/// global load and the shared store here, where the copy is issued.
+inline void cp_async(const SharedArray<unsigned>& dst, const void* src, int bytes, int src_bytes, const char* file,
+                     int line) {
+  const std::size_t offset = dst.byte_offset();
+  if ((bytes != 4 && bytes != 8 && bytes != 16) || src_bytes < 0 || src_bytes > bytes)
+    fail(thread_name(g.current) + " issues cp.async of " + std::to_string(bytes) + " bytes (" +
+         std::to_string(src_bytes) + " from global memory): 4, 8 or 16, at most all from the source");
+  if (offset % bytes != 0 || reinterpret_cast<std::uintptr_t>(src) % bytes != 0)
+    fail(thread_name(g.current) + " issues cp.async of " + std::to_string(bytes) + " bytes into " + dst.name() +
+         "[" + std::to_string(dst.position()) + "] or from a source not aligned to them");
+  const long long words = bytes / 4;
+  if (dst.position() < 0 || dst.position() + words > dst.count())
+    fail(thread_name(g.current) + " issues cp.async into shared array " + dst.name() + " at " +
+         std::to_string(dst.position()) + ", outside [0, " + std::to_string(dst.count()) + ")");
+  AsyncCopy copy{offset, static_cast<std::uint32_t>(bytes), dst.name(), dst.position(), {}};
+  if (src_bytes > 0) {
+    account(MemorySpace::global, MemoryOp::load, reinterpret_cast<std::uintptr_t>(src), bytes, bytes, file, line);
+    std::memcpy(copy.data, src, static_cast<std::size_t>(src_bytes));
+  }
+  account(MemorySpace::shared, MemoryOp::store, offset, bytes, bytes, file, line);
+  for (std::size_t at = offset; at < offset + bytes; ++at) {
+    ByteState& s = g.bytes[at];
+    if (s.async_thread >= 0)
+      fail(thread_name(g.current) + " issues cp.async into " + dst.name() + "[" + std::to_string(dst.position()) +
+           "] while an earlier asynchronous copy into it by thread " + describe(g.fibers[s.async_thread]->thread) +
+           " is pending");
+    s.async_thread = g.current;
+    g.async_bytes.push_back(at);
+  }
+  me().uncommitted.push_back(copy);
+}
+
+/// cp.async.commit_group: the copies issued since the last commit become a
+/// group (none: an empty group, complete at once, which no wait counts).
+inline void async_commit() {
+  Fiber& f = me();
+  if (f.uncommitted.empty()) return;
+  f.groups.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+
+/// cp.async.wait_group n: this thread's groups but the n most recent complete
+/// (their bytes are written now, by this thread, for the race detector).
+inline void async_wait(int n) {
+  Fiber& f = me();
+  while (static_cast<int>(f.groups.size()) > n) {
+    for (const AsyncCopy& copy : f.groups.front()) {
+      for (std::size_t at = copy.offset; at < copy.offset + copy.size; ++at) g.bytes[at].async_thread = -1;
+      access_shared(copy.offset, copy.size, true, copy.name, copy.index);
+      std::memcpy(&g.shared[copy.offset], copy.data, copy.size);
+    }
+    f.groups.erase(f.groups.begin());
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Launch.
 
 inline void fiber_entry() {
@@ -873,6 +1029,9 @@ inline void fiber_entry() {
   if (g.arrived > 0)
     fail(thread_name(g.current) + " exited while " + std::to_string(g.arrived) +
          " threads of its block wait at __syncthreads: every thread must reach it");
+  if (!f.uncommitted.empty() || !f.groups.empty())
+    fail(thread_name(g.current) + " exited with asynchronous copies into shared memory never waited for "
+         "(cp.async without cp.async.wait_group)");
   swapcontext(&f.context, &g.scheduler);
   std::abort();
 }
@@ -916,11 +1075,16 @@ inline bool run_block() {
     f.caller_line = 0;
     f.interval = f.counted_interval = 0;
     f.executions.clear();
+    f.uncommitted.clear();
+    f.groups.clear();
     g.clocks[t].fill(0);
     g.clocks[t][lane_of(t)] = 1;
   }
   g.arrived = g.exited = 0;
   ++g.epoch;
+  for (std::size_t at : g.async_bytes)
+    if (at < g.bytes.size()) g.bytes[at].async_thread = -1;
+  g.async_bytes.clear();
   g.declarations.clear();
   g.shared_end = g.dynamic_bytes;
   if (g.dynamic_bytes) std::memset(g.shared.data(), 0xFF, g.dynamic_bytes);
@@ -1042,6 +1206,13 @@ inline int __any_sync(unsigned mask, int predicate) {
   const ::dcn_emu::SharedArray<type> name = ::dcn_emu::declare_dynamic<type>(#name)
 #define DCN_SHARED_PTR(type) ::dcn_emu::SharedArray<type>
 
+/// A pointer into shared memory seen as another element type (a 16-byte
+/// vector, say): kernels/dcn_mma.cuh's reinterpret_cast on a device.
+template <typename U, typename T>
+inline ::dcn_emu::SharedArray<U> dcn_shared_cast(const ::dcn_emu::SharedArray<T>& p) {
+  return p.template as<U>();
+}
+
 template <typename T>
 inline T atomicAdd(T* address, T value) {
   const T old = *address;
@@ -1160,6 +1331,18 @@ inline unsigned int __float_as_uint(float f) {
   unsigned int u;
   std::memcpy(&u, &f, sizeof u);
   return u;
+}
+
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
 }
 
 // g++ (12+, x86-64) converts _Float16 with round to nearest even, as cvt.rn does.

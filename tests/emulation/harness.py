@@ -260,7 +260,7 @@ COOPERATIVE_NAMES = (
     "thread_coordinates", "block_reverse", "warp_sum<float>", "warp_sum<double>", "warp_sum<int>",
     "warp_shared_sum", "shuffle_probe", "misuse",
     *(f"mma_fragments<{kind}>" for kind in range(3)), *(f"mma_matmul<{kind}>" for kind in range(3)),
-    *(f"memory_pattern<{v}>" for v in (1, 2, 4)),
+    *(f"memory_pattern<{v}>" for v in (1, 2, 4)), "ldmatrix_probe<0>", "ldmatrix_probe<1>", "async_copy",
     "round_to_storage<dcn_half>", "round_to_storage<dcn_bfloat16>",
 )
 

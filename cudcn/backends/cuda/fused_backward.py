@@ -6,24 +6,29 @@ kernels/dcn_fused_sampling.cuh, as the fused forward); in short:
 1. ``fused_backward_weight``: the weight gradient as an implicit GEMM,
    sum over pixels of grad_output x columns, the columns sampled from the
    input as they are needed. The pixels are cut into a fixed number of
-   splits (:func:`weight_splits`, from the geometry and the workspace
-   budget only, never from the device); with one split the kernel writes the
-   weight gradient, else each split's float32 part goes to a workspace and
+   splits (:func:`weight_splits`: enough for a launch of
+   :data:`~cudcn.backends.cuda.launchers.FUSED_TARGET_BLOCKS` blocks where
+   the workspace allows, from the geometry and the workspace budget only,
+   never from the device); with one split the kernel writes the weight
+   gradient, else each split's float32 part goes to a workspace and
    ``fused_weight_split_sum`` adds the parts in split order. Deterministic.
 2. ``fused_backward_data``: per tile of output pixels, kernel point and
    offset group, the column gradients grad_output x W^T on tensor cores in
    shared memory, consumed there: the offset and mask gradients by
    fixed-order sums (deterministic), the input gradient by float32 atomics:
    straight into the float32 result, or, for float16 and bfloat16, into a
-   float32 accumulator for a few images at a time (:func:`accumulator_images`)
-   that is then rounded into the result.
+   float32 accumulator for a few images at a time (:func:`data_chunks`:
+   as many as fit, and at least as many as a launch of FUSED_TARGET_BLOCKS
+   blocks needs where the budget allows) that is then rounded into the result.
 3. The bias gradient is the sum of grad_output over images and pixels, as in
    :mod:`cudcn.backends.cuda.im2col_gemm`.
 
 Workspace: the weight as a (groups, K*C/groups, O/groups) matrix in the
 dtype, then the larger of the split parts and the accumulator, each held
-under :func:`workspace_limit`, 1/32 of the column buffer that im2col + GEMM
-would use for one chunk of the same call.
+under :func:`workspace_limit`, 1/16 of the column buffer that im2col + GEMM
+would use for one chunk of the same call (the accumulator may take up to
+1/:data:`~cudcn.backends.cuda.fused.TARGET_SHARE` of the budget where
+fewer images would leave a launch short of its target).
 
 Operands as in the fused forward (:mod:`cudcn.backends.cuda.fused` picks
 them): float16 and bfloat16 MMAs, TF32 MMAs for float32 with TF32 on, else
@@ -57,11 +62,14 @@ WEIGHT_SLICE = kernels.FUSED_OUT_CHANNELS
 
 #: At most this many pixel splits of the weight gradient, each of at least
 #: PIXELS_PER_SPLIT pixels (a split's sums are one block's work).
-MAX_SPLITS = 16
-PIXELS_PER_SPLIT = 4096
+MAX_SPLITS = 64
+PIXELS_PER_SPLIT = 1024
 #: Each workspace piece stays under the column buffer of one im2col chunk
 #: divided by this.
-WORKSPACE_SHARE = 32
+WORKSPACE_SHARE = 16
+#: Where more images are needed for a launch of FUSED_TARGET_BLOCKS blocks,
+#: the input-gradient accumulator may take up to 1/TARGET_SHARE of the budget.
+TARGET_SHARE = 32
 
 
 def why_not(geom: Geometry) -> str | None:
@@ -82,22 +90,35 @@ def workspace_limit(geom: Geometry) -> int:
 
 
 def weight_splits(geom: Geometry) -> int:
-    """Pixel splits of the weight gradient: as many as keep a split at
-    PIXELS_PER_SPLIT pixels or more, up to MAX_SPLITS, whose float32 parts
-    fit :func:`workspace_limit`; at least one. A function of the geometry
-    and the workspace budget alone, so the sums' order never depends on
-    the device."""
+    """Pixel splits of the weight gradient: as many as give its launch
+    FUSED_TARGET_BLOCKS blocks, but no more than keep a split at
+    PIXELS_PER_SPLIT pixels or more, than MAX_SPLITS, or than fit their
+    float32 parts in :func:`workspace_limit`; at least one. A function of the
+    geometry and the workspace budget alone, so the sums' order never
+    depends on the device."""
     pixels = geom.batch * geom.out_pixels
     weight_bytes = 4 * geom.out_channels * (geom.in_channels // geom.groups) * geom.kernel_points
     fit = workspace_limit(geom) // max(weight_bytes, 1)
-    return max(1, min(pixels // PIXELS_PER_SPLIT, MAX_SPLITS, fit))
+    wanted = -(-launchers.FUSED_TARGET_BLOCKS // max(_weight_units(geom, 1), 1))
+    return max(1, min(wanted, pixels // PIXELS_PER_SPLIT, MAX_SPLITS, fit))
 
 
-def accumulator_images(geom: Geometry) -> int:
-    """Images whose float32 input-gradient accumulator (float16 and bfloat16
-    only) fits :func:`workspace_limit`; at least one."""
-    per_image = 4 * geom.in_channels * geom.height * geom.width
-    return max(1, min(workspace_limit(geom) // max(per_image, 1), geom.batch))
+def data_chunks(geom: Geometry) -> list[slice]:
+    """The batch in chunks, one launch of the input, offset and mask
+    gradients each: all of it in float32 (atomics straight into the
+    result); in float16 and bfloat16, whose float32 input-gradient
+    accumulator is a workspace, as many images as :func:`workspace_limit`
+    holds, and, where a launch would have fewer than FUSED_TARGET_BLOCKS
+    blocks, as many as reach it within 1/TARGET_SHARE of the budget
+    (:func:`launchers.fused_chunks`)."""
+    if geom.dtype == np.float32:
+        return [slice(0, geom.batch)]
+    per_image = max(4 * geom.in_channels * geom.height * geom.width, 1)
+    points = geom.kernel_points * geom.offset_groups
+    pixel_tiles = -(-launchers.FUSED_TARGET_BLOCKS // max(points, 1))
+    wanted = -(-pixel_tiles * DATA_PIXELS // max(geom.out_pixels, 1))
+    return launchers.fused_chunks(geom.batch, workspace_limit(geom) // per_image, wanted,
+                                  config.get_workspace_bytes() // TARGET_SHARE // per_image)
 
 
 def _segments_per_group(geom: Geometry) -> int:
@@ -107,6 +128,14 @@ def _segments_per_group(geom: Geometry) -> int:
         ((r + 1) * per_group - 1) // per_offset_group - r * per_group // per_offset_group + 1
         for r in range(geom.groups)
     )
+
+
+def _weight_units(geom: Geometry, splits: int) -> int:
+    """fused_backward_weight's work units: (group, segment, slice, kernel point, output tile, split)."""
+    per_group, per_offset_group = geom.in_channels // geom.groups, geom.in_channels // geom.offset_groups
+    slices = -(-min(per_group, per_offset_group) // WEIGHT_SLICE)
+    out_tiles = -(-(geom.out_channels // geom.groups) // WEIGHT_OUTPUTS)
+    return geom.groups * _segments_per_group(geom) * slices * geom.kernel_points * out_tiles * splits
 
 
 def _units_launch(engine: Engine, kernel: str, units: int) -> Launch:
@@ -127,10 +156,7 @@ def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, i
     splits = weight_splits(geom)
     split_pixels = -(-pixels // splits)
     segments = _segments_per_group(geom)
-    per_group, per_offset_group = geom.in_channels // geom.groups, geom.in_channels // geom.offset_groups
-    slices = -(-min(per_group, per_offset_group) // WEIGHT_SLICE)
-    out_tiles = -(-(geom.out_channels // geom.groups) // WEIGHT_OUTPUTS)
-    units = geom.groups * segments * slices * geom.kernel_points * out_tiles * splits
+    units = _weight_units(geom, splits)
     parts = xp.empty((splits, grad_weight.size), np.float32) if splits > 1 else None
     index, itype = launchers.index_type(
         engine, grad_output.size, input.size, offset.size, grad_weight.size * splits, units
@@ -140,7 +166,7 @@ def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, i
         kernel, geom.dtype.name, index, _units_launch(engine, kernel, units),
         [grad_output, input, offset, *launchers.mask_args(mask, offset),
          *launchers.shape_args(geom, geom.batch, geom.groups), np.int32(geom.out_channels),
-         np.int32(segments), np.int32(splits), itype(split_pixels), grad_weight,
+         np.int32(segments), np.int32(splits), np.int32(split_pixels), grad_weight,
          grad_weight if parts is None else parts],
     )
     if parts is not None:
@@ -148,7 +174,7 @@ def _weight_gradient(engine: Engine, geom: Geometry, suffix: str, grad_output, i
         engine.launch(
             "fused_weight_split_sum", geom.dtype.name, index,
             grid_stride(engine, "fused_weight_split_sum", grad_weight.size),
-            [parts, np.int32(splits), itype(grad_weight.size), grad_weight],
+            [parts, np.int32(splits), itype(grad_weight.size), np.int32(geom.kernel_points), grad_weight],
         )
 
 
@@ -161,9 +187,7 @@ def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, in
         return
     single = geom.dtype == np.float32  # atomics straight into the result
     matrix = xp.ascontiguousarray(weight_matrix(geom, weight, geom.dtype))  # (groups, K*Cg, Og)
-    step = geom.batch if single else accumulator_images(geom)
-    for first in range(0, geom.batch, step):
-        part = slice(first, first + step)
+    for part in data_chunks(geom):
         # One view of each array: the emulated engine hands an array passed
         # twice to the kernel as one buffer only when it is the same object.
         chunk_offset, chunk_grad_offset = offset[part], grad_offset[part]

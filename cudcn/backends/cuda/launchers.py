@@ -251,6 +251,34 @@ def fused_weight(engine: Engine, geom: Geometry, weight: Any) -> Any:
     return engine.xp.ascontiguousarray(w)
 
 
+#: A column-free launch should have at least this many blocks: 4 resident
+#: blocks on each of an H100's 132 SMs. A constant, never the device's own
+#: count, so that chunks and splits -- and with them the order of every sum --
+#: depend on the geometry and the workspace budget alone.
+FUSED_TARGET_BLOCKS = 4 * 132
+#: The column-free kernels count pixels and work units in 32-bit ints
+#: (element offsets take the launch's index type); below this, with room for
+#: a grid-stride step.
+FUSED_MAX_COUNT = 2**31 - 2**24
+
+
+def fused_chunks(batch: int, fit: int, wanted: int, allowed: int) -> list[slice]:
+    """The batch in chunks of images, one launch each, their sizes differing
+    by one at most: chunks of ``fit`` images (what a base share of the
+    workspace holds) where that is at least ``wanted`` (what a launch of
+    FUSED_TARGET_BLOCKS blocks needs); else as many chunks as give each
+    about ``wanted`` images (the nearest count), none above ``allowed`` (the
+    most the workspace lets a chunk take for that). 16 images, 3 wanted, 4
+    allowed: 3, 3, 3, 3, 4; 32 images, 17 wanted: 16, 16."""
+    least = max(1, min(wanted, allowed))
+    if fit >= least:
+        count = -(-batch // fit)
+    else:
+        count = max(1, (2 * batch + least) // (2 * least), -(-batch // max(allowed, 1)))
+    count = min(count, max(batch, 1))
+    return [slice(batch * i // count, batch * (i + 1) // count) for i in range(count)]
+
+
 def fused_grid(geom: Geometry, n: int) -> tuple[int, int, int]:
     """Blocks of the column-free forward over n images: (pixel tiles of the
     flattened n*Ho*Wo, groups x output-channel tiles of a group, 1)."""
@@ -260,10 +288,17 @@ def fused_grid(geom: Geometry, n: int) -> tuple[int, int, int]:
 
 
 def fused_fits(geom: Geometry) -> str | None:
-    """None when the column-free forward's grid fits CUDA's limits, else why not."""
+    """None when the column-free kernels can take this geometry (the forward's
+    grid within CUDA's limits; pixels and work units countable in 32 bits),
+    else why not."""
     _, y, _ = fused_grid(geom, 1)
     if y > MAX_GRID[1]:
         return f"groups x output-channel tiles = {y} exceeds the grid's {MAX_GRID[1]} rows"
+    pixels = geom.batch * geom.out_pixels
+    units = -(-pixels // kernels.FUSED_PIXELS) * geom.kernel_points * geom.offset_groups
+    if max(pixels, units) >= FUSED_MAX_COUNT:
+        return (f"{pixels} output pixels ({units} work units of 64) exceed the column-free kernels' "
+                f"32-bit counts (at most {FUSED_MAX_COUNT - 1})")
     return None
 
 
