@@ -50,6 +50,7 @@ import numpy as np
 from cudcn import config
 from cudcn.backends.cuda import kernels, launchers
 from cudcn.backends.cuda.engine import Engine, Launch, grid_stride, kernel_launch
+from cudcn.backends import layout
 from cudcn.backends.layout import weight_matrix
 from cudcn.geometry import Geometry
 
@@ -83,9 +84,10 @@ def why_not(geom: Geometry) -> str | None:
 
 def workspace_limit(geom: Geometry) -> int:
     """Bytes each workspace piece may take: 1/WORKSPACE_SHARE of the column
-    buffer of one im2col chunk of this call (at least one byte)."""
+    buffer of the largest im2col chunk of this call (its chunks are balanced,
+    :func:`cudcn.backends.layout.chunks`; at least one byte)."""
     per_image = geom.out_pixels * geom.kernel_points * geom.in_channels * geom.dtype.itemsize
-    images = config.images_per_chunk(per_image, geom.batch)
+    images = max((part.stop - part.start for part in layout.chunks(geom, geom.dtype)), default=1)
     return max(per_image * images // WORKSPACE_SHARE, 1)
 
 
