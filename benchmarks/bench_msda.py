@@ -111,7 +111,8 @@ def implementations(device: str = "cpu") -> dict[str, Callable[..., Any]]:
     }
     try:
         from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
-    except ImportError:
+    except Exception as error:  # not installed, or its torchvision was built for another torch
+        print(f"transformers left out: {type(error).__name__}: {error}", file=sys.stderr)
         return found
     module = MultiScaleDeformableAttention()
     shapes = torch.tensor(SHAPES, device=device)

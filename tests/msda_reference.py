@@ -4,7 +4,9 @@
   every (image, query, head, level, point, channel), float64;
 - ``torch_grid_sample``: a pure-torch implementation on
   ``torch.nn.functional.grid_sample``, one call per level, for autograd;
-- ``calls()``: hypothesis-drawn MSDA calls.
+- ``calls()``: hypothesis-drawn MSDA calls;
+- ``transformers_detr()``: transformers' Deformable DETR modelling module,
+  or the reason it cannot be imported here.
 
 The formula: level l of image n, head m, channel d is the image
 ``value[n, s_l : s_l + H_l*W_l, m, d]`` seen as (H_l, W_l), padded with zeros
@@ -17,11 +19,26 @@ one-sided derivative towards y + 1. A non-finite location samples 0.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 from hypothesis import strategies as st
+
+
+def transformers_detr() -> tuple[ModuleType | None, str]:
+    """(transformers' modeling_deformable_detr, "") or (None, why not).
+
+    Any exception counts, not only ImportError: transformers imports
+    torchvision, and a torchvision built for another torch raises
+    RuntimeError ("operator torchvision::nms does not exist") on import.
+    """
+    try:
+        return importlib.import_module("transformers.models.deformable_detr.modeling_deformable_detr"), ""
+    except Exception as error:
+        return None, f"transformers' Deformable DETR does not import here: {type(error).__name__}: {error}"
 
 
 def _pixel(image: np.ndarray, row: int, col: int) -> float:

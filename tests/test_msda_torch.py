@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 
 import cudcn
-from msda_reference import MSDACall, calls, floats_as, torch_grid_sample
+from msda_reference import MSDACall, calls, floats_as, torch_grid_sample, transformers_detr
 
 torch = pytest.importorskip("torch")
 
@@ -26,11 +26,10 @@ FIELDS = ("value", "sampling_locations", "attention_weights")
 
 def _hf_function():
     """transformers' pure-torch MSDA as a function of the argument tuple, or None."""
-    try:
-        from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
-    except ImportError:
+    detr, _ = transformers_detr()
+    if detr is None:
         return None
-    module = MultiScaleDeformableAttention()
+    module = detr.MultiScaleDeformableAttention()
 
     def run(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         shapes_list = [tuple(int(s) for s in pair) for pair in spatial_shapes.tolist()]
@@ -64,7 +63,7 @@ def _torch_result(implementation, call, grad_output, dtype=torch.float64):
 def test_matches_torch_in_float64(name, call):
     implementation = IMPLEMENTATIONS[name]
     if implementation is None:
-        pytest.skip("transformers' MultiScaleDeformableAttention is not importable")
+        pytest.skip(transformers_detr()[1])
     if call.sampling_locations.shape[1] == 0:
         return  # grid_sample refuses an empty grid; tests/test_msda_numpy.py covers Lq = 0
     out = cudcn.ms_deform_attn(*call.args)

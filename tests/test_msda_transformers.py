@@ -13,9 +13,13 @@ import inspect
 
 import pytest
 
+from msda_reference import transformers_detr
+
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-detr = pytest.importorskip("transformers.models.deformable_detr.modeling_deformable_detr")
+detr, why_not = transformers_detr()
+if detr is None:
+    pytest.skip(why_not, allow_module_level=True)
+import transformers  # noqa: E402
 
 import cudcn.torch as ct  # noqa: E402
 
