@@ -8,6 +8,8 @@
   dtype (the original builds its grid in float32 whatever the input's);
 - ``pack`` / ``to_deform_conv2d``: DCNv4's offset_mask from DCNv3's offset
   and mask, and a DCNv3 call as a depthwise ``deform_conv2d`` call;
+- ``softmax_mask`` / ``softmax_mask_gradient``: the DCNv3 module's softmax
+  over each group's P points and its Jacobian (for the fused ``softmax``);
 - ``calls()``: hypothesis-drawn DCNv3 calls.
 
 The formula: point p of output pixel (h, w), group g is kernel column i and
@@ -175,6 +177,24 @@ def unpack(offset_mask: np.ndarray, group: int, points: int) -> tuple[np.ndarray
     blocks = offset_mask[..., :group * 3 * points].reshape(n, out_h, out_w, group, 3 * points)
     return (blocks[..., :2 * points].reshape(n, out_h, out_w, group * 2 * points),
             blocks[..., 2 * points:].reshape(n, out_h, out_w, group * points))
+
+
+def softmax_mask(mask: np.ndarray, group: int) -> np.ndarray:
+    """The DCNv3 module's softmax of mask (N, Ho, Wo, G*P) over each group's P
+    points, in the mask's dtype (float64 here), as a new array."""
+    blocks = mask.reshape(*mask.shape[:3], group, mask.shape[3] // group)
+    if blocks.size == 0:
+        return mask.copy()
+    e = np.exp(blocks - blocks.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).reshape(mask.shape)
+
+
+def softmax_mask_gradient(soft: np.ndarray, grad_soft: np.ndarray, group: int) -> np.ndarray:
+    """The gradient by the mask given that by its softmax ``soft``:
+    s_p * (d_p - sum_q s_q d_q) per (pixel, group)."""
+    s = soft.reshape(*soft.shape[:3], group, soft.shape[3] // group)
+    d = grad_soft.reshape(s.shape)
+    return (s * (d - (s * d).sum(axis=-1, keepdims=True))).reshape(soft.shape)
 
 
 def tap_order(call: DCNv3Call) -> list[int | None]:

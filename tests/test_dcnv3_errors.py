@@ -133,6 +133,17 @@ def test_dcnv4_value_errors(changes, message):
         cudcn.dcnv4_backward(np.zeros((2, 6, 7, 15)), **good4(**changes))
 
 
+def test_softmax_is_a_flag_of_dcnv3_alone():
+    for value in ("yes", 2, None):
+        with pytest.raises(cudcn.ArgumentError, match=re.escape(f"softmax must be a bool (or 0 or 1), got {value!r}")):
+            cudcn.dcnv3(**good(), softmax=value)
+        with pytest.raises(cudcn.ArgumentError, match=re.escape(f"softmax must be a bool (or 0 or 1), got {value!r}")):
+            cudcn.dcnv3_backward(np.zeros((2, 6, 7, 15)), **good(), softmax=value)
+    with pytest.raises(cudcn.ArgumentError, match="softmax applies to DCNv3's separate mask; DCNv4 .offset_mask. has none"):
+        validate_dcnv3(**good4(), softmax=True)
+    assert validate_dcnv3(**good(), softmax=1).softmax and not validate_dcnv3(**good()).softmax
+
+
 @pytest.mark.parametrize("channels", [72, 80, 88, 96, 128])
 def test_any_multiple_of_8_from_g_3p_up_is_a_valid_k8(channels):
     """remove_center: P = 8, G*3P = 72; every multiple of 8 from 72 up works."""
