@@ -47,7 +47,9 @@ from msda_reference import calls
 pytestmark = pytest.mark.emulated
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
-KERNELS = ("msda_forward", "msda_backward", "msda_value_keys", "msda_value_gather", "msda_to_storage")
+KERNELS = ("msda_forward", "msda_backward", "msda_value_keys", "sorted_gather", "accum_to_storage")
+#: The kernel files these come from: the family's, and the shared sorted gather's.
+SOURCES = ("msda.cu", "sorted_gather.cu")
 
 
 def _names(dtypes=DTYPES, indexes=cuda_kernels.INDEX_TYPES) -> list[str]:
@@ -61,7 +63,7 @@ def _compiler() -> None:
 
 @functools.cache
 def _library() -> harness.Library:
-    return harness.build(_names(), [cuda_kernels.kernel_dir() / "msda.cu"])
+    return harness.build(_names(), [cuda_kernels.kernel_dir() / name for name in SOURCES])
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +366,8 @@ def planted(tmp_path_factory):
     gets its own folder, where its copy shadows kernels/sampling.cuh."""
     _compiler()
     folder = tmp_path_factory.mktemp("msda_plants")
-    original = (cuda_kernels.kernel_dir() / "msda.cu").read_text()
+    # msda.cu, then the shared sorted gather (its lines after msda.cu's: line offsets stay msda.cu's).
+    original = "\n".join((cuda_kernels.kernel_dir() / name).read_text() for name in SOURCES)
     parts = ['#include "dcn_common.cuh"\n#include "sampling.cuh"\n']
     names, libraries, offsets = [], {}, {}
     for plant, edit in PLANTS.items():
@@ -541,4 +544,4 @@ def test_report_script_prints_the_msda_table_and_budgets(library, capsys):
     out = capsys.readouterr().out
     assert "multi-scale deformable attention" in out and "not measured on a GPU" in out
     assert re.search(r"msda_forward<float, int>\s+load sectors / ideal\s+1\.\d\d \(budget 1\.5\)\s+ok", out), out
-    assert re.search(r"msda_backward<float, float, int>\s+atomic sectors/request\s+[0-4]\.\d\d \(budget 4\)\s+ok", out)
+    assert re.search(r"msda_backward<float, float, int>\s+atomic sectors/request/4B\s+[0-4]\.\d\d \(budget 4\)\s+ok", out)
