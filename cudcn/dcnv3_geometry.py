@@ -94,6 +94,7 @@ class DCNv3Geometry:
     offset_scale: float
     remove_center: bool
     offset_mask_channels: int  # K8 for DCNv4 (offset and mask packed in one array); 0 for DCNv3
+    softmax: bool = False  # DCNv3 only: the mask goes through a softmax over the P points of each (pixel, group)
 
     @property
     def channels(self) -> int:
@@ -163,10 +164,10 @@ def _offset_scale(value: Any) -> float:
     return float(value)
 
 
-def _remove_center(value: Any) -> bool:
+def _flag(value: Any, name: str) -> bool:
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
-    raise ArgumentError(f"remove_center must be a bool (or 0 or 1), got {value!r}")
+    raise ArgumentError(f"{name} must be a bool (or 0 or 1), got {value!r}")
 
 
 def validate_dcnv3(
@@ -189,13 +190,16 @@ def validate_dcnv3(
     offset_scale: Any = 1.0,
     im2col_step: Any = 256,
     remove_center: Any = False,
+    softmax: Any = False,
     names: Mapping[str, str] | None = None,
 ) -> DCNv3Geometry:
     """Check one DCNv3 call (``offset`` and ``mask``) or DCNv4 call
     (``offset_mask``) and describe it.
 
     ``input`` is required, and either ``offset`` and ``mask`` or
-    ``offset_mask``; ``grad_output`` is checked when given. ``names``
+    ``offset_mask``; ``grad_output`` is checked when given. ``softmax``
+    (DCNv3 only) asks for the mask's softmax over the P points of each
+    (pixel, group) before use. ``names``
     renames arguments in error messages, as for
     :func:`cudcn.geometry.validate`.
 
@@ -232,7 +236,10 @@ def validate_dcnv3(
     per_group = check_int(group_channels, "group_channels", 1)
     scale = _offset_scale(offset_scale)
     check_im2col_step(im2col_step)
-    centre_removed = _remove_center(remove_center)
+    centre_removed = _flag(remove_center, "remove_center")
+    soft = _flag(softmax, "softmax")
+    if soft and packed:
+        raise ArgumentError("softmax applies to DCNv3's separate mask; DCNv4 (offset_mask) has none")
     if centre_removed and (kernel[0] != kernel[1] or kernel[0] % 2 == 0):
         raise ArgumentError(
             f"remove_center needs a square kernel of odd size (it drops the centre point), "
@@ -296,5 +303,5 @@ def validate_dcnv3(
         group_channels=per_group, kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0],
         stride_w=stride[1], pad_h=pad[0], pad_w=pad[1], dil_h=dilation[0], dil_w=dilation[1],
         out_h=out_h, out_w=out_w, offset_scale=scale, remove_center=centre_removed,
-        offset_mask_channels=width8,
+        offset_mask_channels=width8, softmax=soft,
     )

@@ -294,11 +294,12 @@ class DCNv4Gradients(NamedTuple):
     offset_mask: Any
 
 
-def _run_dcnv3(function: str, arrays: dict[str, Any], scalars: tuple, names: Mapping[str, str] | None) -> Any:
+def _run_dcnv3(function: str, arrays: dict[str, Any], scalars: tuple, names: Mapping[str, str] | None,
+               softmax: bool = False) -> Any:
     """Validate a DCNv3 (offset, mask) or DCNv4 (offset_mask) call, ``scalars``
     in DCNv3Function's order, and run the backend's ``function`` on it; DCNv4's
     offset_mask is both the offset and the mask array of the backend call."""
-    geom = validate_dcnv3(**arrays, **dict(zip(SCALARS, scalars)), names=names)
+    geom = validate_dcnv3(**arrays, **dict(zip(SCALARS, scalars)), softmax=softmax, names=names)
     run = backends.function(geom.kind, function, (names or {}).get("input", "input"))
     if geom.packed:
         offset_mask = arrays.pop("offset_mask")
@@ -324,6 +325,7 @@ def dcnv3(
     im2col_step: int = 256,
     remove_center: bool = False,
     *,
+    softmax: bool = False,
     names: Mapping[str, str] | None = None,
 ) -> Any:
     """DCNv3 (InternImage's operator): depthwise deformable sampling, summed over kernel points.
@@ -339,7 +341,8 @@ def dcnv3(
 
     with c_w = dilation_w*(kernel_w - 1)//2, c_h likewise. Bilinear with
     zeros outside the input (``grid_sample``'s ``padding_mode="zeros"``). The
-    mask is applied as given: no softmax (that is the DCNv3 module's).
+    mask is applied as given: no softmax (that is the DCNv3 module's), unless
+    ``softmax=True`` asks the operator to apply the module's softmax itself.
     ``dcnv3_core_pytorch`` pads H by pad_w and W by pad_h (a slip that only
     shows with unequal pads); cudcn pads as InternImage's CUDA op does, H by
     pad_h and W by pad_w.
@@ -355,6 +358,13 @@ def dcnv3(
         im2col_step: accepted for compatibility and ignored (a positive
             int): any batch size works.
         remove_center: drop the centre point of an odd square kernel.
+        softmax: apply a softmax over the P points of each (pixel, group) to
+            the mask first, ``mask_p -> exp(mask_p - max) / sum_q exp(mask_q - max)``
+            in the compute dtype, as InternImage's DCNv3 module does before it
+            calls the operator (keyword only; default False: the mask as
+            given, the operator's own semantics). The result equals the
+            operator on the softmaxed mask; fused, no softmaxed copy of the
+            mask is made. DCNv4 has no softmax.
         names: how to call the arguments in error messages (for adapters).
 
     Returns:
@@ -364,7 +374,7 @@ def dcnv3(
     """
     scalars = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                group_channels, offset_scale, im2col_step, remove_center)
-    return _run_dcnv3("dcnv3_forward", dict(input=input, offset=offset, mask=mask), scalars, names)
+    return _run_dcnv3("dcnv3_forward", dict(input=input, offset=offset, mask=mask), scalars, names, softmax)
 
 
 def dcnv3_backward(
@@ -386,6 +396,7 @@ def dcnv3_backward(
     im2col_step: int = 256,
     remove_center: bool = False,
     *,
+    softmax: bool = False,
     names: Mapping[str, str] | None = None,
 ) -> DCNv3Gradients:
     """Gradients of :func:`dcnv3` given grad_output (N, Ho, Wo, G*D).
@@ -393,6 +404,10 @@ def dcnv3_backward(
     At an integer sampling coordinate (a kink of the bilinear sample) the
     offset gradient is the one-sided derivative towards +1, as for
     :func:`deform_conv2d`, also at -1 (InternImage's CUDA op gives 0 there).
+    With ``softmax=True`` (as in :func:`dcnv3`) the mask gradient is that of
+    the mask as given, through the softmax's Jacobian
+    (``s_p * (d_p - sum_q s_q d_q)``, s the softmaxed mask and d the
+    gradient by it).
 
     Returns:
         :class:`DCNv3Gradients` (input, offset, mask), in the arguments'
@@ -401,7 +416,7 @@ def dcnv3_backward(
     scalars = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                group_channels, offset_scale, im2col_step, remove_center)
     arrays = dict(grad_output=grad_output, input=input, offset=offset, mask=mask)
-    return DCNv3Gradients(*_run_dcnv3("dcnv3_backward", arrays, scalars, names))
+    return DCNv3Gradients(*_run_dcnv3("dcnv3_backward", arrays, scalars, names, softmax))
 
 
 def dcnv4(

@@ -4,8 +4,7 @@
 //   msda_backward<T, TAcc, Index>        location and attention-weight gradients (fixed-order warp
 //                                        reductions); the value gradient by atomics, when asked
 //   msda_value_keys<T, Index>            target (image, pixel, head) and weight of every bilinear corner
-//   msda_value_gather<T, TAcc, Index>    value gradient += each target's corners, summed in sorted order
-//   msda_to_storage<TAcc, T, Index>      accumulator -> the value's dtype
+//                                        (for sorted_gather.cu's deterministic value gradient)
 //
 // Notation (cudcn/msda_geometry.py): N images, S pixels of all levels, M heads, D channels per
 // head, Lq queries, L levels of H_l x W_l pixels starting at pixel s_l, P points. Layouts:
@@ -37,7 +36,7 @@
 // Both hold to 64 registers (__launch_bounds__: blocks of 256 threads, kernels.BLOCK, 4 of
 // them resident: 50% occupancy).
 // The deterministic value gradient (msda_value_keys, a stable sort by key on the host side,
-// msda_value_gather) turns the atomics' scatter into a gather in a fixed order, as
+// sorted_gather.cu) turns the atomics' scatter into a gather in a fixed order, as
 // dcn_col2im_sorted.cu does for deformable convolution.
 #include "dcn_common.cuh"
 #include "sampling.cuh"
@@ -261,42 +260,4 @@ __global__ void msda_value_keys(const long long* __restrict__ levels, const T* _
       dcn_store(key_weights, index * 4 + q, valid ? a * taps.weight[q] : Acc(0));
     }
   }
-}
-
-/// grad_value[key * D + d] += sum over the key's entries, in sorted order, of
-/// weight x grad_output[item, d], for every key below the sentinel.
-///
-/// order:      entries sorted stably by key (from msda_value_keys)
-/// starts:     (sentinel + 1,) where each key's run begins in order
-/// total:      sentinel * D, one thread per (key, channel)
-/// grad_value: the value gradient from the chunk's first image on, (images, S, M, D) in TAcc
-template <typename T, typename TAcc, typename Index>
-__global__ void msda_value_gather(const T* __restrict__ grad_output, const long long* __restrict__ order,
-                                  const long long* __restrict__ starts,
-                                  const typename ComputeType<T>::type* __restrict__ key_weights,
-                                  Index first_item, int channels, int level_count, int points, Index total,
-                                  TAcc* __restrict__ grad_value) {
-  typedef typename ComputeType<T>::type Acc;
-  const long long corners = 4LL * level_count * points;  // entries per item
-  // Channel fastest: a warp shares a key (its run of entries) and reads
-  // consecutive channels of each grad_output row.
-  DCN_GRID_STRIDE_LOOP(index, total) {
-    const Index key = index / channels;
-    const int d = static_cast<int>(index % channels);
-    const long long begin = dcn_load(starts, key), end = dcn_load(starts, key + 1);
-    if (begin == end) continue;
-    Acc sum = Acc(0);
-    for (long long at = begin; at < end; ++at) {
-      const long long e = dcn_load(order, at);
-      const Index item = first_item + static_cast<Index>(e / corners);
-      sum += dcn_load(key_weights, e) * to_compute(dcn_load(grad_output, item * channels + d));
-    }
-    dcn_store(grad_value, index, static_cast<TAcc>(dcn_load(grad_value, index) + sum));
-  }
-}
-
-/// dst[i] = src[i] rounded to T, i < total.
-template <typename TAcc, typename T, typename Index>
-__global__ void msda_to_storage(const TAcc* __restrict__ src, Index total, T* __restrict__ dst) {
-  DCN_GRID_STRIDE_LOOP(index, total) store(dst + index, dcn_load(src, index));
 }

@@ -8,7 +8,9 @@
   dtype (the original builds its grid in float32 whatever the input's);
 - ``pack`` / ``to_deform_conv2d``: DCNv4's offset_mask from DCNv3's offset
   and mask, and a DCNv3 call as a depthwise ``deform_conv2d`` call;
-- ``calls()``: hypothesis-drawn DCNv3 calls.
+- ``softmax_mask`` / ``softmax_mask_gradient``: the DCNv3 module's softmax
+  over each group's P points and its Jacobian (for the fused ``softmax``);
+- ``calls()``: hypothesis-drawn DCNv3 calls; ``fixed_call()`` a seeded one.
 
 The formula: point p of output pixel (h, w), group g is kernel column i and
 row j, in the order i outer, j inner (w-major), the centre left out with
@@ -177,6 +179,24 @@ def unpack(offset_mask: np.ndarray, group: int, points: int) -> tuple[np.ndarray
             blocks[..., 2 * points:].reshape(n, out_h, out_w, group * points))
 
 
+def softmax_mask(mask: np.ndarray, group: int) -> np.ndarray:
+    """The DCNv3 module's softmax of mask (N, Ho, Wo, G*P) over each group's P
+    points, in the mask's dtype (float64 here), as a new array."""
+    blocks = mask.reshape(*mask.shape[:3], group, mask.shape[3] // group)
+    if blocks.size == 0:
+        return mask.copy()
+    e = np.exp(blocks - blocks.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).reshape(mask.shape)
+
+
+def softmax_mask_gradient(soft: np.ndarray, grad_soft: np.ndarray, group: int) -> np.ndarray:
+    """The gradient by the mask given that by its softmax ``soft``:
+    s_p * (d_p - sum_q s_q d_q) per (pixel, group)."""
+    s = soft.reshape(*soft.shape[:3], group, soft.shape[3] // group)
+    d = grad_soft.reshape(s.shape)
+    return (s * (d - (s * d).sum(axis=-1, keepdims=True))).reshape(soft.shape)
+
+
 def tap_order(call: DCNv3Call) -> list[int | None]:
     """For each torchvision tap k = j*kw + i (h-major), the DCNv3 point p
     (w-major) that it is, or None for the centre removed by remove_center."""
@@ -293,14 +313,42 @@ def place_points(call: DCNv3Call, targets_x: np.ndarray, targets_y: np.ndarray) 
     return np.stack([dx, dy], -1).reshape(call.offset.shape)
 
 
+def fixed_call(batch: int = 2, height: int = 5, width: int = 6, group: int = 2, channels: int = 5,
+               kernel_h: int = 3, kernel_w: int = 3, stride: int = 1, pad=1, dilation: int = 1, scale: float = 0.5,
+               remove_center: bool = False, seed: int = 0) -> DCNv3Call:
+    """A DCNv3 call in float64 (pad an int or (pad_h, pad_w)) whose points lie
+    in (-1.5, size + 0.5), a tenth of the coordinates exactly on a kink (an
+    integer from -1 to the size; exact when scale is a power of two)."""
+    rng = np.random.default_rng(seed)
+    pad_h, pad_w = (pad, pad) if isinstance(pad, int) else pad
+    out_h = output_size(height, kernel_h, stride, pad_h, dilation)
+    out_w = output_size(width, kernel_w, stride, pad_w, dilation)
+    points = kernel_h * kernel_w - int(remove_center)
+    call = DCNv3Call(
+        input=rng.standard_normal((batch, height, width, group * channels)),
+        offset=np.zeros((batch, out_h, out_w, group * points * 2)),
+        mask=rng.uniform(-1, 1, (batch, out_h, out_w, group * points)),
+        kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride, stride_w=stride, pad_h=pad_h, pad_w=pad_w,
+        dilation_h=dilation, dilation_w=dilation, group=group, group_channels=channels, offset_scale=scale,
+        remove_center=remove_center, seed=seed)
+    shape = (batch, out_h, out_w, group, points)
+    targets = []
+    for size in (width, height):
+        kink = rng.random(shape) < 0.1
+        targets.append(np.where(kink, rng.integers(-1, size + 1, shape), rng.uniform(-1.5, size + 0.5, shape)))
+    call.offset = place_points(call, *targets)
+    return call
+
+
 @st.composite
 def calls(draw, max_batch: int = 2, max_kernel: int = 7, kinks: float = 0.0, min_batch: int = 0,
-          scales=(1.0, 0.5, 0.7, 1.5, 2.0), max_channels: int = 5, max_out: int = 4, equal_pads: bool = False):
+          scales=(1.0, 0.5, 0.7, 1.5, 2.0), max_channels: int = 5, max_out: int = 4, equal_pads: bool = False,
+          channels=None, max_group: int = 3):
     """A drawn DCNv3 call in float64.
 
     Kernels 1..max_kernel each side (rectangular, even), stride 1..3,
     pads 0..3 (unequal unless ``equal_pads``), dilation 1..2, remove_center on odd square kernels,
-    group 1..3, group_channels 1..max_channels, batch from min_batch, an
+    group 1..max_group, group_channels 1..max_channels (or one of ``channels``), batch from min_batch, an
     output of at most max_out x max_out pixels, offset_scale from
     ``scales``. Each sampling point lands at an integer in [-2, size + 1]
     plus a fraction in [0.1, 0.9] (away from kinks, up to 2 pixels outside
@@ -322,7 +370,8 @@ def calls(draw, max_batch: int = 2, max_kernel: int = 7, kinks: float = 0.0, min
     height, width = sizes
     out_h, out_w = (output_size(*a) for a in zip(sizes, (kh, kw), stride, pad, dilation))
     batch = draw(st.integers(min_batch, max_batch))
-    group, per_group = draw(st.integers(1, 3)), draw(st.integers(1, max_channels))
+    group = draw(st.integers(1, max_group))
+    per_group = draw(st.integers(1, max_channels) if channels is None else st.sampled_from(channels))
     scale = draw(st.sampled_from(scales))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)

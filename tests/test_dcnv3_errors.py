@@ -133,6 +133,17 @@ def test_dcnv4_value_errors(changes, message):
         cudcn.dcnv4_backward(np.zeros((2, 6, 7, 15)), **good4(**changes))
 
 
+def test_softmax_is_a_flag_of_dcnv3_alone():
+    for value in ("yes", 2, None):
+        with pytest.raises(cudcn.ArgumentError, match=re.escape(f"softmax must be a bool (or 0 or 1), got {value!r}")):
+            cudcn.dcnv3(**good(), softmax=value)
+        with pytest.raises(cudcn.ArgumentError, match=re.escape(f"softmax must be a bool (or 0 or 1), got {value!r}")):
+            cudcn.dcnv3_backward(np.zeros((2, 6, 7, 15)), **good(), softmax=value)
+    with pytest.raises(cudcn.ArgumentError, match="softmax applies to DCNv3's separate mask; DCNv4 .offset_mask. has none"):
+        validate_dcnv3(**good4(), softmax=True)
+    assert validate_dcnv3(**good(), softmax=1).softmax and not validate_dcnv3(**good()).softmax
+
+
 @pytest.mark.parametrize("channels", [72, 80, 88, 96, 128])
 def test_any_multiple_of_8_from_g_3p_up_is_a_valid_k8(channels):
     """remove_center: P = 8, G*3P = 72; every multiple of 8 from 72 up works."""
@@ -226,19 +237,26 @@ class _StandInCupyArray:
         self.shape, self.ndim, self.dtype = array.shape, array.ndim, array.dtype
 
 
-def test_cupy_arrays_get_a_clear_error_until_the_cuda_backend_has_dcnv3(monkeypatch):
+def test_cupy_arrays_reach_the_cuda_backend(monkeypatch):
+    """CuPy arrays go to the CUDA backend's dcnv3_forward and dcnv3_backward,
+    validated once (the geometry says "cupy"); DCNv4's offset_mask is both
+    the offset and the mask argument, and softmax reaches the geometry."""
     import cudcn.backends.cuda as cuda_backend
 
-    if hasattr(cuda_backend, "dcnv3_forward"):
-        pytest.skip("the CUDA backend has DCNv3 now; the GPU tests cover it")
+    calls = []
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=_StandInCupyArray))
+    monkeypatch.setattr(cuda_backend, "dcnv3_forward", lambda geom, *arrays: calls.append(("forward", geom, arrays)))
+    monkeypatch.setattr(cuda_backend, "dcnv3_backward",
+                        lambda geom, *arrays: calls.append(("backward", geom, arrays)) or (None, None, None))
     on_device = {k: _StandInCupyArray(v) if isinstance(v, np.ndarray) else v for k, v in good().items()}
-    with pytest.raises(cudcn.ArgumentTypeError, match=re.escape(
-            "input is a cupy array, and cudcn's cupy backend has no dcnv3_forward yet; pass NumPy arrays")):
-        cudcn.dcnv3(**on_device)
+    cudcn.dcnv3(**on_device, softmax=True)
     packed = {k: _StandInCupyArray(v) if isinstance(v, np.ndarray) else v for k, v in good4().items()}
-    with pytest.raises(cudcn.ArgumentTypeError, match="no dcnv3_backward yet"):
-        cudcn.dcnv4_backward(_StandInCupyArray(np.zeros((2, 6, 7, 15))), **packed)
+    cudcn.dcnv4_backward(_StandInCupyArray(np.zeros((2, 6, 7, 15))), **packed)
+    (direction, geom, arrays), (direction4, geom4, arrays4) = calls
+    assert (direction, geom.kind, geom.softmax, geom.packed) == ("forward", "cupy", True, False)
+    assert arrays == (on_device["input"], on_device["offset"], on_device["mask"])
+    assert (direction4, geom4.kind, geom4.softmax, geom4.packed) == ("backward", "cupy", False, True)
+    assert arrays4[1] is packed["input"] and arrays4[2] is arrays4[3] is packed["offset_mask"]
 
 
 def test_numpy_mixed_with_cupy(monkeypatch):

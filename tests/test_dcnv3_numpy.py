@@ -24,6 +24,8 @@ from dcnv3_reference import (
     oracle_forward,
     pack,
     place_points,
+    softmax_mask,
+    softmax_mask_gradient,
     to_deform_conv2d,
 )
 
@@ -138,6 +140,59 @@ def test_offset_gradient_is_the_one_sided_difference_towards_plus_one(call):
     numeric = _loss_gradients_numeric(call, grad_output, "offset", lambda f, v: (f(v + eps) - f(v)) / eps)
     scale = max(1.0, np.abs(numeric).max(initial=0.0))
     np.testing.assert_allclose(grads.offset.reshape(-1), numeric, rtol=0, atol=1e-6 * scale)
+
+
+@given(calls(kinks=0.2))
+def test_softmax_is_the_operator_on_the_softmaxed_mask(call):
+    """softmax=True: the output and the input and offset gradients are those
+    of the operator on softmax(mask) over each group's P points; the mask
+    gradient is that one's through the softmax's Jacobian."""
+    soft = call.with_arrays(mask=softmax_mask(call.mask, call.group))
+    out = cudcn.dcnv3(*call.args, softmax=True)
+    np.testing.assert_allclose(out, cudcn.dcnv3(*soft.args), rtol=1e-13, atol=1e-13)
+    grad_output = _grad_output(call)
+    grads = cudcn.dcnv3_backward(grad_output, *call.args, softmax=True)
+    expected = cudcn.dcnv3_backward(grad_output, *soft.args)
+    for name in ("input", "offset"):
+        np.testing.assert_allclose(getattr(grads, name), getattr(expected, name), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(grads.mask, softmax_mask_gradient(soft.mask, expected.mask, call.group),
+                               rtol=1e-13, atol=1e-13)
+
+
+@given(calls(min_batch=1, max_batch=1, max_kernel=3, max_channels=3, max_out=2))
+def test_softmax_mask_gradient_is_central_differences(call):
+    """The mask gradient with softmax=True is the derivative by the mask as
+    given: central differences of <grad_output, out>."""
+    grad_output = _grad_output(call)
+    grads = cudcn.dcnv3_backward(grad_output, *call.args, softmax=True)
+    flat = call.mask.reshape(-1)
+    eps = 1e-6
+
+    def loss(index: int, v: float) -> float:
+        moved = flat.copy()
+        moved[index] = v
+        return np.vdot(grad_output, cudcn.dcnv3(*call.with_arrays(mask=moved.reshape(call.mask.shape)).args,
+                                                softmax=True))
+
+    numeric = np.array([(loss(i, flat[i] + eps) - loss(i, flat[i] - eps)) / (2 * eps) for i in range(flat.size)])
+    scale = max(1.0, np.abs(numeric).max(initial=0.0))
+    np.testing.assert_allclose(grads.mask.reshape(-1), numeric, rtol=0, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_softmax_runs_in_the_compute_dtype(dtype):
+    """float32 and the half types: the softmax in float32, a large mask
+    (exp would overflow without the max subtracted) included."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    call = _fixed_call()
+    call = call.with_arrays(mask=call.mask * 200)  # up to 200: exp(200) overflows float32
+    low = call.with_arrays(**{f: getattr(call, f).astype(dtype) for f in FIELDS})
+    exact = call.with_arrays(**{f: getattr(low, f).astype(np.float64) for f in FIELDS})
+    out = cudcn.dcnv3(*low.args, softmax=True)
+    assert out.dtype == np.dtype(dtype) and np.isfinite(out.astype(np.float64)).all()
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(out.astype(np.float64), cudcn.dcnv3(*exact.args, softmax=True), rtol=tol, atol=tol)
 
 
 def _one_point(x: float, y: float, offset_scale: float = 1.0) -> DCNv3Call:

@@ -487,3 +487,32 @@ def test_msda_launch_bounds_match_the_block():
         bounds = re.search(rf"__global__ void __launch_bounds__\((\d+), (\d+)\) {kernel}\(", text)
         assert bounds and int(bounds.group(1)) == cuda_kernels.BLOCK, kernel
         assert cuda_kernels.block_shape(kernel) == (cuda_kernels.BLOCK, 0)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype, vector", [
+    ("float32", "ld.global.nc.v4.f32"), ("float64", "ld.global.nc.v2.f64"),
+    ("float16", "ld.global.nc.v4.u32"), ("bfloat16", "ld.global.nc.v4.u32"),
+])
+def test_dcnv3_kernels_gather_by_vectors_reduce_by_shuffles_and_add_atomically(dtype, vector):
+    """The DCNv3 forward reads 16-byte vectors of the input and adds its point
+    lanes' sums by butterfly shuffles; the backward reduces by butterfly
+    shuffles and adds the input gradient by float32 (float64 for float64)
+    atomics; neither holds a local array (no stack frame: checked by the
+    resource budgets)."""
+    names = [cuda_kernels.name_expression(k, dtype, "int") for k in ("dcnv3_forward", "dcnv3_backward")]
+    forward, backward = _ptx_bodies(names, 90).values()
+    assert vector in forward and "shfl.sync.bfly.b32" in forward
+    assert "st.global.v4" in forward or "st.global.v2.f64" in forward
+    assert "shfl.sync.bfly.b32" in backward
+    assert re.search(rf"(red|atom)\.global\.add\.f{64 if dtype == 'float64' else 32}", backward)
+
+
+def test_dcnv3_launch_bounds_match_the_block():
+    """dcnv3_forward and dcnv3_backward promise ptxas blocks of kernels.BLOCK
+    threads, 4 resident (at most 64 registers: 50% occupancy)."""
+    text = (cuda_kernels.kernel_dir() / "dcnv3.cu").read_text()
+    for kernel in ("dcnv3_forward", "dcnv3_backward"):
+        bounds = re.search(rf"__global__ void __launch_bounds__\((\d+), (\d+)\) {kernel}\(", text)
+        assert bounds and int(bounds.group(1)) == cuda_kernels.BLOCK and int(bounds.group(2)) == 4, kernel
+        assert cuda_kernels.block_shape(kernel) == (cuda_kernels.BLOCK, 0)

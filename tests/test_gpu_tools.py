@@ -337,18 +337,20 @@ def _marked(path: Path, marker: str) -> tuple[bool, list[str]]:
 def test_the_quick_tests_are_gpu_tests_of_parity_torchvision_and_determinism():
     """Every test marked quick is a gpu test; they cover the im2col path, the fused forward and the fused
     backward against NumPy (or its rounded-operand reference) and torchvision, multi-scale deformable
-    attention against NumPy in every dtype, and determinism."""
+    attention and DCNv3/DCNv4 against NumPy in every dtype, and determinism."""
     quick = {}
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         module_gpu, names = _marked(path, "quick")
         if names:
             assert module_gpu or set(names) <= set(_marked(path, "gpu")[1]), (path.name, names)
             quick[path.name] = names
-    assert set(quick) == {"test_gpu.py", "test_gpu_fused.py", "test_gpu_fused_backward.py", "test_gpu_msda.py"}
+    assert set(quick) == {"test_gpu.py", "test_gpu_fused.py", "test_gpu_fused_backward.py", "test_gpu_msda.py",
+                          "test_gpu_dcnv3.py"}
     for path, names in quick.items():
-        assert any("torchvision" in name for name in names) or path == "test_gpu_msda.py"
-    assert any("every_dtype" in name for name in quick["test_gpu_msda.py"])
-    assert any("repeatable" in name for name in quick["test_gpu_msda.py"])
+        assert any("torchvision" in name for name in names) or path in ("test_gpu_msda.py", "test_gpu_dcnv3.py")
+    for path in ("test_gpu_msda.py", "test_gpu_dcnv3.py"):
+        assert any("every_dtype" in name for name in quick[path])
+        assert any("repeatable" in name for name in quick[path])
     everything = [name for names in quick.values() for name in names]
     assert any("repeatable" in name for name in everything)
     assert any("half_precision" in name for name in everything)  # float16 and bfloat16 against float64

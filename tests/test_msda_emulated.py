@@ -23,7 +23,6 @@ on kinks. Further:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import re
@@ -39,7 +38,7 @@ from cudcn.backends import numpy as numpy_backend
 from cudcn.backends.cuda import kernels as cuda_kernels
 from cudcn.backends.cuda import msda
 from cudcn.msda_geometry import validate_msda
-from emulation import harness
+from emulation import harness, plants
 from emulation import transactions as tx
 from emulation.cases import assert_close, ml_dtypes
 from msda_reference import calls
@@ -47,7 +46,9 @@ from msda_reference import calls
 pytestmark = pytest.mark.emulated
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
-KERNELS = ("msda_forward", "msda_backward", "msda_value_keys", "msda_value_gather", "msda_to_storage")
+KERNELS = ("msda_forward", "msda_backward", "msda_value_keys", "sorted_gather", "accum_to_storage")
+#: The kernel files these come from: the family's, and the shared sorted gather's.
+SOURCES = ("msda.cu", "sorted_gather.cu")
 
 
 def _names(dtypes=DTYPES, indexes=cuda_kernels.INDEX_TYPES) -> list[str]:
@@ -61,7 +62,7 @@ def _compiler() -> None:
 
 @functools.cache
 def _library() -> harness.Library:
-    return harness.build(_names(), [cuda_kernels.kernel_dir() / "msda.cu"])
+    return harness.build(_names(), [cuda_kernels.kernel_dir() / name for name in SOURCES])
 
 
 @pytest.fixture(scope="module")
@@ -352,69 +353,21 @@ PLANTS = {"as it is": None, **PLANTED_BUGS, "lane-major atomics": LANE_MAJOR_ATO
           "the sample read per channel": SAMPLE_PER_CHANNEL}
 
 
-def _namespace(plant: str) -> str:
-    return "plant_" + "".join(ch if ch.isalnum() else "_" for ch in plant)
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """plant name -> (library, namespace, file, line offset): the float32,
-    32-bit kernels of each changed copy, where its copy of msda.cu begins. Plants of msda.cu share one library (the common
-    headers first, then each copy in its namespace); a plant of sampling.cuh
-    gets its own folder, where its copy shadows kernels/sampling.cuh."""
-    _compiler()
-    folder = tmp_path_factory.mktemp("msda_plants")
-    original = (cuda_kernels.kernel_dir() / "msda.cu").read_text()
-    parts = ['#include "dcn_common.cuh"\n#include "sampling.cuh"\n']
-    names, libraries, offsets = [], {}, {}
-    for plant, edit in PLANTS.items():
-        namespace = _namespace(plant)
-        if edit is not None and edit[0] == "sampling.cuh":
-            own = folder / namespace
-            own.mkdir()
-            text = (cuda_kernels.kernel_dir() / "sampling.cuh").read_text()
-            assert text.count(edit[1]) == 1, edit[1]
-            (own / "sampling.cuh").write_text(text.replace(edit[1], edit[2]))
-            (own / "msda.cu").write_text(f"namespace {namespace} {{\n{original}\n}}\n")
-            libraries[plant] = (harness.build(_planted_names(namespace), [own / "msda.cu"]), namespace, "msda.cu", 1)
-            continue
-        text = original
-        if edit is not None:
-            assert text.count(edit[1]) == 1, edit[1]
-            text = text.replace(edit[1], edit[2])
-        offsets[plant] = "".join(parts).count("\n") + 1
-        parts.append(f"namespace {namespace} {{\n{text}\n}}  // namespace {namespace}\n")
-        names += _planted_names(namespace)
-    (folder / "msda_plants.cu").write_text("".join(parts))
-    shared = harness.build(names, [folder / "msda_plants.cu"])
-    return {plant: libraries.get(plant, (shared, _namespace(plant), "msda_plants.cu", offsets.get(plant)))
-            for plant in PLANTS}
-
-
 def _planted_names(namespace: str) -> list[str]:
     return [f"{namespace}::{name}" for name in _names(("float32",), ("int",))]
 
 
-class _PlantedEngine(harness.EmulatedEngine):
-    """An emulated engine that launches the kernels of one plant's namespace."""
-
-    def __init__(self, library, namespace: str, **options) -> None:
-        super().__init__(library, **options)
-        self.namespace = namespace
-
-    def launch(self, kernel, dtype, index, launch, args) -> None:
-        name = f"{self.namespace}::{cuda_kernels.name_expression(kernel, dtype, index)}"
-        stats = self.library.launch(name, launch, args, misalign=self.misalign, stats=self.account)
-        if stats is not None:  # named without the namespace, as tx.launches_of looks them up
-            self.stats.append(dataclasses.replace(stats, kernel=stats.kernel.split("::", 1)[1]))
-        self.launches.append((name, launch))
-        self.arguments.append(args)
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict[str, plants.Planted]:
+    """plant name -> its float32, 32-bit kernels (tests/emulation/plants.py)."""
+    if harness.compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    return plants.build(tmp_path_factory.mktemp("msda_plants"), SOURCES, PLANTS, _planted_names)
 
 
 def _run_planted(planted, plant: str, args: dict, grad_output, **options):
-    library, namespace, _, _ = planted[plant]
     geom = validate_msda(**args)
-    engine = _PlantedEngine(library, namespace, **options)
+    engine = plants.PlantedEngine(planted[plant], **options)
     arrays = (args["value"], args["sampling_locations"], args["attention_weights"])
     return engine, msda.forward(engine, geom, *arrays), msda.backward(engine, geom, grad_output, *arrays)
 
@@ -526,7 +479,7 @@ def test_planted_per_channel_sample_reads_are_flagged(planted, plant):
     geom = validate_msda(**args)
     launch = tx.launches_of(engine.stats, "msda_backward")
     items, samples = geom.batch * geom.queries * geom.heads, geom.levels * geom.points
-    _, _, file, offset = planted[plant]
+    file, offset = planted[plant].file, planted[plant].offset
     worst = max(_sample_sectors(launch, file, offset).values())
     assert (worst > items * samples) == (plant != "as it is"), tx.table([launch])
 

@@ -247,3 +247,67 @@ def test_msda_deterministic_value_gradient_fits_the_workspace_budget(budget):
     assert len(keys) == len(chunks)
     assert peak <= budget, (peak, budget)
     assert atomic_peak < SLACK
+
+
+#: InternImage-T's four stages at batch 2 (benchmarks/bench_dcnv3_cpu.py): (size, channels, groups), 3x3, D = 16.
+DCNV3_STAGES = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))
+
+
+def _dcnv3_call(stage, dtype):
+    from cudcn.dcnv3_geometry import validate_dcnv3
+
+    size, channels, group = stage
+    arrays = dict(input=np.empty((2, size, size, channels), dtype), offset=np.empty((2, size, size, group * 18), dtype),
+                  mask=np.empty((2, size, size, group * 9), dtype))
+    geom = validate_dcnv3(**arrays, kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1,
+                          dilation_w=1, group=group, group_channels=channels // group)
+    return geom, list(arrays.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("stage", DCNV3_STAGES, ids=[f"{s}x{s} C{c} G{g}" for s, c, g in DCNV3_STAGES])
+def test_dcnv3_launches_fill_an_h100_where_the_items_allow(stage, dtype):
+    """Forward and backward at InternImage-T's stages: the sampling kernels'
+    grids reach 4 x 132 blocks, or every lane the call can use (each item's
+    points split among as many lanes as a warp and P allow) is launched."""
+    from cudcn.backends.cuda import dcnv3
+
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    geom, arrays = _dcnv3_call(stage, dtype)
+    engine = DryRunEngine()
+    out = dcnv3.forward(engine, geom, *arrays)
+    dcnv3.backward(engine, geom, out, *arrays)
+    most_points = 1 << (geom.points.bit_length() - 1)  # the largest power of two <= P
+    launched = {}
+    for name, launch in engine.launches:
+        kernel = name.split("<")[0]
+        if kernel in ("dcnv3_forward", "dcnv3_backward"):
+            channel_lanes, _ = (dcnv3.forward_lanes if kernel == "dcnv3_forward" else dcnv3.backward_lanes)(geom)
+            most = dcnv3.items(geom) * channel_lanes * min(most_points, 32 // channel_lanes)
+            assert launch.grid[0] >= min(4 * H100_SMS, -(-most // launch.block[0])), (name, launch.grid, most)
+            launched[kernel] = launch.grid[0]
+    assert set(launched) == {"dcnv3_forward", "dcnv3_backward"}
+
+
+@pytest.mark.parametrize("budget", [2**23, 2**24, 2**27])
+def test_dcnv3_deterministic_input_gradient_fits_the_workspace_budget(budget):
+    """DCNv3's sorted input gradient at InternImage-T's first stage (2 x 56 x 56,
+    4 groups of 16 channels, 3x3), float32: its keys, weights, sort and
+    segment starts stay under the budget, chunk by chunk (the float32 input
+    gradient is the result); the atomic path takes no workspace."""
+    from cudcn.backends.cuda import dcnv3
+
+    geom, arrays = _dcnv3_call(DCNV3_STAGES[0], np.float32)
+    grad_output = np.empty(geom.output_shape, np.float32)
+    with cudcn.workspace_bytes(budget):
+        with cudcn.deterministic_algorithms():
+            engine = DryRunEngine()
+            peak, _ = peak_workspace(lambda: dcnv3.backward(engine, geom, grad_output, *arrays))
+            chunks = dcnv3.sorted_chunks(geom)
+        atomic_peak, _ = peak_workspace(lambda: dcnv3.backward(DryRunEngine(), geom, grad_output, *arrays))
+    assert len(chunks) > 1 or budget == 2**27
+    keys = [name for name, _ in engine.launches if name.startswith("dcnv3_input_keys")]
+    assert len(keys) == len(chunks)
+    assert peak <= budget, (peak, budget)
+    assert atomic_peak < SLACK

@@ -7,13 +7,16 @@ algorithm forward and backward (im2col, and the fused kernels: shared memory,
 barriers and tensor-core MMAs, for racecheck and synccheck); and multi-scale
 deformable attention in each dtype, forward and backward, atomic and
 deterministic (sorted), with NaN and far-outside locations (warp shuffles,
-for synccheck). CuPy's
+for synccheck); and DCNv3 and DCNv4 in each dtype, forward and backward,
+atomic and deterministic, with the fused softmax, NaN and far offsets and
+DCNv4's packed offset_mask (odd 3P: unaligned pairs). CuPy's
 memory pool is switched off so that every array is its own allocation:
 memcheck then sees any access past its end, and initcheck any read of
 memory that nothing wrote since it was allocated.
 
 ``--quick``: one case (float16 with a mask: im2col and the fused kernels,
-forward and backward) and MSDA in float16, for the quick GPU validation.
+forward and backward), MSDA and DCNv3/DCNv4 in float16, for the quick GPU
+validation.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{np.dtype(dtype).name:9} tf32={tf32!s:5} mask={with_mask!s:5} ok")
         if not tf32:
             ms_deform_attn(cupy, rng, dtype, stream)
+            dcnv3(cupy, rng, dtype, stream)
     return 0
 
 
@@ -103,6 +107,40 @@ def ms_deform_attn(cupy, rng: np.random.Generator, dtype, stream) -> None:
                 cudcn.ms_deform_attn_backward(cupy.ones_like(out), value, shapes, starts, locations, weights)
     stream.synchronize()
     print(f"{np.dtype(dtype).name:9} ms_deform_attn ok")
+
+
+def dcnv3(cupy, rng: np.random.Generator, dtype, stream) -> None:
+    """DCNv3 forward and backward (atomic and sorted, with and without the
+    fused softmax) and DCNv4 on a 3x3 kernel with remove_center, 3 groups of 5
+    channels (P = 8) and a 1x3 one (3P = 9: DCNv4's pairs unaligned), stride
+    2, unequal pads, offsets outside the input, NaN and huge ones."""
+    n, h, w, group, channels = 2, 7, 9, 3, 5
+    for kernel_h, kernel_w, remove_center in ((3, 3, True), (1, 3, False)):
+        points = kernel_h * kernel_w - remove_center
+        out_h, out_w = (h + 2 - kernel_h) // 2 + 1, (w - kernel_w) // 2 + 1
+        offset = rng.uniform(-4, 4, (n, out_h, out_w, group * points * 2))
+        offset.flat[::7] = np.nan
+        offset.flat[1::9] = 1e30
+        scalars = (kernel_h, kernel_w, 2, 2, 1, 0, 1, 1, group, channels, 0.75, 256, remove_center)
+        input = cupy.asarray(rng.standard_normal((n, h, w, group * channels)).astype(dtype))
+        with np.errstate(over="ignore"):  # 1e30 is infinite in float16
+            offset = cupy.asarray(offset.astype(dtype))
+        mask = cupy.asarray(rng.uniform(-1, 1, (n, out_h, out_w, group * points)).astype(dtype))
+        blocks = cupy.concatenate([offset.reshape(n, out_h, out_w, group, 2 * points),
+                                   mask.reshape(n, out_h, out_w, group, points)], -1).reshape(n, out_h, out_w, -1)
+        offset_mask = cupy.zeros((n, out_h, out_w, -(-blocks.shape[-1] // 8) * 8), dtype)
+        offset_mask[..., :blocks.shape[-1]] = blocks
+        cupy.cuda.Stream.null.synchronize()
+        with stream:
+            for softmax in (False, True):
+                out = cudcn.dcnv3(input, offset, mask, *scalars, softmax=softmax)
+                for deterministic in (False, True):
+                    with cudcn.deterministic_algorithms(deterministic):
+                        cudcn.dcnv3_backward(cupy.ones_like(out), input, offset, mask, *scalars, softmax=softmax)
+            out = cudcn.dcnv4(input, offset_mask, *scalars)
+            cudcn.dcnv4_backward(cupy.ones_like(out), input, offset_mask, *scalars)
+        stream.synchronize()
+    print(f"{np.dtype(dtype).name:9} dcnv3/dcnv4 ok")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ The package, from the bottom up:
 - :mod:`~cudcn.backends.cuda.launchers`: one launcher per kernel family;
 - :mod:`~cudcn.backends.cuda.im2col_gemm`: the reference algorithm, im2col + cuBLAS GEMM;
 - :mod:`~cudcn.backends.cuda.algorithms`: which algorithm runs a call ("auto" measures);
-- :mod:`~cudcn.backends.cuda.msda`: multi-scale deformable attention (kernels/msda.cu).
+- :mod:`~cudcn.backends.cuda.gathers`: what the gather kernel families share (lane
+  groups, the sorted deterministic gradient, kernels/sorted_gather.cu);
+- :mod:`~cudcn.backends.cuda.msda`: multi-scale deformable attention (kernels/msda.cu);
+- :mod:`~cudcn.backends.cuda.dcnv3`: DCNv3 and DCNv4 (kernels/dcnv3.cu).
 
 This module is the backend interface of :mod:`cudcn.backends`: CuPy arrays,
 run on their own device and CuPy's current stream there.
@@ -21,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cudcn.backends.cuda import algorithms, im2col_gemm, msda
+from cudcn.backends.cuda import algorithms, dcnv3, im2col_gemm, msda
 from cudcn.backends.cuda.engine import cupy_engine
+from cudcn.dcnv3_geometry import DCNv3Geometry
 from cudcn.geometry import Geometry
 from cudcn.msda_geometry import MSDAGeometry
 
@@ -57,7 +61,6 @@ def col2im_coord(geom: Geometry, columns: Any, input: Any, offset: Any, mask: An
         return im2col_gemm.col2im_coord_public(cupy_engine(), geom, columns, input, offset, mask)
 
 
-
 def ms_deform_attn_forward(geom: MSDAGeometry, value: Any, sampling_locations: Any, attention_weights: Any) -> Any:
     """Multi-scale deformable attention: output (N, Lq, M*D) in the value's dtype."""
     with value.device:
@@ -69,3 +72,15 @@ def ms_deform_attn_backward(geom: MSDAGeometry, grad_output: Any, value: Any, sa
     """Gradients (value, sampling_locations, attention_weights) of multi-scale deformable attention."""
     with value.device:
         return msda.backward(cupy_engine(), geom, grad_output, value, sampling_locations, attention_weights)
+
+
+def dcnv3_forward(geom: DCNv3Geometry, input: Any, offset: Any, mask: Any) -> Any:
+    """DCNv3/DCNv4: output (N, Ho, Wo, G*D) in the input's dtype (DCNv4: offset and mask both offset_mask)."""
+    with input.device:
+        return dcnv3.forward(cupy_engine(), geom, input, offset, mask)
+
+
+def dcnv3_backward(geom: DCNv3Geometry, grad_output: Any, input: Any, offset: Any, mask: Any):
+    """DCNv3/DCNv4: gradients (input, offset, mask); DCNv4's offset and mask gradient one packed array."""
+    with input.device:
+        return dcnv3.backward(cupy_engine(), geom, grad_output, input, offset, mask)

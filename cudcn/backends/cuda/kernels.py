@@ -32,7 +32,7 @@ from typing import Any
 #: Kernel sources, in the order they are joined into one module.
 SOURCES = (
     "dcn_im2col.cu", "dcn_col2im.cu", "dcn_col2im_sorted.cu", "dcn_col2im_coord.cu", "dcn_layout.cu",
-    "dcn_fused_forward.cu", "dcn_fused_backward.cu", "msda.cu",
+    "dcn_fused_forward.cu", "dcn_fused_backward.cu", "msda.cu", "dcnv3.cu", "sorted_gather.cu",
 )
 COMMON_HEADER = "dcn_common.cuh"
 #: The headers a kernel may include, in the order they are inlined (a
@@ -125,8 +125,13 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
         "msda_forward": (t.value,),
         "msda_backward": (t.value, t.accum),
         "msda_value_keys": (t.value,),
-        "msda_value_gather": (t.value, t.accum),
-        "msda_to_storage": (t.accum, t.value),
+        "dcnv3_softmax_stats": (t.value,),
+        "dcnv3_forward": (t.value,),
+        "dcnv3_backward": (t.value, t.accum),
+        "dcnv3_softmax_backward": (t.value, t.accum),
+        "dcnv3_input_keys": (t.value,),
+        "sorted_gather": (t.value, t.accum),
+        "accum_to_storage": (t.accum, t.value),
     }[kernel]
     return f"{kernel}<{', '.join(args + (index,))}>"
 
@@ -136,7 +141,9 @@ KERNELS = (
     "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
     "deform_col2im_coord", "to_channels_last", "from_channels_last", "fused_weight_split_sum",
     *FUSED_KERNELS,
-    "msda_forward", "msda_backward", "msda_value_keys", "msda_value_gather", "msda_to_storage",
+    "msda_forward", "msda_backward", "msda_value_keys",
+    "dcnv3_softmax_stats", "dcnv3_forward", "dcnv3_backward", "dcnv3_softmax_backward", "dcnv3_input_keys",
+    "sorted_gather", "accum_to_storage",
 )
 
 
@@ -158,11 +165,12 @@ def name_expressions(dtype: str) -> list[str]:
 
 
 #: Kernels whose blocks are whole warps: the sampling kernels give each
-#: sampling point (DCN) or (image, query, head) (MSDA) a group of lanes of
-#: one warp (their loops are warp-uniform, their sums warp shuffles); the
-#: layout passes give each warp rows of a tile.
+#: sampling point (DCN), (image, query, head) (MSDA) or (image, output
+#: pixel, group) (DCNv3) a group of lanes of one warp (their loops are
+#: warp-uniform, their sums warp shuffles); the layout passes give each warp
+#: rows of a tile.
 WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last",
-                "msda_forward", "msda_backward")
+                "msda_forward", "msda_backward", "dcnv3_forward", "dcnv3_backward")
 
 #: The layout passes' tile (``kLayoutTile`` in kernels/dcn_layout.cu): a
 #: block transposes LAYOUT_TILE x LAYOUT_TILE elements at a time.

@@ -14,12 +14,15 @@ the output. The kernels give each item a group of lanes of one warp:
   atomics fill whole 32-byte sectors); location and attention-weight
   gradients by fixed-order shuffle reductions; the value gradient by atomics
   into a zero-filled float32 (float64) accumulator, converted to the dtype
-  after (``msda_to_storage``) -- or, with
+  after (``accum_to_storage``) -- or, with
   :func:`cudcn.config.deterministic_algorithms` on, by sorting every
   bilinear corner by the value element it lands on and summing each
-  element's corners in that fixed order (``msda_value_keys``, a stable
-  argsort, ``msda_value_gather``): bitwise repeatable, in chunks of (image,
-  query) pairs whose sort fits the workspace budget.
+  element's corners in that fixed order (``msda_value_keys``, then
+  :func:`cudcn.backends.cuda.gathers.sorted_gather`): bitwise repeatable, in
+  chunks of (image, query) pairs whose sort fits the workspace budget.
+
+Lane groups, their launches, the sorted gather and the accumulator's
+conversion are shared with DCNv3 (:mod:`cudcn.backends.cuda.gathers`).
 
 The level sizes and starts travel as a small (L, 3) int64 table, copied to
 the device asynchronously on CuPy's current stream (``asarray`` stages it
@@ -36,33 +39,22 @@ from typing import Any
 import numpy as np
 
 from cudcn import config
-from cudcn.backends.cuda import kernels
-from cudcn.backends.cuda.engine import WARP, Engine, grid_stride
+from cudcn.backends.cuda import gathers, kernels
+from cudcn.backends.cuda.engine import Engine, grid_stride
+from cudcn.backends.cuda.gathers import group_launch
 from cudcn.backends.cuda.launchers import SORTED_BYTES_PER_CORNER, index_type
 from cudcn.errors import ArgumentError
 from cudcn.msda_geometry import MSDAGeometry
 
 
-def _power_of_two_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def forward_lanes(geom: MSDAGeometry) -> int:
-    """Lanes per item in the forward: one 16-byte block of channels each
-    (8 float16 or bfloat16, 4 float32, 2 float64) across D, a power of two
-    up to 32 (beyond, each lane takes several blocks)."""
-    per_lane = 16 // geom.dtype.itemsize
-    return min(WARP, _power_of_two_at_least(-(-geom.channels // per_lane)))
+    """Lanes per item in the forward (:func:`cudcn.backends.cuda.gathers.forward_lanes`)."""
+    return gathers.forward_lanes(geom.dtype, geom.channels)
 
 
 def backward_lanes(geom: MSDAGeometry) -> int:
-    """Lanes per item in the backward, one channel each (interleaved): as
-    many as fill a 32-byte sector with the narrower of the value and its
-    float32 (float64) accumulator -- 16 for float16 and bfloat16, 8 for
-    float32, 4 for float64 -- and no more than D needs."""
-    accum = np.dtype(kernels.TYPES[geom.dtype.name].accum_dtype)
-    sector_lanes = 32 // min(geom.dtype.itemsize, accum.itemsize)
-    return min(sector_lanes, _power_of_two_at_least(geom.channels))
+    """Lanes per item in the backward (:func:`cudcn.backends.cuda.gathers.backward_lanes`)."""
+    return gathers.backward_lanes(geom.dtype, geom.channels)
 
 
 def _level_table(engine: Engine, geom: MSDAGeometry) -> Any:
@@ -86,10 +78,6 @@ def _shape_args(geom: MSDAGeometry, itype: type) -> list:
             np.int32(geom.levels), np.int32(geom.points)]
 
 
-def _group_launch(engine: Engine, kernel: str, items: int, lanes: int):
-    return grid_stride(engine, kernel, -(-items * lanes // WARP) * WARP)
-
-
 def forward(engine: Engine, geom: MSDAGeometry, value: Any, sampling_locations: Any, attention_weights: Any) -> Any:
     """Output (N, Lq, M*D) in the value's dtype; every element written."""
     xp = engine.xp
@@ -101,7 +89,7 @@ def forward(engine: Engine, geom: MSDAGeometry, value: Any, sampling_locations: 
     lanes = forward_lanes(geom)
     index, itype = index_type(engine, value.size, locations.size, out.size)
     engine.launch(
-        "msda_forward", geom.dtype.name, index, _group_launch(engine, "msda_forward", items, lanes),
+        "msda_forward", geom.dtype.name, index, group_launch(engine, "msda_forward", items, lanes),
         [value, _level_table(engine, geom), locations, weights, itype(items), *_shape_args(geom, itype),
          np.int32(lanes), out],
     )
@@ -127,19 +115,13 @@ def backward(engine: Engine, geom: MSDAGeometry, grad_output: Any, value: Any, s
         lanes = backward_lanes(geom)
         index, itype = index_type(engine, value.size, locations.size, grad_output.size)
         engine.launch(
-            "msda_backward", dtype, index, _group_launch(engine, "msda_backward", items, lanes),
+            "msda_backward", dtype, index, group_launch(engine, "msda_backward", items, lanes),
             [grad_output, value, table, locations, weights, itype(items), *_shape_args(geom, itype),
              np.int32(lanes), np.int32(not deterministic), accum, grad_locations, grad_weights],
         )
         if deterministic:
             _sorted_value_gradient(engine, geom, grad_output, table, locations, weights, accum)
-    if accum.dtype == geom.dtype or accum.size == 0:
-        return accum.astype(geom.dtype, copy=False), grad_locations, grad_weights
-    grad_value = xp.empty(value.shape, geom.dtype)
-    index, itype = index_type(engine, accum.size)
-    engine.launch("msda_to_storage", dtype, index, grid_stride(engine, "msda_to_storage", accum.size),
-                  [accum, itype(accum.size), grad_value])
-    return grad_value, grad_locations, grad_weights
+    return gathers.to_storage(engine, accum, geom.dtype), grad_locations, grad_weights
 
 
 def sorted_bytes_per_pair(geom: MSDAGeometry) -> int:
@@ -152,16 +134,11 @@ def sorted_bytes_per_pair(geom: MSDAGeometry) -> int:
 
 def sorted_chunks(geom: MSDAGeometry) -> list[slice]:
     """Slices of the flattened (image, query) pairs for the deterministic
-    value gradient, each within the workspace budget (:mod:`cudcn.config`)
-    with its segment starts and the keys they are searched for: 16 bytes
-    per pixel and head of every image the chunk touches (p pairs touch at
-    most p / Lq + 2 images). At least one pair per chunk."""
-    pairs = geom.batch * geom.queries
-    starts_per_image = 16 * geom.pixels * geom.heads
-    room = config.get_workspace_bytes() - 2 * starts_per_image
-    fit = room * geom.queries // (sorted_bytes_per_pair(geom) * geom.queries + starts_per_image)
-    step = max(1, min(pairs, fit))
-    return [slice(s, min(s + step, pairs)) for s in range(0, pairs, step)]
+    value gradient, each within the workspace budget
+    (:func:`cudcn.backends.cuda.gathers.sorted_chunks`: its corners, and 16
+    bytes per pixel and head of every image the chunk touches)."""
+    return gathers.sorted_chunks(geom.batch * geom.queries, geom.queries, sorted_bytes_per_pair(geom),
+                                 geom.pixels * geom.heads)
 
 
 def _sorted_value_gradient(engine: Engine, geom: MSDAGeometry, grad_output: Any, table: Any, locations: Any,
@@ -175,10 +152,9 @@ def _sorted_value_gradient(engine: Engine, geom: MSDAGeometry, grad_output: Any,
 
 def _sorted_chunk(engine: Engine, geom: MSDAGeometry, chunk: slice, grad_output: Any, table: Any, locations: Any,
                   weights: Any, accum: Any) -> None:
-    """One chunk of (image, query) pairs: keys and weights of every corner, a
-    stable argsort (entries of one key stay in entry order), each key's run
-    found by searchsorted, and a gather that adds each run in order. Its
-    arrays go when it returns, before the next chunk's are made."""
+    """One chunk of (image, query) pairs: keys and weights of every corner,
+    then :func:`cudcn.backends.cuda.gathers.sorted_gather`. Its arrays go
+    when it returns, before the next chunk's are made."""
     xp = engine.xp
     dtype = geom.dtype.name
     per_item = geom.levels * geom.points
@@ -195,14 +171,6 @@ def _sorted_chunk(engine: Engine, geom: MSDAGeometry, chunk: slice, grad_output:
          itype(geom.pixels), np.int32(geom.heads), np.int32(geom.levels), np.int32(geom.points),
          itype(segments), keys, key_weights],
     )
-    order = xp.argsort(keys, kind="stable")
-    starts = xp.searchsorted(keys[order], xp.arange(segments + 1, dtype=itype), side="left")
     target = accum[first_image:last_image + 1]  # contiguous: the chunk's images
-    total = segments * geom.channels
-    index, itype = index_type(engine, total, entries, grad_output.size)
-    engine.launch(
-        "msda_value_gather", dtype, index, grid_stride(engine, "msda_value_gather", total),
-        [grad_output, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), key_weights,
-         itype(first_item), np.int32(geom.channels), np.int32(geom.levels), np.int32(geom.points),
-         itype(total), target],
-    )
+    gathers.sorted_gather(engine, geom.dtype, keys, key_weights, segments, grad_output, first_item, geom.channels,
+                          4 * per_item, target)

@@ -22,6 +22,14 @@ With the notation of :mod:`cudcn.dcnv3_geometry`, everything channels-last::
 - The mask is applied as given (the DCNv3 module's softmax over P is the
   module's, not the operator's); the sum is depthwise: group g's points
   sample only group g's D channels.
+- Optionally (``geom.softmax``, DCNv3 only, off by default) the operator
+  takes the module's softmax into itself: the P mask values of each (pixel,
+  group) become ``softmax(m)_p = exp(m_p - max m) / sum_q exp(m_q - max m)``
+  in the compute dtype before use, and the mask gradient is the one of
+  the values given (the softmax's Jacobian applied:
+  ``s_p * (d_p - sum_q s_q d_q)`` with d the gradient by the softmaxed mask).
+  The same as applying the softmax to the mask first and calling the
+  operator without it.
 - ``bilinear`` is the shared core's (:mod:`cudcn.backends.numpy.sampling`):
   a pixel outside the input counts 0, a point with y <= -1, y >= H,
   x <= -1 or x >= W (or a non-finite offset) counts 0 as a whole, and at an
@@ -114,10 +122,27 @@ def _kernel_grid(geom: DCNv3Geometry, dtype: np.dtype) -> tuple[np.ndarray, np.n
     return (grid[:, 0] * geom.dil_w - c_w).astype(dtype), (grid[:, 1] * geom.dil_h - c_h).astype(dtype)
 
 
-def _sampling(geom: DCNv3Geometry, pairs: slice, offsets, masks, dtype: np.dtype) -> tuple[Sampling, slice]:
+def softmax_over_points(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """softmax over the last axis (the P points of a (pixel, group)) in ``dtype``:
+    exp(m - max m) / sum exp(m - max m). A NaN makes its (pixel, group) NaN."""
+    m = np.asarray(mask, dtype)
+    e = np.exp(m - m.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _pair_mask(geom: DCNv3Geometry, masks, pairs: slice, dtype: np.dtype) -> np.ndarray:
+    """The mask of the (image, output pixel) ``pairs``, (pairs, G, P), as the
+    sum applies it: as given, or its softmax over P (``geom.softmax``)."""
+    if geom.softmax:
+        return softmax_over_points(masks[pairs], dtype)
+    return masks[pairs]
+
+
+def _sampling(geom: DCNv3Geometry, pairs: slice, offsets, mask, dtype: np.dtype) -> tuple[Sampling, slice]:
     """S of the (image, output pixel) ``pairs``, a row per (pair, group);
     and the images they read: S's columns are those images' rows of X.
-    offsets and masks as :func:`_offsets_and_mask` gives them."""
+    offsets as :func:`_offsets_and_mask` gives them, mask the pairs' own
+    (:func:`_pair_mask`)."""
     G = geom.group
     out_pixels = geom.out_h * geom.out_w
     pair = np.arange(pairs.start, pairs.stop)
@@ -139,7 +164,7 @@ def _sampling(geom: DCNv3Geometry, pairs: slice, offsets, masks, dtype: np.dtype
     image_rows = geom.height * geom.width * G + 1
     first = (image - images.start)[:, None, None] * image_rows + np.arange(G)[:, None]
     outside = (images.stop - images.start) * image_rows - 1
-    sampling = sample(y, x, geom.height, geom.width, first, G, outside, masks[pairs], geom.points)
+    sampling = sample(y, x, geom.height, geom.width, first, G, outside, mask, geom.points)
     return sampling, images
 
 
@@ -165,7 +190,7 @@ def forward(geom: DCNv3Geometry, input, offset, mask) -> np.ndarray:
     out = np.empty((geom.batch * geom.out_h * geom.out_w, geom.group, D), dtype)
 
     def run(part: slice) -> None:
-        sampling, images = _sampling(geom, part, offsets, masks, dtype)
+        sampling, images = _sampling(geom, part, offsets, _pair_mask(geom, masks, part, dtype), dtype)
         out[part] = (sampling.matrix @ pixels[images].reshape(-1, D)).reshape(-1, geom.group, D)
 
     for chunk in _chunks(geom):
@@ -193,14 +218,18 @@ def backward(geom: DCNv3Geometry, grad_output, input, offset, mask):
     grad_offsets, grad_masks = _offsets_and_mask(geom, grad_offset, grad_mask)
 
     def run(part: slice):
-        sampling, images = _sampling(geom, part, offsets, masks, dtype)
+        mask = _pair_mask(geom, masks, part, dtype)
+        sampling, images = _sampling(geom, part, offsets, mask, dtype)
         x = pixels[images].reshape(-1, D)
         g = np.ascontiguousarray(grad_rows[part], dtype).reshape(-1, D)
         grad_y, grad_x, grad_a = location_gradients(sampling, corner_products(sampling, g, x))
         shape = grad_masks[part].shape
         np.multiply(grad_x.reshape(shape), geom.offset_scale, out=grad_offsets[part, ..., 0])
         np.multiply(grad_y.reshape(shape), geom.offset_scale, out=grad_offsets[part, ..., 1])
-        grad_masks[part] = grad_a.reshape(shape)
+        grad_a = grad_a.reshape(shape)
+        if geom.softmax:  # the softmax's Jacobian: d/dm_p = s_p (d_p - sum_q s_q d_q)
+            grad_a = mask * (grad_a - (mask * grad_a).sum(axis=-1, keepdims=True))
+        grad_masks[part] = grad_a
         return images, sampling.matrix.T @ g
 
     image_rows = geom.height * geom.width * G + 1
