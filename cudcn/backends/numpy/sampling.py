@@ -278,13 +278,21 @@ def location_gradients(sampling: Sampling, s: np.ndarray):
     """(d/dy, d/dx, d/da) per point, each (P,), from the corner products s
     (4, P); d/da is None when the sampling has no weight. Pixel units."""
     fy, fx = sampling.frac_y, sampling.frac_x
-    top = s[0] + fx * (s[1] - s[0])  # row y0, interpolated in x
-    bottom = s[2] + fx * (s[3] - s[2])  # row y0 + 1
-    left = s[0] + fy * (s[2] - s[0])  # column x0, interpolated in y
-    right = s[1] + fy * (s[3] - s[1])  # column x0 + 1
-    grad_y, grad_x = bottom - top, right - left
+
+    def between(a, b, f):  # a + f * (b - a), into a new array
+        out = np.subtract(b, a)
+        out *= f
+        out += a
+        return out
+
+    top, bottom = between(s[0], s[1], fx), between(s[2], s[3], fx)  # rows y0 and y0 + 1, interpolated in x
+    left, right = between(s[0], s[2], fy), between(s[1], s[3], fy)  # columns x0 and x0 + 1, interpolated in y
+    grad_y = np.subtract(bottom, top)
+    grad_x = np.subtract(right, left, out=right)
     if sampling.weight is None:
         return grad_y, grad_x, None
+    grad_weight = np.multiply(grad_y, fy)  # top + fy * (bottom - top)
+    grad_weight += top
     grad_y *= sampling.weight
     grad_x *= sampling.weight
-    return grad_y, grad_x, top + fy * (bottom - top)
+    return grad_y, grad_x, grad_weight
