@@ -115,11 +115,11 @@ def _offsets_and_mask(geom: DCNv3Geometry, offset: np.ndarray, mask: np.ndarray)
     return offset.reshape(pairs, G, P, 2), mask.reshape(pairs, G, P)
 
 
-def _kernel_grid(geom: DCNv3Geometry, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(i*dil_w - c_w, j*dil_h - c_h) per point, each (P,): the kernel grid around the reference point."""
+def _kernel_grid(geom: DCNv3Geometry, dtype: np.dtype) -> np.ndarray:
+    """(i*dil_w - c_w, j*dil_h - c_h) per point, (P, 2): the kernel grid around the reference point, (x, y) as the offsets."""
     c_h, c_w = geom.centre
     grid = np.array(geom.kernel_grid).reshape(-1, 2)
-    return (grid[:, 0] * geom.dil_w - c_w).astype(dtype), (grid[:, 1] * geom.dil_h - c_h).astype(dtype)
+    return (grid * (geom.dil_w, geom.dil_h) - (c_w, c_h)).astype(dtype)
 
 
 def softmax_over_points(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -149,15 +149,14 @@ def _sampling(geom: DCNv3Geometry, pairs: slice, offsets, mask, dtype: np.dtype)
     image, pixel = np.divmod(pair, out_pixels)
     images = slice(pairs.start // out_pixels, (pairs.stop - 1) // out_pixels + 1)
 
-    # Points (pairs, G, P) in that order in memory, as S's rows want them.
+    # Points (pairs, G, P), (x, y) pairs as the offsets give them: the
+    # sampling core reads x and y as views.
     c_h, c_w = geom.centre
-    grid_x, grid_y = _kernel_grid(geom, dtype)
-    offset = offsets[pairs]
-    x = np.add(offset[..., 0], grid_x, dtype=dtype)
-    x *= geom.offset_scale
+    points = np.add(offsets[pairs], _kernel_grid(geom, dtype), dtype=dtype)
+    if geom.offset_scale != 1:
+        points *= geom.offset_scale
+    x, y = points[..., 0], points[..., 1]
     x += ((pixel % geom.out_w) * geom.stride_w - geom.pad_w + c_w).astype(dtype)[:, None, None]
-    y = np.add(offset[..., 1], grid_y, dtype=dtype)
-    y *= geom.offset_scale
     y += ((pixel // geom.out_w) * geom.stride_h - geom.pad_h + c_h).astype(dtype)[:, None, None]
 
     # Row of X of pixel (0, 0), group g, in each pair's image.

@@ -141,49 +141,106 @@ def sample(
 
     dtype = y.dtype
     points = y.size
-    index_dtype = np.int32 if max(outside, 4 * points) < 2**31 else np.int64
+    index_dtype = np.dtype(np.int32 if max(outside, 4 * points) < 2**31 else np.int64)
 
-    # NaN fails every comparison, so non-finite points land outside too.
-    # A point on row -1 (or column -1) has value 0 but, as in torchvision, the
-    # one-sided slope towards row 0: it reaches the image for the derivatives.
-    height, width, first_column = (
-        v.astype(index_dtype, copy=False) if isinstance(v, np.ndarray) else v
-        for v in (height, width, first_column)
-    )
-    reach = (y >= -1) & (y < height) & (x >= -1) & (x < width)
-    y = np.where(reach, y, 0)
-    x = np.where(reach, x, 0)
-    y0, x0 = np.floor(y), np.floor(x)
-    frac_y, frac_x = y - y0, x - x0
-    y0, x0 = y0.astype(index_dtype), x0.astype(index_dtype)
+    def per_point(v, shift=0):  # an int, or a flat array of P
+        if not isinstance(v, np.ndarray) or v.size == 1:
+            return int(np.asarray(v).reshape(-1)[0]) + shift
+        return np.add(np.broadcast_to(v, y.shape), shift, dtype=index_dtype).reshape(-1)
 
-    # A point that reaches the image has -1 <= y0 <= H - 1: row y0 is inside
-    # unless it is -1, row y0 + 1 unless it is H (likewise for columns).
-    row_in = (y0 >= 0) & reach, (y0 < height - 1) & reach
-    col_in = x0 >= 0, x0 < width - 1
-    # Bilinear weights of the rows with the weight and "inside" folded in, and of the columns.
-    weight_y = (1 - frac_y) * row_in[0], frac_y * row_in[1]
-    weight_x = (1 - frac_x) * col_in[0], frac_x * col_in[1]
+    # first_column is only ever needed relative to the outside column.
+    height, width, first_column = per_point(height), per_point(width), per_point(first_column, -outside)
+    y, x = y.reshape(-1), x.reshape(-1)
     if weight is not None:
-        weight = np.ascontiguousarray(weight, dtype).reshape(y.shape)
-        for w in weight_y:
-            w *= weight
-
-    top_left = (y0 * width + x0) * column_step + first_column
-    index = np.empty(y.shape + (4,), index_dtype)
-    values = np.empty(y.shape + (4,), dtype)
-    for c, (a, b) in enumerate(CORNERS):
-        np.add(top_left, (a * width + b) * column_step, out=index[..., c])
-        np.copyto(index[..., c], outside, where=~(row_in[a] & col_in[b]))
-        np.multiply(weight_y[a], weight_x[b], out=values[..., c])
+        weight = np.ascontiguousarray(weight, dtype).reshape(-1)
+    index = np.empty((points, 4), index_dtype)
+    values = np.empty((points, 4), dtype)
+    frac_y, frac_x = np.empty(points, dtype), np.empty(points, dtype)
+    # A block at a time, so that its temporaries stay in cache.
+    for start in range(0, points, _BLOCK_POINTS):
+        part = slice(start, start + _BLOCK_POINTS)
+        _sample_block(
+            y[part], x[part], *(v[part] if isinstance(v, np.ndarray) else v for v in (height, width, first_column)),
+            column_step, outside, None if weight is None else weight[part],
+            index[part], values[part], frac_y[part], frac_x[part])
 
     step = 4 * points_per_row
     matrix = sparse.csr_array(
         (values.reshape(-1), index.reshape(-1), np.arange(0, 4 * points + 1, step, dtype=index_dtype)),
         shape=(points // points_per_row, outside + 1),
     )
-    return Sampling(matrix, frac_y.reshape(-1), frac_x.reshape(-1),
-                    None if weight is None else weight.reshape(-1), points_per_row)
+    return Sampling(matrix, frac_y, frac_x, weight, points_per_row)
+
+
+#: Points whose entries of S are computed at once: the block's temporaries
+#: (a dozen arrays of _BLOCK_POINTS values) stay in the L2 cache.
+_BLOCK_POINTS = 2**16
+
+#: Coordinates are clamped to [-2, _FAR] before they are floored: beyond
+#: either end a point reads no pixel of any image, and every integer up to
+#: _FAR is exact in float32, so the floor converts to an int without overflow.
+_FAR = 2**24
+
+
+def _sample_block(y, x, height, width, first_relative, column_step, outside, weight, index, values, frac_y, frac_x):
+    """:func:`sample` for B points (flat arrays): their entries (index,
+    values: (B, 4)) and fractions (B,) into the arrays given.
+    first_relative is first_column - outside."""
+    dtype = values.dtype
+    y0, rows_in = _axis(y, height, frac_y, index.dtype)
+    x0, columns_in = _axis(x, width, frac_x, index.dtype)
+
+    # Bilinear weights of the two rows, with "inside" and the weight folded
+    # in, and of the two columns: a corner's value is a row's times a column's.
+    weight_y = [np.subtract(1, frac_y, dtype=dtype), frac_y * rows_in[1]]
+    weight_y[0] *= rows_in[0]
+    weight_x = [np.subtract(1, frac_x, dtype=dtype), frac_x * columns_in[1]]
+    weight_x[0] *= columns_in[0]
+    if weight is not None:
+        for w in weight_y:
+            w *= weight
+
+    # Corner (a, b) is column first + ((y0 + a)*width + x0 + b)*column_step
+    # when row y0 + a and column x0 + b are inside, else ``outside``: as
+    # outside + inside * (that column - outside), so that no test branches.
+    row_step = width * column_step
+    row_columns = np.multiply(y0, row_step, out=y0)
+    row_columns += first_relative
+    row_columns = row_columns, row_columns + row_step
+    column_offsets = x0 if column_step == 1 else np.multiply(x0, column_step, out=x0)
+    column_offsets = column_offsets, column_offsets + column_step
+    relative = np.empty_like(x0)
+    for c, (a, b) in enumerate(CORNERS):
+        np.add(row_columns[a], column_offsets[b], out=relative)
+        relative *= rows_in[a] & columns_in[b]
+        np.add(relative, outside, out=index[:, c])
+        np.multiply(weight_y[a], weight_x[b], out=values[:, c])
+
+    # A point that counts 0 has no corner inside; its fractions are set to 0.
+    reach = (rows_in[0] | rows_in[1]) & (columns_in[0] | columns_in[1])
+    frac_y *= reach
+    frac_x *= reach
+
+
+def _axis(t: np.ndarray, size: Any, frac: np.ndarray, index_dtype: np.dtype):
+    """Floor and "inside" of the two neighbours along one axis; the fraction into ``frac``.
+
+    t: coordinates; size: the image's extent along the axis (an int or an
+    array like t). Returns t0 = floor(t) and whether pixels t0 and t0 + 1
+    lie in [0, size), and writes t - t0 into frac: a non-finite t, or one
+    below -1 or at or past size, has neither inside.
+    """
+    t = np.fmax(t, -2)  # NaN -> -2 too
+    np.minimum(t, _FAR, out=t)
+    t0 = np.floor(t)
+    np.subtract(t, t0, out=frac)
+    t0 = t0.astype(index_dtype)
+    # As unsigned, -1 and -2 are past every size: one comparison per neighbour.
+    unsigned = np.uint32 if index_dtype == np.int32 else np.uint64
+    t0_unsigned = t0.view(unsigned)
+    if isinstance(size, np.ndarray):
+        size = size.view(unsigned)
+    return t0, (t0_unsigned < size, t0_unsigned + 1 < size)
 
 
 def corner_products(sampling: Sampling, grad_rows: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -221,13 +278,21 @@ def location_gradients(sampling: Sampling, s: np.ndarray):
     """(d/dy, d/dx, d/da) per point, each (P,), from the corner products s
     (4, P); d/da is None when the sampling has no weight. Pixel units."""
     fy, fx = sampling.frac_y, sampling.frac_x
-    top = s[0] + fx * (s[1] - s[0])  # row y0, interpolated in x
-    bottom = s[2] + fx * (s[3] - s[2])  # row y0 + 1
-    left = s[0] + fy * (s[2] - s[0])  # column x0, interpolated in y
-    right = s[1] + fy * (s[3] - s[1])  # column x0 + 1
-    grad_y, grad_x = bottom - top, right - left
+
+    def between(a, b, f):  # a + f * (b - a), into a new array
+        out = np.subtract(b, a)
+        out *= f
+        out += a
+        return out
+
+    top, bottom = between(s[0], s[1], fx), between(s[2], s[3], fx)  # rows y0 and y0 + 1, interpolated in x
+    left, right = between(s[0], s[2], fy), between(s[1], s[3], fy)  # columns x0 and x0 + 1, interpolated in y
+    grad_y = np.subtract(bottom, top)
+    grad_x = np.subtract(right, left, out=right)
     if sampling.weight is None:
         return grad_y, grad_x, None
+    grad_weight = np.multiply(grad_y, fy)  # top + fy * (bottom - top)
+    grad_weight += top
     grad_y *= sampling.weight
     grad_x *= sampling.weight
-    return grad_y, grad_x, top + fy * (bottom - top)
+    return grad_y, grad_x, grad_weight
