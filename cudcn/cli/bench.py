@@ -269,8 +269,8 @@ def implementations(case: Case, args: dict) -> list[tuple[str, str, Callable[[],
                 raise NotAvailable(f"{package} not installed")
             try:
                 module = importlib.import_module(module_name)
-            except ImportError as error:
-                raise NotAvailable(f"cannot import {module_name} ({error})") from error
+            except Exception as error:  # not importable here, e.g. built for another torch
+                raise NotAvailable(f"cannot import {module_name} ({type(error).__name__}: {error})") from error
             return _torch_prepared(getattr(module, attribute), case, args, device)
         return prepare
 
