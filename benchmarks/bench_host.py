@@ -117,6 +117,9 @@ def _results(shape: tuple[int, int, int, int]) -> tuple[dict, Any, np.ndarray, n
     output = numpy_backend.forward(geom, *(arrays[k] for k in ("input", "offset", "weight", "bias", "mask")))
     grad_output = np.ones_like(output)
     gradients = numpy_backend.backward(geom, grad_output, *(arrays[k] for k in ("input", "offset", "weight", "mask")))
+    # Contiguous, as the CUDA backend returns them: the NumPy backend's weight
+    # gradient is a transposed view, whose copy is data work, not host time.
+    gradients = tuple(None if g is None else np.ascontiguousarray(g) for g in gradients)
     return arrays, geom, output, grad_output, gradients
 
 
@@ -370,6 +373,9 @@ def main() -> int:
                         help="folder for bench_host.md and bench_host.json (default benchmarks/results)")
     args = parser.parse_args()
 
+    import torch
+
+    torch.set_num_threads(1)  # host time is one thread's; others only add noise on a shared machine
     load_at_start = load_average()
     record: dict[str, Any] = {"torch": {}, "numpy": {}, "cuda": []}
     for name, shape in SHAPES.items():
@@ -380,7 +386,6 @@ def main() -> int:
             for algorithm in ("im2col", "fused"):
                 record["cuda"].append({"shape": name, "dtype": dtype, "algorithm": algorithm}
                                       | cuda_host(shape, dtype, algorithm, args.calls))
-    import torch
 
     record["environment"] = machine_record(("numpy", "torch", "torchvision")) | {
         "load_at_start": load_at_start, "load_at_end": load_average(), "calls": args.calls,
