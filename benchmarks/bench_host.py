@@ -24,9 +24,12 @@ in tens of microseconds on a GPU).
     overhead (about 5-10 us, unmeasured here), and CuPy's allocations cost
     more than NumPy's.
 
-Each figure is the median of many calls (each timed alone after a warm-up),
-with the 10th-90th percentile range: the machine may be shared, so the load
-average at the start and at the end is recorded with the results.
+Each figure is the median CPU time of this process per call, over samples
+of ten calls (after a warm-up), with the 10th-90th percentile range of the
+samples; the median wall time is recorded too. The machine may be shared:
+CPU time leaves out the time spent waiting for a core, and the load average
+at the start and at the end is recorded with the results. torch runs one
+thread.
 
     python benchmarks/bench_host.py [--calls 2000] [--out benchmarks/results]
 
@@ -69,32 +72,38 @@ CROSS_CHECK = "N1 C4 6×6"
 
 
 def per_call_us(functions: dict[str, Callable[[], Any]], calls: int, rounds: int = 10,
-                warmup: int = 20) -> dict[str, dict[str, float]]:
-    """Median and 10th/90th percentile of each function's per-call time, in us.
+                warmup: int = 20, batch: int = 10) -> dict[str, dict[str, float]]:
+    """Each function's time per call in us: the median and the 10th/90th
+    percentile over samples of ``batch`` calls, in this process's CPU time
+    (what the call costs the host; on a shared machine the wall time also
+    counts waiting for a core), and the median wall time beside it.
 
-    The calls are interleaved in ``rounds`` blocks (each block calls every
-    function calls/rounds times), so that a change of load falls on all.
+    The samples are interleaved in ``rounds`` blocks (each block takes
+    calls/rounds calls of every function in turn), so that a change of
+    load falls on all.
     """
     for fn in functions.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in functions}
-    per_round = max(calls // rounds, 1)
-    clock = time.perf_counter
+    cpu: dict[str, list[float]] = {name: [] for name in functions}
+    wall: dict[str, list[float]] = {name: [] for name in functions}
+    samples = max(calls // (rounds * batch), 1)
     for _ in range(rounds):
         for name, fn in functions.items():
-            series = samples[name]
-            for _ in range(per_round):
-                start = clock()
-                fn()
-                series.append(clock() - start)
-    return {name: _summary(series) for name, series in samples.items()}
+            for _ in range(samples):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for _ in range(batch):
+                    fn()
+                cpu[name].append((time.process_time() - start_cpu) / batch)
+                wall[name].append((time.perf_counter() - start) / batch)
+    return {name: _summary(cpu[name], wall[name]) for name in functions}
 
 
-def _summary(seconds: list[float]) -> dict[str, float]:
-    us = np.sort(np.asarray(seconds)) * 1e6
+def _summary(cpu: list[float], wall: list[float]) -> dict[str, float]:
+    us = np.asarray(cpu) * 1e6
     return {"median": float(np.median(us)), "p10": float(np.percentile(us, 10)),
-            "p90": float(np.percentile(us, 90)), "calls": len(us)}
+            "p90": float(np.percentile(us, 90)), "wall_median": float(np.median(wall) * 1e6),
+            "samples": len(us)}
 
 
 def _arguments(shape: tuple[int, int, int, int], dtype: str = "float32", seed: int = 0) -> dict[str, np.ndarray]:
@@ -217,7 +226,7 @@ def torch_door(shape: tuple[int, int, int, int], calls: int, cross_check: bool) 
         timed["torchvision forward+backward"] = backward(torchvision_forward)
     except ImportError:
         pass
-    result["with backend"] = per_call_us(timed, calls // 2, warmup=5)
+    result["with backend"] = per_call_us(timed, calls // 2, warmup=5, batch=1)
     return result
 
 
@@ -296,8 +305,8 @@ def markdown(record: dict) -> str:
         "",
         f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs, {load_text(env['load_at_start'])} at the "
         f"start, {load_text(env['load_at_end'])} at the end; {versions}.",
-        "Medians in µs with the 10th–90th percentile in parentheses; DCNv2 3x3, padding 1, mask and bias, float32 "
-        "unless named.",
+        "Median CPU time per call in µs, 10th–90th percentile of samples of 10 calls in parentheses; DCNv2 3x3, "
+        "padding 1, mask and bias, float32 unless named.",
         "",
         "## (a) torch door on CPU tensors, beyond the backend's work",
         "",

@@ -22,6 +22,7 @@ G          offset groups (offset.shape[1] / (2 * K))
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -93,6 +94,11 @@ class Geometry:
     def __getstate__(self) -> dict[str, Any]:
         # String hashes differ from process to process: a copy hashes anew.
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @functools.cached_property
+    def dtype_name(self) -> str:
+        """``dtype.name`` (which NumPy computes anew on every read), kept."""
+        return self.dtype.name
 
     @property
     def kernel_points(self) -> int:

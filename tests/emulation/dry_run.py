@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cudcn.backends.cuda import kernels as cuda_kernels
-from cudcn.backends.cuda.engine import Launch
+from cudcn.backends.cuda.engine import Launch, dtype_name
 
 
 class SymbolicArray(np.ndarray):
@@ -174,7 +174,7 @@ class SymbolicNumpy:
         return self.empty((stop,), dtype or np.int64)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name == "cuda":  # no CUDA: host timing, no capture
             raise AttributeError(name)
         if isinstance(getattr(np, name, None), type) or name in ("dtype", "ndarray"):
             return getattr(np, name)  # types (np.float32, ...) carry no device work
@@ -201,7 +201,7 @@ class DryRunEngine:
     def __init__(self, capability: int = 90) -> None:
         self.capability = capability
         self.xp = SymbolicNumpy()
-        self.launches: list[tuple[str, Launch]] = []
+        self._launches: list[tuple[str, str, str, Launch]] = []
         self.gemms: list[tuple[int, int, int, int, str]] = []
 
     def adopt(self, array: Any) -> Any:
@@ -209,10 +209,15 @@ class DryRunEngine:
         return self.xp.adopt(array)
 
     def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
-        self.launches.append((cuda_kernels.name_expression(kernel, dtype, index), launch))
+        self._launches.append((kernel, dtype, index, launch))  # named when asked: the record costs little
+
+    @property
+    def launches(self) -> list[tuple[str, Launch]]:
+        """(name expression, Launch) of each launch so far."""
+        return [(cuda_kernels.name_expression(k, d, i), launch) for k, d, i, launch in self._launches]
 
     def gemm(self, call: Any) -> None:
-        self.gemms.append((call.m, call.n, call.k, call.batch, call.a.dtype.name))
+        self.gemms.append((call.m, call.n, call.k, call.batch, dtype_name(call.a.dtype)))
 
     @property
     def device_ops(self) -> list[str]:
@@ -222,13 +227,13 @@ class DryRunEngine:
     def operations(self) -> Counter:
         """Stream operations so far, by kind: "kernel" (each launch), "gemm",
         and each kind of ``device_ops``."""
-        counts = Counter({"kernel": len(self.launches), "gemm": len(self.gemms)})
+        counts = Counter({"kernel": len(self._launches), "gemm": len(self.gemms)})
         counts.update(self.device_ops)
         return counts
 
     def clear(self) -> None:
         """Forget what was recorded (allocations included)."""
-        self.launches.clear()
+        self._launches.clear()
         self.gemms.clear()
         self.xp.operations.clear()
         self.xp.allocations = 0

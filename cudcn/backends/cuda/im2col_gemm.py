@@ -85,7 +85,7 @@ def _matrix_copy(engine: Engine, geom: Geometry, weight: Any) -> tuple[Any, tupl
 
 def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any, bias: Any, mask: Any) -> Any:
     xp = engine.xp
-    column_dtype = np.dtype(kernels.TYPES[geom.dtype.name].column_dtype)
+    column_dtype = np.dtype(kernels.TYPES[geom.dtype_name].column_dtype)
     groups, L = geom.groups, geom.out_pixels
     per_group_out = geom.out_channels // groups
     out = xp.empty((geom.batch, geom.out_channels, geom.out_h, geom.out_w), geom.dtype)
@@ -112,7 +112,7 @@ def forward(engine: Engine, geom: Geometry, input: Any, offset: Any, weight: Any
 
 def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offset: Any, weight: Any, mask: Any):
     xp = engine.xp
-    types = kernels.TYPES[geom.dtype.name]
+    types = kernels.TYPES[geom.dtype_name]
     column_dtype = np.dtype(types.column_dtype)
     groups, L = geom.groups, geom.out_pixels
     per_group_out = geom.out_channels // groups
@@ -179,7 +179,7 @@ def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offse
 def _public_columns(engine: Engine, geom: Geometry, columns: Any) -> Any:
     """Public columns (N, L, K, C) as the kernels' (1, N*L, K*C) in the column dtype."""
     xp = engine.xp
-    column_dtype = kernels.TYPES[geom.dtype.name].column_dtype
+    column_dtype = kernels.TYPES[geom.dtype_name].column_dtype
     columns = xp.ascontiguousarray(columns.astype(column_dtype, copy=False))
     return columns.reshape(1, geom.batch * geom.out_pixels, geom.kernel_points * geom.in_channels)
 

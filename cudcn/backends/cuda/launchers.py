@@ -20,14 +20,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from cudcn import config
 from cudcn.backends.cuda import kernels
-from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, grid_stride, kernel_launch
+from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, _grid_stride, grid_stride, kernel_launch
 from cudcn.geometry import Geometry
 
 
@@ -47,21 +46,27 @@ def lanes_per_point(geom: Geometry) -> int:
     """Lanes of a warp given to one sampling point by the sampling kernels:
     enough for one block of channels each (``ChannelsPerLane``) across the
     offset group's channels, a power of two up to 32."""
-    blocks = -(-(geom.in_channels // geom.offset_groups) // kernels.channels_per_lane(geom.dtype.name))
+    blocks = -(-(geom.in_channels // geom.offset_groups) // kernels.channels_per_lane(geom.dtype_name))
     return min(WARP, 1 << (blocks - 1).bit_length())
 
 
 def _sampling_launch(engine: Engine, kernel: str, geom: Geometry, n: int):
     """(points, lanes per point, launch) of a sampling kernel over n images."""
+    return _sampling_shape(kernel, geom, n, engine.block, engine.max_blocks)
+
+
+@functools.lru_cache(maxsize=4096)  # a function of the signature alone, made once
+def _sampling_shape(kernel: str, geom: Geometry, n: int, block: int, max_blocks: int):
     points = sampling_points(geom, n)
     lanes = lanes_per_point(geom)
     warps = -(-points * lanes // WARP)
-    return points, lanes, grid_stride(engine, kernel, warps * WARP)
+    return points, lanes, _grid_stride(kernel, warps * WARP, block, max_blocks)
 
 
-def shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
+@functools.lru_cache(maxsize=4096)  # a function of the signature alone, made once
+def shape_args(geom: Geometry, batch: int, groups: int) -> tuple[np.int32, ...]:
     """The kernels' DCN_SHAPE_PARAMS, in order (kernels/dcn_common.cuh)."""
-    return [
+    return tuple(
         np.int32(v)
         for v in (
             batch, geom.in_channels, geom.height, geom.width,
@@ -69,7 +74,7 @@ def shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
             geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
             geom.out_h, geom.out_w, geom.offset_groups, groups,
         )
-    ]
+    )
 
 
 def mask_args(mask: Any, offset: Any) -> list[Any]:
@@ -88,28 +93,29 @@ def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -
     if out.size:
         index, itype = index_type(engine, out.size)
         engine.launch(
-            "to_channels_last", geom.dtype.name, index, grid_stride(engine, "to_channels_last", out.size),
+            "to_channels_last", geom.dtype_name, index, grid_stride(engine, "to_channels_last", out.size),
             [input, itype(out.size), np.int32(geom.in_channels), np.int32(pixels), out],
         )
     return out
 
 
-@dataclass(frozen=True)
-class View:
+class View(NamedTuple):
     """How one copy of :func:`layout_copies` reads its source.
 
-    The destination is contiguous, of shape ``shape`` (four axes); its
-    element (a, b, c, d) is element ``a*s0 + b*s1 + c*s2 + d*s3`` of the
-    contiguous source, (s0, s1, s2, s3) = ``strides`` (in elements): a
-    transpose, a broadcast (stride 0) or a plain copy.
+    The destination is contiguous, of shape ``shape`` (four axes) and
+    ``size`` elements; its element (a, b, c, d) is element
+    ``a*s0 + b*s1 + c*s2 + d*s3`` of the contiguous source,
+    (s0, s1, s2, s3) = ``strides`` (in elements): a transpose, a broadcast
+    (stride 0) or a plain copy. Make one with :func:`view`.
     """
 
     shape: tuple[int, int, int, int]
     strides: tuple[int, int, int, int]
+    size: int
 
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
+
+def view(shape: tuple[int, int, int, int], strides: tuple[int, int, int, int]) -> View:
+    return View(shape, strides, math.prod(shape))
 
 
 # The views of the algorithms' layout passes: functions of the geometry
@@ -120,14 +126,14 @@ class View:
 def channels_last_view(geom: Geometry, n: int) -> View:
     """(n, H*W, C) from n images (n, C, H, W)."""
     pixels, channels = geom.height * geom.width, geom.in_channels
-    return View((1, n, pixels, channels), (0, channels * pixels, 1, pixels))
+    return view((1, n, pixels, channels), (0, channels * pixels, 1, pixels))
 
 
 @functools.lru_cache(maxsize=1024)
 def from_channels_last_view(geom: Geometry, n: int) -> View:
     """(n, C, H, W) from n images channels-last (n, H*W, C)."""
     pixels, channels = geom.height * geom.width, geom.in_channels
-    return View((1, n, channels, pixels), (0, pixels * channels, 1, channels))
+    return view((1, n, channels, pixels), (0, pixels * channels, 1, channels))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -136,7 +142,7 @@ def weight_matrix_view(geom: Geometry) -> View:
     from the weight (O, C/groups, kh, kw), i.e. (groups, O/groups, C/groups, K)."""
     groups, K = geom.groups, geom.kernel_points
     per_group_out, group_channels = geom.out_channels // groups, geom.in_channels // groups
-    return View((groups, K, group_channels, per_group_out),
+    return view((groups, K, group_channels, per_group_out),
                 (per_group_out * group_channels * K, 1, K, group_channels * K))
 
 
@@ -146,7 +152,7 @@ def weight_from_matrix_view(geom: Geometry) -> View:
     GEMM result (groups, O/groups, K, C/groups)."""
     groups, K = geom.groups, geom.kernel_points
     per_group_out, group_channels = geom.out_channels // groups, geom.in_channels // groups
-    return View((groups, per_group_out, group_channels, K),
+    return view((groups, per_group_out, group_channels, K),
                 (per_group_out * K * group_channels, K * group_channels, 1, group_channels))
 
 
@@ -155,19 +161,19 @@ def rows_view(geom: Geometry, n: int) -> View:
     """GEMM rows (groups, n, Ho*Wo, O/groups) from n images of grad_output (n, O, Ho, Wo)."""
     groups, L = geom.groups, geom.out_pixels
     per_group_out = geom.out_channels // groups
-    return View((groups, n, L, per_group_out), (per_group_out * L, groups * per_group_out * L, 1, L))
+    return view((groups, n, L, per_group_out), (per_group_out * L, groups * per_group_out * L, 1, L))
 
 
 @functools.lru_cache(maxsize=1024)
 def bias_view(geom: Geometry, n: int) -> View:
     """n images' output (n, O, Ho, Wo) from the bias (O,), broadcast."""
-    return View((1, n, geom.out_channels, geom.out_pixels), (0, 0, 1, 0))
+    return view((1, n, geom.out_channels, geom.out_pixels), (0, 0, 1, 0))
 
 
 @functools.lru_cache(maxsize=1024)
 def flat_view(size: int) -> View:
     """A plain copy of ``size`` elements (a conversion of dtype)."""
-    return View((1, 1, 1, size), (0, 0, 0, 1))
+    return view((1, 1, 1, size), (0, 0, 0, 1))
 
 
 #: At most this many copies in one launch of :func:`layout_copies`.
@@ -203,11 +209,11 @@ def layout_copies(engine: Engine, geom: Geometry, copies: Sequence[tuple[Any, Vi
         return
     if len(copies) > LAYOUT_COPIES:
         raise ValueError(f"layout_copies takes at most {LAYOUT_COPIES} copies, got {len(copies)}")
-    types = kernels.TYPES[geom.dtype.name]
-    source_dtype = types.accum_dtype if from_accumulator else geom.dtype.name
+    types = kernels.TYPES[geom.dtype_name]
+    source_dtype = types.accum_dtype if from_accumulator else geom.dtype_name
     for source, view, destination in copies:
         if source.dtype != source_dtype or destination.dtype != geom.dtype or destination.size != view.size:
-            raise TypeError(f"layout_copies copies {source_dtype} into {geom.dtype.name} arrays of the view's "
+            raise TypeError(f"layout_copies copies {source_dtype} into {geom.dtype_name} arrays of the view's "
                             f"size {view.size}, got {source.dtype} into {destination.dtype} of {destination.size}")
     total = sum(view.size for _, view, _ in copies) + zero_words
     index, itype = index_type(engine, total, *(source.size for source, _, _ in copies))
@@ -217,7 +223,7 @@ def layout_copies(engine: Engine, geom: Geometry, copies: Sequence[tuple[Any, Vi
         arrays += copies[slot][::2] if slot < len(copies) else (placeholder, placeholder)
     kernel = "layout_copies_from_accum" if from_accumulator else "layout_copies"
     engine.launch(
-        kernel, geom.dtype.name, index, grid_stride(engine, kernel, total),
+        kernel, geom.dtype_name, index, grid_stride(engine, kernel, total),
         [*arrays, placeholder if zero is None else zero,
          *_layout_scalars(tuple(view for _, view, _ in copies), zero_words, itype)],
     )
@@ -232,13 +238,13 @@ def im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any, 
     n = pixels.shape[0]
     per_group = geom.kernel_points * geom.in_channels // groups
     columns = engine.xp.empty(
-        (groups, n * geom.out_pixels, per_group), kernels.TYPES[geom.dtype.name].column_dtype
+        (groups, n * geom.out_pixels, per_group), kernels.TYPES[geom.dtype_name].column_dtype
     )
     if columns.size:
         points, lanes, launch = _sampling_launch(engine, "deform_im2col", geom, n)
         index, itype = index_type(engine, columns.size, pixels.size, offset.size)
         engine.launch(
-            "deform_im2col", geom.dtype.name, index, launch,
+            "deform_im2col", geom.dtype_name, index, launch,
             [pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
              itype(points), np.int32(lanes), columns],
         )
@@ -253,7 +259,7 @@ def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any,
     """
     xp = engine.xp
     n = offset.shape[0]
-    types = kernels.TYPES[geom.dtype.name]
+    types = kernels.TYPES[geom.dtype_name]
     pixels = geom.height * geom.width
     if n * pixels * geom.in_channels == 0:
         return
@@ -263,7 +269,7 @@ def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any,
     accum = scatter_columns(engine, geom, columns, offset, mask, groups, accum)
     index, itype = index_type(engine, accum.size)
     engine.launch(
-        "from_channels_last", geom.dtype.name, index, grid_stride(engine, "from_channels_last", accum.size),
+        "from_channels_last", geom.dtype_name, index, grid_stride(engine, "from_channels_last", accum.size),
         [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
     )
 
@@ -282,7 +288,7 @@ def scatter_columns(engine: Engine, geom: Geometry, columns: Any, offset: Any, m
         points, lanes, launch = _sampling_launch(engine, "deform_col2im", geom, n)
         index, itype = index_type(engine, columns.size, accum.size, offset.size)
         engine.launch(
-            "deform_col2im", geom.dtype.name, index, launch,
+            "deform_col2im", geom.dtype_name, index, launch,
             [columns, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
              itype(points), np.int32(lanes), accum],
         )
@@ -320,7 +326,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     """
     xp = engine.xp
     n = offset.shape[0]
-    types = kernels.TYPES[geom.dtype.name]
+    types = kernels.TYPES[geom.dtype_name]
     pixels = geom.height * geom.width
     points = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
     entries = 4 * points
@@ -330,7 +336,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     weights = xp.empty(entries, types.accum_dtype)
     if points:
         engine.launch(
-            "deform_col2im_keys", geom.dtype.name, index, grid_stride(engine, "deform_col2im_keys", points),
+            "deform_col2im_keys", geom.dtype_name, index, grid_stride(engine, "deform_col2im_keys", points),
             [offset, *mask_args(mask, offset), *shape_args(geom, n, groups), itype(points), keys, weights],
         )
     # A stable sort keeps the entries of one key in entry order: one result,
@@ -340,7 +346,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     accum = xp.empty((n, pixels, geom.in_channels), types.accum_dtype)
     index, itype = index_type(engine, columns.size, accum.size, entries, segments + 1)
     engine.launch(
-        "deform_col2im_gather", geom.dtype.name, index, grid_stride(engine, "deform_col2im_gather", accum.size),
+        "deform_col2im_gather", geom.dtype_name, index, grid_stride(engine, "deform_col2im_gather", accum.size),
         [columns, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), weights,
          *shape_args(geom, n, groups), itype(accum.size), accum],
     )
@@ -358,7 +364,7 @@ def col2im_coord(
     points, lanes, launch = _sampling_launch(engine, "deform_col2im_coord", geom, n)
     index, itype = index_type(engine, columns.size, pixels.size, offset.size)
     engine.launch(
-        "deform_col2im_coord", geom.dtype.name, index, launch,
+        "deform_col2im_coord", geom.dtype_name, index, launch,
         [columns, pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
          itype(points), np.int32(lanes), grad_offset, grad_offset if grad_mask is None else grad_mask],
     )
@@ -410,7 +416,7 @@ def fused_forward(
                          f"more than a grid has ({MAX_GRID[0]}): take fewer images per launch")
     index, _ = index_type(engine, pixels.size, offset.size, out.size, weight.size, n * geom.out_pixels)
     engine.launch(
-        kernel, geom.dtype.name, index, kernel_launch(kernel, grid, engine.block),
+        kernel, geom.dtype_name, index, kernel_launch(kernel, grid, engine.block),
         [pixels, offset, *mask_args(mask, offset), weight, weight if bias is None else bias,
          np.int32(bias is not None), *shape_args(geom, n, geom.groups), np.int32(geom.out_channels), out],
     )
