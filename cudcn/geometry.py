@@ -256,7 +256,7 @@ class _Unkeyed(Exception):
 
 
 def int_args_key(value: Any) -> Any:
-    """An int argument (or a pair, a 4-tuple, None) as a hashable part of a
+    """An int argument (or a tuple of them, or None) as a hashable part of a
     signature: the value itself when it is made of Python ints only (bool,
     NumPy integers and everything else are left to the checks). Raises
     :class:`_Unkeyed` otherwise."""
@@ -265,6 +265,19 @@ def int_args_key(value: Any) -> Any:
     if type(value) in (tuple, list) and all(type(v) is int for v in value):
         return tuple(value)
     raise _Unkeyed
+
+
+def pair_key(value: Any) -> Any:
+    """An argument :func:`int_pair` reads (stride, padding, dilation,
+    kernel_size) as part of a signature: 1, (1,) and [1, 1] alike as (1, 1),
+    as :func:`int_pair` reads them (so that an adapter's lists and the
+    user's ints share a signature)."""
+    key = int_args_key(value)
+    if type(key) is int:
+        return key, key
+    if type(key) is tuple and len(key) == 1:
+        return key * 2
+    return key
 
 
 def _array_key(array: Any) -> Any:
@@ -328,8 +341,8 @@ def validate(
     try:
         key = (
             _array_key(input), _array_key(offset), _array_key(weight), _array_key(bias), _array_key(mask),
-            _array_key(grad_output), _array_key(columns), int_args_key(input_shape), int_args_key(kernel_size),
-            int_args_key(stride), int_args_key(padding), int_args_key(dilation),
+            _array_key(grad_output), _array_key(columns), int_args_key(input_shape), pair_key(kernel_size),
+            pair_key(stride), pair_key(padding), pair_key(dilation),
         )
     except _Unkeyed:
         key = None

@@ -41,7 +41,7 @@ from torch import Tensor
 import cudcn
 from cudcn.backends.cuda.engine import external_stream
 from cudcn.errors import ArgumentError, ArgumentTypeError
-from cudcn.geometry import FLOAT_DTYPES, Geometry, int_args_key
+from cudcn.geometry import FLOAT_DTYPES, Geometry, pair_key
 
 IntOrPair = int | tuple[int, int]
 
@@ -157,7 +157,8 @@ def signature(tensors: Sequence[Tensor | None], args: Sequence[Any]) -> tuple | 
 
     Made of what :func:`check_tensors` and the core's validation look at:
     each tensor's type, dtype, shape, device and layout, and the int
-    arguments (:func:`cudcn.geometry.int_args_key`); never of contents.
+    arguments (:func:`cudcn.geometry.pair_key`: an int and its pair alike);
+    never of contents.
     """
     key: list[Any] = []
     try:
@@ -166,7 +167,7 @@ def signature(tensors: Sequence[Tensor | None], args: Sequence[Any]) -> tuple | 
                 key.append(None)
             else:
                 key += (type(t), t.dtype, t.shape, t.device, t.layout)
-        key += map(int_args_key, args)
+        key += map(pair_key, args)
     except Exception:  # nested tensors have no shape; an argument of another kind
         return None
     return tuple(key)  # unhashable with symbolic sizes (torch.compile): see SignatureCache.get
