@@ -5,7 +5,7 @@
   reductions -- and the counts per direction stay within their bounds at
   the benchmark shape (N8 C64 32x32) for each algorithm and dtype; the
   counter itself is checked on planted device work.
-- ``cudcn.deform_conv2d`` and its backward check a signature once
+- ``cudcn.deform_conv2d``, its backward and the paddle door check a signature once
   (a spy on the checks); the geometry kept for a signature is never that
   of another shape, dtype, stride, mask presence or device.
 - ``layout_copies`` (kernels/dcn_layout.cu) under the emulator against
@@ -511,3 +511,17 @@ def test_the_backward_weight_gemm_writes_or_adds():
     np.testing.assert_allclose(out, 2 * (a.transpose(0, 2, 1) @ b), rtol=1e-5)
     gemms.add_transposed_product(Engine(), a[:, :0], b[:, :0], out, beta=0.0)
     assert not out.any()
+
+
+def test_the_paddle_door_checks_a_signature_once(checks):
+    """paddle's layer checks on stand-ins, then hands the arrays to the core:
+    one signature, one check; its backward's signature (with grad_output) one more."""
+    paddle = pytest.importorskip("paddle")
+    import cudcn.paddle as cp
+
+    args = {k: paddle.to_tensor(v, stop_gradient=False) for k, v in _numbers().items()}
+    for _ in range(3):
+        out = cp.deform_conv2d(args["input"], args["offset"], args["weight"], args["bias"], padding=1,
+                               mask=args["mask"])
+        out.sum().backward()
+    assert len(checks) == 2
