@@ -192,7 +192,9 @@ def torch_door(shape: tuple[int, int, int, int], calls: int, cross_check: bool) 
 
         @staticmethod
         def backward(ctx, grad_out):
-            return tuple(grad_tensors)
+            # New tensor objects, as a backend's results are: autograd then
+            # keeps them as the gradients instead of copying them.
+            return tuple(g.view_as(g) for g in grad_tensors)
 
     def nothing():
         return Nothing.apply(x, offset, leaves["weight"], leaves["bias"], mask)
@@ -374,20 +376,22 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=positive_int, default=2000,
                         help="timed calls of each function (fewer where a real backend runs; default 2000)")
+    parser.add_argument("--shapes", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                        help="which shapes: 1 = N1 C4 6x6, 2 = N8 C64 32x32 (default both)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="folder for bench_host.md and bench_host.json (default benchmarks/results)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)  # host time is one thread's; others only add noise on a shared machine
     load_at_start = load_average()
     record: dict[str, Any] = {"torch": {}, "numpy": {}, "cuda": []}
-    for name, shape in SHAPES.items():
+    for name, shape in [list(SHAPES.items())[i - 1] for i in args.shapes]:
         print(f"measuring {name}", file=sys.stderr)
         record["torch"][name] = torch_door(shape, args.calls, cross_check=name == CROSS_CHECK)
         record["numpy"][name] = numpy_door(shape, args.calls)

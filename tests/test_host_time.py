@@ -525,3 +525,25 @@ def test_the_paddle_door_checks_a_signature_once(checks):
                                mask=args["mask"])
         out.sum().backward()
     assert len(checks) == 2
+
+
+def test_the_host_time_benchmark_runs_and_records_its_counts(tmp_path, capsys):
+    """benchmarks/bench_host.py at the small shape with few calls: its tables,
+    its load averages, and the operation counts of the dry run."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_host.py"
+    spec = importlib.util.spec_from_file_location("bench_host", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--calls", "20", "--shapes", "1", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "bench_host.md").read_text()
+    assert table in capsys.readouterr().out
+    for heading in ("(a) torch door", "(b) NumPy door", "(c) CUDA backend's host side", "load average"):
+        assert heading in table
+    record = json.loads((tmp_path / "bench_host.json").read_text())
+    counts = {(r["dtype"], r["algorithm"]): (r["forward launches"], r["backward launches"]) for r in record["cuda"]}
+    assert counts[("float32", "im2col")] == (3, 8) and counts[("float16", "im2col")] == (3, 8)
+    assert record["environment"]["load_at_start"] is None or len(record["environment"]["load_at_start"]) == 3

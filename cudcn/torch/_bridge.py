@@ -249,7 +249,12 @@ def to_array(t: Tensor | None) -> Any:
 
 def to_tensor(array: Any, dtype: torch.dtype) -> Tensor:
     """A backend result as a contiguous tensor of ``dtype`` (no copy when it is one)."""
-    t = torch.from_numpy(array) if type(array) is np.ndarray else torch.from_dlpack(array)
+    if type(array) is np.ndarray:
+        t = torch.from_numpy(array)
+        if t.dtype == dtype and array.flags.c_contiguous:
+            return t
+    else:
+        t = torch.from_dlpack(array)
     if t.dtype != dtype:
         t = t.to(dtype)
     return t.contiguous()
