@@ -28,9 +28,9 @@ capture (``engine.captures_gemms``; CuPy's cuBLAS wrapper refuses, so the
 CUDA engine calls libcublas itself then) gives way to one that can; where
 none applies, the call raises :class:`cudcn.UnsupportedError` saying why.
 
-What a call needs besides its arrays -- the algorithms that apply and the
-setting's pick -- is kept per key, so that a call costs two dictionary
-lookups here. :func:`choices` lists what "auto" has measured and chosen.
+The algorithms that apply are worked out once per key (a bounded cache),
+so that a known call costs a few dictionary lookups here. :func:`choices`
+lists what "auto" has measured and chosen.
 """
 
 from __future__ import annotations
@@ -199,8 +199,8 @@ def _captured(engine: Any, geom: Geometry, direction: str, setting: str, applica
 
     raise UnsupportedError(
         f"this deformable convolution {direction} cannot be captured into a CUDA graph: im2col's GEMMs "
-        f"cannot be captured here (CuPy's cuBLAS wrapper refuses a capturing stream, and libcublas "
-        f"could not be called directly), and {why}"
+        f"cannot be captured here (CuPy's cuBLAS wrapper refuses a capturing stream; cudcn's own route "
+        f"needs libcublas and one call outside a capture first, which makes its cuBLAS handle), and {why}"
     )
 
 
