@@ -4,6 +4,7 @@
 //   transpose_tiles<TTile, TOut, Index>   batched (rows, cols) -> (cols, rows) through shared-memory tiles
 //   to_channels_last<T, Index>            (n, C, H*W) -> (n, H*W, C)
 //   from_channels_last<TAcc, T, Index>    (n, H*W, C) accumulator -> (n, C, H*W) in T
+//   layout_copies<TSrc, TDst, Index>      up to three strided copies and a zero fill, one launch
 //
 // The sampling kernels read and scatter channels-last so that a warp touches
 // consecutive channels of one pixel; these two passes cost one read and one
@@ -100,4 +101,54 @@ template <typename TAcc, typename T, typename Index>
 __global__ void __launch_bounds__(DCN_BLOCK_THREADS)
     from_channels_last(const TAcc* __restrict__ src, Index total, int channels, int pixels, T* __restrict__ dst) {
   transpose_tiles(src, total / (Index(channels) * pixels), pixels, channels, dst);
+}
+
+/// dst[i] = src viewed through (sizes, strides), converted to TDst: dst is
+/// contiguous with shape (*, size1, size2, size3), and its element (a, b, c, d)
+/// is src[a*stride0 + b*stride1 + c*stride2 + d*stride3].
+template <typename TSrc, typename TDst, typename Index>
+__device__ __forceinline__ void copy_through_view(const TSrc* src, TDst* dst, Index i, int size1, int size2,
+                                                  int size3, Index stride0, Index stride1, Index stride2,
+                                                  Index stride3) {
+  Index rest = i;
+  const Index d = rest % size3;
+  rest /= size3;
+  const Index c = rest % size2;
+  rest /= size2;
+  const Index b = rest % size1;
+  const Index a = rest / size1;
+  store(dst + i, to_compute(dcn_load(src, a * stride0 + b * stride1 + c * stride2 + d * stride3)));
+}
+
+// The view of copy j: its element count, then sizes 1-3 and strides 0-3.
+#define DCN_VIEW_PARAMS(j)                                                          \
+  Index total##j, int size##j##_1, int size##j##_2, int size##j##_3, Index stride##j##_0, \
+      Index stride##j##_1, Index stride##j##_2, Index stride##j##_3
+#define DCN_VIEW_ARGS(j) \
+  size##j##_1, size##j##_2, size##j##_3, stride##j##_0, stride##j##_1, stride##j##_2, stride##j##_3
+
+/// Three copies dst_j = src_j through its view (see copy_through_view; a
+/// copy with total 0 is skipped, its pointers unread), then zero_words
+/// 32-bit words of `zero` set to 0 (an accumulator of any float type):
+/// one grid-stride loop over the concatenation.
+template <typename TSrc, typename TDst, typename Index>
+__global__ void layout_copies(const TSrc* __restrict__ src0, TDst* __restrict__ dst0,
+                              const TSrc* __restrict__ src1, TDst* __restrict__ dst1,
+                              const TSrc* __restrict__ src2, TDst* __restrict__ dst2,
+                              unsigned int* __restrict__ zero, DCN_VIEW_PARAMS(0), DCN_VIEW_PARAMS(1),
+                              DCN_VIEW_PARAMS(2), Index zero_words) {
+  const Index end0 = total0;
+  const Index end1 = end0 + total1;
+  const Index end2 = end1 + total2;
+  DCN_GRID_STRIDE_LOOP(index, end2 + zero_words) {
+    if (index < end0) {
+      copy_through_view(src0, dst0, index, DCN_VIEW_ARGS(0));
+    } else if (index < end1) {
+      copy_through_view(src1, dst1, index - end0, DCN_VIEW_ARGS(1));
+    } else if (index < end2) {
+      copy_through_view(src2, dst2, index - end1, DCN_VIEW_ARGS(2));
+    } else {
+      dcn_store(zero, index - end2, 0u);
+    }
+  }
 }

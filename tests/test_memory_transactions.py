@@ -190,9 +190,9 @@ def test_a_whole_call_is_accounted_and_merged(library):
     assert len(merged) == len(engine.launches) // 2
     for once, twice in zip(engine.stats, merged):
         assert [2 * s.requests for s in once.sites] == [s.requests for s in twice.sites]
-    layout = tx.launches_of(merged, "to_channels_last")
+    layout = tx.launches_of(merged, "layout_copies")  # the input channels-last, the weight matrix, the bias
     store = layout.total("global", "store")
-    assert store.sectors == store.ideal_sectors == 4 * store.requests  # 32 lanes x 4 bytes
+    assert store.sectors == store.ideal_sectors <= 4 * store.requests  # at most 32 lanes x 4 bytes
     assert "deform_im2col<float, float, int>" in tx.table(merged)
 
 

@@ -1,10 +1,22 @@
-"""A dry run of the CUDA backend: the memory a call allocates, measured on the CPU.
+"""A dry run of the CUDA backend: its memory, launches and host time, measured on the CPU.
 
 :class:`DryRunEngine` is an engine on NumPy arrays whose kernels and GEMMs do
 nothing (it only records them), so the backend's algorithms run their whole
 Python side -- chunking, layouts, every allocation -- at any size: NumPy's
 ``empty`` reserves memory without touching it, so even the benchmark shapes'
 column buffers cost no time and no resident memory.
+
+Its array module is symbolic (:class:`SymbolicNumpy`): the arrays it makes,
+and the arguments handed to :meth:`DryRunEngine.adopt`, are
+:class:`SymbolicArray` views that keep NumPy's shapes, dtypes, strides and
+views but never move data. Everything that would be device work on a GPU
+through CuPy -- a copy for ``ascontiguousarray``, ``astype`` or a reshape
+that cannot be a view, an assignment into an array, ``zeros`` (a memset), a
+reduction, a sort, a gather -- is recorded in ``device_ops`` instead of
+done. So :meth:`DryRunEngine.operations` counts every stream operation of a
+call (kernels, GEMMs and CuPy's own), and the time a call takes is its host
+side alone. A NumPy function the dry run does not model raises, so that
+no device work can hide from the count.
 
 :func:`peak_workspace` runs a call under :mod:`tracemalloc`, to which NumPy
 reports every array allocation and release, and returns the peak of the
@@ -18,13 +30,155 @@ Python objects, a few kilobytes.)
 from __future__ import annotations
 
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from cudcn.backends.cuda import kernels as cuda_kernels
-from cudcn.backends.cuda.engine import Launch
+from cudcn.backends.cuda.engine import Launch, dtype_name
+
+
+class SymbolicArray(np.ndarray):
+    """A NumPy array of the dry run: views as NumPy makes them, device work recorded, no data moved.
+
+    ``_xp`` is the :class:`SymbolicNumpy` that records its operations
+    (inherited by every view).
+    """
+
+    _xp: SymbolicNumpy | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._xp = getattr(obj, "_xp", None)
+
+    def _new(self, shape: Any, dtype: Any) -> SymbolicArray:
+        return self._xp.empty(shape, dtype) if self._xp is not None else np.empty(shape, dtype).view(SymbolicArray)
+
+    def _record(self, operation: str) -> None:
+        if self._xp is not None:
+            self._xp.record(operation)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # An elementwise kernel writing the selection (a fill or a copy).
+        self._record("copy into" if isinstance(value, np.ndarray) else "fill")
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, np.ndarray) or (isinstance(key, tuple) and any(isinstance(k, np.ndarray) for k in key)):
+            if not isinstance(key, np.ndarray) or self.ndim != 1:
+                raise NotImplementedError("the dry run models fancy indexing of 1-D arrays only")
+            self._record("gather")
+            return self._new(key.shape, self.dtype)
+        return super().__getitem__(key)
+
+    def astype(self, dtype: Any, order: str = "K", casting: str = "unsafe", subok: bool = True,
+               copy: bool = True) -> SymbolicArray:
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        self._record("cast" if np.dtype(dtype) != self.dtype else "copy")
+        return self._new(self.shape, dtype)
+
+    def copy(self, order: str = "C") -> SymbolicArray:
+        self._record("copy")
+        return self._new(self.shape, self.dtype)
+
+    def reshape(self, *shape: Any, order: str = "C") -> SymbolicArray:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        view = self.view()
+        try:
+            view.shape = shape  # raises where NumPy's reshape would copy
+        except AttributeError:
+            self._record("copy")
+            return self._new(_reshaped(self.size, shape), self.dtype)
+        return view
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"the dry run does not model the ufunc {ufunc.__name__}.{method}")
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if func in _SHAPE_ONLY:
+            return super().__array_function__(func, types, args, kwargs)
+        raise NotImplementedError(f"the dry run does not model numpy.{func.__name__}: use the engine's xp")
+
+
+def _reshaped(size: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` with a -1 resolved, for an array of ``size`` elements."""
+    shape = tuple(int(s) for s in shape)
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape = tuple(size // max(known, 1) if s == -1 else s for s in shape)
+    return shape
+
+
+#: NumPy functions that only look at shapes and strides (no device work).
+_SHAPE_ONLY = frozenset({np.shape, np.ndim, np.size, np.may_share_memory, np.shares_memory, np.result_type})
+
+
+class SymbolicNumpy:
+    """The dry run's array module: what the CUDA backend calls on ``engine.xp``.
+
+    Allocation (``empty``) makes a :class:`SymbolicArray` (counted in
+    ``allocations``); device work is recorded in ``operations`` and returns
+    arrays of the right shape and dtype with undefined values. Anything else
+    raises AttributeError (there is no ``cuda``: the backend then times with
+    the host clock and never sees a capturing stream).
+    """
+
+    def __init__(self) -> None:
+        self.operations: list[str] = []
+        self.allocations = 0
+
+    def record(self, operation: str) -> None:
+        self.operations.append(operation)
+
+    def adopt(self, array: Any) -> Any:
+        """``array`` as a symbolic view (None stays None)."""
+        if array is None:
+            return None
+        view = np.asarray(array).view(SymbolicArray)
+        view._xp = self
+        return view
+
+    def empty(self, shape: Any, dtype: Any = float) -> SymbolicArray:
+        self.allocations += 1
+        return self.adopt(np.empty(shape, dtype))
+
+    def zeros(self, shape: Any, dtype: Any = float) -> SymbolicArray:
+        self.record("memset")
+        return self.empty(shape, dtype)
+
+    def ascontiguousarray(self, array: Any, dtype: Any = None) -> SymbolicArray:
+        dtype = array.dtype if dtype is None else np.dtype(dtype)
+        if array.flags.c_contiguous and dtype == array.dtype:
+            return array if isinstance(array, SymbolicArray) else self.adopt(array)
+        self.record("copy" if dtype == array.dtype else "cast")
+        return self.empty(array.shape, dtype)
+
+    def sum(self, array: Any, axis: Any = None, dtype: Any = None, out: Any = None) -> SymbolicArray:
+        self.record("reduction")
+        axes = range(array.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+        shape = tuple(s for i, s in enumerate(array.shape) if i not in {a % array.ndim for a in axes})
+        return out if out is not None else self.empty(shape, array.dtype if dtype is None else dtype)
+
+    def argsort(self, array: Any, kind: Any = None) -> SymbolicArray:
+        self.record("sort")
+        return self.empty(array.shape, np.int64)
+
+    def searchsorted(self, array: Any, values: Any, side: str = "left") -> SymbolicArray:
+        self.record("search")
+        return self.empty(values.shape, np.int64)
+
+    def arange(self, stop: int, dtype: Any = None) -> SymbolicArray:
+        self.record("arange")
+        return self.empty((stop,), dtype or np.int64)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "cuda":  # no CUDA: host timing, no capture
+            raise AttributeError(name)
+        if isinstance(getattr(np, name, None), type) or name in ("dtype", "ndarray"):
+            return getattr(np, name)  # types (np.float32, ...) carry no device work
+        raise AttributeError(f"the dry run's xp does not model {name!r}")
 
 
 class DryRunEngine:
@@ -34,24 +188,55 @@ class DryRunEngine:
     cap), so that index types and chunks are the GPU's; ``capability`` is the
     compute capability it claims. ``launches`` holds (name expression,
     Launch) and ``gemms`` (m, n, k, batch, A's dtype) of each GEMM: no
-    reference to an array, which would keep it alive.
+    reference to an array, which would keep it alive. ``xp`` is a fresh
+    :class:`SymbolicNumpy`: hand the call's arguments through :meth:`adopt`
+    so that their copies are counted too (``operations`` then holds every
+    stream operation; arguments that are not adopted still work).
     """
 
-    xp = np
     block = cuda_kernels.BLOCK
     max_blocks = cuda_kernels.MAX_BLOCKS
     threads = cuda_kernels.BLOCK * cuda_kernels.MAX_BLOCKS
 
     def __init__(self, capability: int = 90) -> None:
         self.capability = capability
-        self.launches: list[tuple[str, Launch]] = []
+        self.xp = SymbolicNumpy()
+        self._launches: list[tuple[str, str, str, Launch]] = []
         self.gemms: list[tuple[int, int, int, int, str]] = []
 
+    def adopt(self, array: Any) -> Any:
+        """A call's argument as a symbolic array of this engine (None stays None)."""
+        return self.xp.adopt(array)
+
     def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
-        self.launches.append((cuda_kernels.name_expression(kernel, dtype, index), launch))
+        self._launches.append((kernel, dtype, index, launch))  # named when asked: the record costs little
+
+    @property
+    def launches(self) -> list[tuple[str, Launch]]:
+        """(name expression, Launch) of each launch so far."""
+        return [(cuda_kernels.name_expression(k, d, i), launch) for k, d, i, launch in self._launches]
 
     def gemm(self, call: Any) -> None:
-        self.gemms.append((call.m, call.n, call.k, call.batch, call.a.dtype.name))
+        self.gemms.append((call.m, call.n, call.k, call.batch, dtype_name(call.a.dtype)))
+
+    @property
+    def device_ops(self) -> list[str]:
+        """The device work recorded by ``xp`` beyond kernels and GEMMs (memsets, CuPy copies, ...)."""
+        return self.xp.operations
+
+    def operations(self) -> Counter:
+        """Stream operations so far, by kind: "kernel" (each launch), "gemm",
+        and each kind of ``device_ops``."""
+        counts = Counter({"kernel": len(self._launches), "gemm": len(self.gemms)})
+        counts.update(self.device_ops)
+        return counts
+
+    def clear(self) -> None:
+        """Forget what was recorded (allocations included)."""
+        self._launches.clear()
+        self.gemms.clear()
+        self.xp.operations.clear()
+        self.xp.allocations = 0
 
 
 def _nbytes(result: Any) -> int:

@@ -215,5 +215,5 @@ def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offse
     _data_gradients(engine, geom, suffix, grad_output, input, offset, weight, mask, grad_input, grad_offset, grad_mask)
     grad_bias = None
     if geom.has_bias:  # summed in float32 as it is read, as im2col + GEMM does
-        grad_bias = xp.sum(grad_output, axis=(0, 2, 3), dtype=np.float32).astype(geom.dtype)
+        grad_bias = xp.sum(grad_output, axis=(0, 2, 3), dtype=np.float32).astype(geom.dtype, copy=False)
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
