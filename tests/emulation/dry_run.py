@@ -12,7 +12,7 @@ and the arguments handed to :meth:`DryRunEngine.adopt`, are
 views but never move data. Everything that would be device work on a GPU
 through CuPy -- a copy for ``ascontiguousarray``, ``astype`` or a reshape
 that cannot be a view, an assignment into an array, ``zeros`` (a memset), a
-reduction, a sort, a gather -- is recorded in ``device_ops`` instead of
+reduction, a sort, a gather, ``asarray`` of a host array (an upload) -- is recorded in ``device_ops`` instead of
 done. So :meth:`DryRunEngine.operations` counts every stream operation of a
 call (kernels, GEMMs and CuPy's own), and the time a call takes is its host
 side alone. A NumPy function the dry run does not model raises, so that
@@ -154,6 +154,14 @@ class SymbolicNumpy:
             return array if isinstance(array, SymbolicArray) else self.adopt(array)
         self.record("copy" if dtype == array.dtype else "cast")
         return self.empty(array.shape, dtype)
+
+    def asarray(self, array: Any, dtype: Any = None) -> SymbolicArray:
+        """A host array on the device: a copy from the host (MSDA's level table)."""
+        if isinstance(array, SymbolicArray) and (dtype is None or np.dtype(dtype) == array.dtype):
+            return array
+        host = np.asarray(array, dtype)
+        self.record("upload")
+        return self.empty(host.shape, host.dtype)
 
     def sum(self, array: Any, axis: Any = None, dtype: Any = None, out: Any = None) -> SymbolicArray:
         self.record("reduction")
