@@ -353,6 +353,37 @@ def test_layout_copies_equal_numpy(library, dtype, wide):
     ]
 
 
+def test_copy_plans_tile_the_transposes():
+    """Each view the algorithms copy through is walked as its memory asks
+    (launchers.copy_plan): through 32 x 32 tiles where it transposes --
+    along the source's contiguous axis c, with the axis that carries the
+    source's run on as b (the weight's kernel points and channels) -- and
+    in destination order where it does not (the bias, a conversion, a
+    single channel); units are tiles or 1024-element chunks."""
+    arrays = _numbers(shape=(3, 6, 4, 5))
+    arrays["weight"] = np.empty((4, 3, 2, 3), np.float32)  # groups 2, 2x3 kernel: K = 6, C/groups 3, O/groups 2
+    arrays["offset"] = np.empty((3, 12, 4, 3), np.float32)
+    del arrays["mask"]
+    geom = validate(**arrays, padding=0)
+    plan = launchers.copy_plan
+    # The input channels-last: the images' pixels are one run (b, c) = (n, H*W), by 6 channels.
+    assert plan(launchers.channels_last_view(geom, 3)) == (True, (1, 3, 25, 6), (0, 150, 1, 25), (450, 150, 6), 3)
+    # Its way back: (n, C) runs, by the pixels.
+    assert plan(launchers.from_channels_last_view(geom, 3)) == (True, (1, 3, 6, 25), (0, 150, 1, 6), (450, 150, 25), 1)
+    # The weight matrix (groups, K, C/groups, O/groups): the source's run is (C/groups, K) of 18 elements.
+    assert plan(launchers.weight_matrix_view(geom)) == (True, (2, 3, 6, 2), (36, 6, 1, 18), (36, 2, 6), 2)
+    # grad_output rows (groups, n, L, O/groups): runs of (n, L) per group.
+    assert plan(launchers.rows_view(geom, 3)).tiled and plan(launchers.rows_view(geom, 3)).sizes == (2, 3, 12, 2)
+    assert plan(launchers.weight_from_matrix_view(geom)).sizes == (2, 2, 3, 6)
+    for untiled in (launchers.bias_view(geom, 3), launchers.flat_view(5000),
+                    launchers.view((1, 3, 25, 1), (0, 25, 1, 25))):  # a single channel: a plain copy
+        got = plan(untiled)
+        assert not got.tiled and got.units == -(-untiled.size // cuda_kernels.LAYOUT_CHUNK)
+        assert got.sizes == untiled.shape and got.source == untiled.strides
+    with pytest.raises(ValueError, match="axes of fewer than"):
+        plan(launchers.flat_view(2**31))
+
+
 def _weight_matrix(geom, weight):
     from cudcn.backends.layout import weight_matrix
 

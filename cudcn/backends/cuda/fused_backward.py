@@ -187,7 +187,8 @@ def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, in
             index, itype = launchers.index_type(engine, accumulator.size)
             engine.launch(
                 "from_channels_last", geom.dtype.name, index,
-                grid_stride(engine, "from_channels_last", accumulator.size),
+                launchers.layout_launch(engine, "from_channels_last", n * geom.in_channels, 1,
+                                        geom.height * geom.width),
                 [accumulator, itype(accumulator.size), np.int32(1), np.int32(geom.height * geom.width),
                  grad_input[part]],
             )

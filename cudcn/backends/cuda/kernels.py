@@ -172,11 +172,14 @@ def name_expressions(dtype: str) -> list[str]:
 #: one warp (their loops are warp-uniform, their sums warp shuffles); the
 #: layout passes give each warp rows of a tile.
 WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last",
-                "msda_forward", "msda_backward")
+                "layout_copies", "layout_copies_from_accum", "msda_forward", "msda_backward")
 
 #: The layout passes' tile (``kLayoutTile`` in kernels/dcn_layout.cu): a
 #: block transposes LAYOUT_TILE x LAYOUT_TILE elements at a time.
 LAYOUT_TILE = 32
+#: A layout copy that needs no tile moves LAYOUT_CHUNK elements per block at
+#: a time (``kLayoutChunk``).
+LAYOUT_CHUNK = LAYOUT_TILE * LAYOUT_TILE
 
 
 def block_shape(kernel: str, block: int = BLOCK) -> tuple[int, int]:

@@ -9,11 +9,16 @@ and choose 32- or 64-bit indexing per launch from the sizes involved.
 
 The sampling kernels (im2col, col2im, col2im_coord) give each sampling point
 a group of lanes (:func:`lanes_per_point`) and run over whole warps; the
-sorted col2im runs one thread per element; the layout passes one block per
-32 x 32 tile (:func:`layout_launch`). All of these are grid-stride launches
-of the engine's block size and block cap
-(:func:`cudcn.backends.cuda.engine.grid_stride`). The column-free forward
-launches one block per output tile instead.
+sorted col2im runs one thread per element. All of these are grid-stride
+launches of the engine's block size and block cap
+(:func:`cudcn.backends.cuda.engine.grid_stride`). The layout passes
+(``to_channels_last``, ``from_channels_last`` and ``layout_copies``, which
+does several copies and a zero fill in one launch) walk each copy in units
+of their own (:func:`copy_plan`): a 32 x 32 tile through shared memory
+where the copy transposes, so that loads and stores both run along
+contiguous memory, else 1024 elements in the destination's order; a block
+takes one unit at a time, up to the block cap. The column-free forward
+launches one block per output tile.
 """
 
 from __future__ import annotations
@@ -94,14 +99,13 @@ def mask_args(mask: Any, offset: Any) -> list[Any]:
 def layout_launch(engine: Engine, kernel: str, n: int, channels: int, pixels: int) -> Launch:
     """A launch of a layout pass (``to_channels_last``, ``from_channels_last``)
     over n images of channels x pixels: a block per tile of
-    :data:`~cudcn.backends.cuda.kernels.LAYOUT_TILE` squared elements, capped
-    at the engine's block cap (the kernels loop over the rest); a single
-    channel or pixel is a copy, a thread per element."""
-    if channels == 1 or pixels == 1:
-        return grid_stride(engine, kernel, n * channels * pixels)
-    tile = kernels.LAYOUT_TILE
-    tiles = n * -(-channels // tile) * -(-pixels // tile)
-    return kernel_launch(kernel, (min(max(tiles, 1), engine.max_blocks), 1, 1), engine.block)
+    :data:`~cudcn.backends.cuda.kernels.LAYOUT_TILE` squared elements (a
+    single channel or pixel is a plain copy, a block per
+    :data:`~cudcn.backends.cuda.kernels.LAYOUT_CHUNK` elements): the walk
+    of :func:`copy_plan`, which the kernels take too."""
+    rows, cols = (channels, pixels) if kernel == "to_channels_last" else (pixels, channels)
+    plan = copy_plan(view((1, n, cols, rows), (0, rows * cols, 1, cols)))
+    return _units_launch(engine, kernel, plan.units)
 
 
 def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -> Any:
@@ -198,18 +202,83 @@ def flat_view(size: int) -> View:
     return view((1, 1, 1, size), (0, 0, 0, 1))
 
 
+class CopyPlan(NamedTuple):
+    """How ``layout_copies`` walks one copy: ``LayoutCopy``'s fields in
+    kernels/dcn_layout.cu, and its units of work.
+
+    The destination's axes in the order of the walk, (a, b, c, d), d the
+    destination's contiguous one: their ``sizes``, the ``source`` strides and
+    the ``destination`` strides of a, b and c (d's is 1). ``tiled``: c is the
+    source's contiguous axis, and the copy goes through 32 x 32 tiles in
+    shared memory, each of 32 consecutive (b, c) positions by 32 of d; else
+    the destination is walked in order (a plain copy, a conversion, a
+    broadcast), ``kernels.LAYOUT_CHUNK`` elements a unit.
+    """
+
+    tiled: bool
+    sizes: tuple[int, int, int, int]
+    source: tuple[int, int, int, int]
+    destination: tuple[int, int, int]
+    units: int
+
+
+@functools.lru_cache(maxsize=1024)
+def copy_plan(view: View) -> CopyPlan:
+    """The walk of a copy through ``view``: tiled where it transposes -- the
+    destination's contiguous axis is strided in the source, and another axis
+    is the source's contiguous one -- else in destination order.
+
+    Tiled, the source's contiguous axis is c, and b is an axis that carries
+    the source's run on (its stride c's size: a tile row then reads 32
+    consecutive elements even where c is shorter, as the weight's kernel
+    points are) or else the destination's inner one of the other two.
+    """
+    sizes, strides = view.shape, view.strides
+    if max(sizes) + kernels.LAYOUT_CHUNK >= 2**31:  # the kernel carries positions along in 32-bit ints
+        raise ValueError(f"layout_copies takes axes of fewer than {2**31 - kernels.LAYOUT_CHUNK} elements, "
+                         f"got {sizes}")
+    natural = (sizes[1] * sizes[2] * sizes[3], sizes[2] * sizes[3], sizes[3])
+    contiguous = [axis for axis in range(3) if strides[axis] == 1 and sizes[axis] > 1]
+    tile = kernels.LAYOUT_TILE
+    if sizes[3] > 1 and strides[3] not in (0, 1) and contiguous:
+        c = contiguous[-1]
+        others = [axis for axis in range(3) if axis != c]
+        continuing = [axis for axis in others if sizes[axis] > 1 and strides[axis] == sizes[c]]
+        b = continuing[-1] if continuing else others[-1]
+        a = others[0] if b == others[1] else others[1]
+        order = (a, b, c)
+        units = sizes[a] * -(-sizes[b] * sizes[c] // tile) * -(-sizes[3] // tile)
+        tiled = True
+    else:
+        order, units, tiled = (0, 1, 2), -(-view.size // kernels.LAYOUT_CHUNK), False
+    return CopyPlan(tiled, (*(sizes[axis] for axis in order), sizes[3]),
+                    (*(strides[axis] for axis in order), strides[3]), tuple(natural[axis] for axis in order), units)
+
+
+def _units_launch(engine: Engine, kernel: str, units: int) -> Launch:
+    """A launch of a layout kernel: a block per unit, capped at the engine's
+    block cap (the kernels loop over the rest)."""
+    return kernel_launch(kernel, (min(max(units, 1), engine.max_blocks), 1, 1), engine.block)
+
+
 #: At most this many copies in one launch of :func:`layout_copies`.
 LAYOUT_COPIES = 3
 
 
+#: The arguments of a copy slot that copies nothing.
+_NO_COPY = CopyPlan(False, (0, 1, 1, 1), (0, 0, 0, 0), (0, 0, 0), 0)
+
+
 @functools.lru_cache(maxsize=1024)
-def _layout_scalars(views: tuple[View, ...], zero_words: int, itype: type) -> tuple:
-    """layout_copies' scalar arguments: each copy's total, sizes 1-3 and
-    strides 0-3 (the unused ones empty), then the zero fill's words."""
+def _layout_scalars(plans: tuple[CopyPlan, ...], zero_words: int, itype: type) -> tuple:
+    """layout_copies' scalar arguments: each slot's ``LayoutCopy`` fields
+    (whether tiled, sizes, source strides, destination strides), then the
+    zero fill's words."""
     scalars: list[Any] = []
     for slot in range(LAYOUT_COPIES):
-        shape, strides = (views[slot].shape, views[slot].strides) if slot < len(views) else ((0, 1, 1, 1), (0,) * 4)
-        scalars += [itype(math.prod(shape)), *map(np.int32, shape[1:]), *map(itype, strides)]
+        plan = plans[slot] if slot < len(plans) else _NO_COPY
+        scalars += [np.int32(plan.tiled), *map(np.int32, plan.sizes), *map(itype, plan.source),
+                    *map(itype, plan.destination)]
     return (*scalars, itype(zero_words))
 
 
@@ -223,7 +292,9 @@ def layout_copies(engine: Engine, geom: Geometry, copies: Sequence[tuple[Any, Vi
     call's dtype, or, with ``from_accumulator``, the sources in its
     accumulator dtype (float32, float64) and the destinations in the dtype.
     ``zero`` is any float array (float32 or float64 accumulators). Copies of
-    nothing are left out; with nothing left, nothing is launched.
+    nothing are left out; with nothing left, nothing is launched. Each copy
+    is walked as :func:`copy_plan` says, a transpose through tiles; the
+    launch's blocks share out the units of all of them.
     """
     copies = [copy for copy in copies if copy[1].size]
     zero_words = 0 if zero is None else zero.nbytes // 4
@@ -244,10 +315,11 @@ def layout_copies(engine: Engine, geom: Geometry, copies: Sequence[tuple[Any, Vi
     for slot in range(LAYOUT_COPIES):
         arrays += copies[slot][::2] if slot < len(copies) else (placeholder, placeholder)
     kernel = "layout_copies_from_accum" if from_accumulator else "layout_copies"
+    plans = tuple(copy_plan(view) for _, view, _ in copies)
+    units = sum(plan.units for plan in plans) + -(-zero_words // kernels.LAYOUT_CHUNK)
     engine.launch(
-        kernel, geom.dtype_name, index, grid_stride(engine, kernel, total),
-        [*arrays, placeholder if zero is None else zero,
-         *_layout_scalars(tuple(view for _, view, _ in copies), zero_words, itype)],
+        kernel, geom.dtype_name, index, _units_launch(engine, kernel, units),
+        [*arrays, placeholder if zero is None else zero, *_layout_scalars(plans, zero_words, itype)],
     )
 
 
