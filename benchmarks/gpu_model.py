@@ -485,7 +485,7 @@ def dry_run(op: "Operator", shape: tuple[int, ...], precision: str, algorithm: s
     dtype, tf32 = op.precisions()[precision]
     engine = DryRunEngine(record=True)
     args = op.arguments(shape, dtype, *op.extent(shape), empty=True)
-    args = {k: engine.track(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    args = {k: engine.adopt(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
     with cudcn.tf32(tf32):
         op.call(engine, algorithm, direction, args)
     return {
@@ -493,7 +493,7 @@ def dry_run(op: "Operator", shape: tuple[int, ...], precision: str, algorithm: s
                       "footprint": footprint}
                      for (name, launch), footprint in zip(engine.launches, engine.footprints)],
         "gemms": engine.gemm_calls,
-        "host_ops": [asdict(x) for x in engine.host_ops],
+        "host_ops": [asdict(x) for x in engine.device_ops],
     }
 
 

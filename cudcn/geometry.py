@@ -22,6 +22,7 @@ G          offset groups (offset.shape[1] / (2 * K))
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,7 +54,11 @@ _FLOAT_DTYPE_OBJECTS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.
 
 @dataclass(frozen=True)
 class Geometry:
-    """Everything a backend needs to know about one call, already checked."""
+    """Everything a backend needs to know about one call, already checked.
+
+    Hashable, and a key of the caches of per-signature work (its hash is
+    computed once).
+    """
 
     kind: str  # "numpy" or "cupy": which backend runs the call
     dtype: np.dtype
@@ -76,6 +81,24 @@ class Geometry:
     out_w: int
     has_mask: bool
     has_bias: bool
+
+    def __hash__(self) -> int:
+        # The dataclass hash would hash all fields on every lookup; this one
+        # is kept (the fields never change).
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict[str, Any]:
+        # String hashes differ from process to process: a copy hashes anew.
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @functools.cached_property
+    def dtype_name(self) -> str:
+        """``dtype.name`` (which NumPy computes anew on every read), kept."""
+        return self.dtype.name
 
     @property
     def kernel_points(self) -> int:
@@ -217,6 +240,94 @@ def check_float_arrays(arrays: Mapping[str, Any], nm: Callable[[str], str]) -> t
     return kinds[first], arrays[first].dtype
 
 
+class SignatureCache:
+    """A bounded map from call signatures to what was worked out for them.
+
+    A signature is a hashable key made only of what the work depends on --
+    array types, dtypes, shapes, devices, the int arguments -- never of
+    array contents. When full, the oldest entry goes (first in, first out).
+    Dictionary reads and writes are atomic in CPython, so threads may share
+    one; two threads missing at once both do the work, harmlessly.
+    """
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._items: dict[Any, Any] = {}
+
+    def get(self, key: Any) -> Any:
+        """The value stored for ``key``, or None (also when ``key`` cannot be hashed)."""
+        try:
+            return self._items.get(key)
+        except TypeError:
+            return None
+
+    def put(self, key: Any, value: Any) -> None:
+        """Keep ``value`` for ``key`` (nothing when ``key`` cannot be hashed)."""
+        try:
+            hash(key)
+        except TypeError:
+            return
+        items = self._items
+        while len(items) >= self.size:
+            try:
+                del items[next(iter(items))]
+            except (KeyError, StopIteration, RuntimeError):  # another thread got there first
+                break
+        items[key] = value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _Unkeyed(Exception):
+    """A call that cannot be keyed by its signature (it is validated in full)."""
+
+
+def int_args_key(value: Any) -> Any:
+    """An int argument (or a tuple of them, or None) as a hashable part of a
+    signature: the value itself when it is made of Python ints only (bool,
+    NumPy integers and everything else are left to the checks). Raises
+    :class:`_Unkeyed` otherwise."""
+    if value is None or type(value) is int:
+        return value
+    if type(value) in (tuple, list) and all(type(v) is int for v in value):
+        return tuple(value)
+    raise _Unkeyed
+
+
+def pair_key(value: Any) -> Any:
+    """An argument :func:`int_pair` reads (stride, padding, dilation,
+    kernel_size) as part of a signature: 1, (1,) and [1, 1] alike as (1, 1),
+    as :func:`int_pair` reads them (so that an adapter's lists and the
+    user's ints share a signature)."""
+    key = int_args_key(value)
+    if type(key) is int:
+        return key, key
+    if type(key) is tuple and len(key) == 1:
+        return key * 2
+    return key
+
+
+def _array_key(array: Any) -> Any:
+    """An array argument's part of a signature: type, dtype, shape (and GPU)."""
+    if array is None or array is _ABSENT:
+        return array
+    kind = type(array)
+    if kind is np.ndarray:
+        return kind, array.dtype, array.shape
+    try:  # a CuPy array; anything else is left to the checks
+        return kind, array.dtype, array.shape, array.device.id
+    except AttributeError:
+        raise _Unkeyed from None
+
+
+#: Geometries of the calls validated so far, by signature.
+_geometries = SignatureCache()
+
+
 def validate(
     *,
     input: Any = _ABSENT,
@@ -233,7 +344,7 @@ def validate(
     dilation: Any = 1,
     names: Mapping[str, str] | None = None,
 ) -> Geometry:
-    """Check one call and describe it.
+    """Check one call and describe it, once per signature.
 
     Either ``input`` or ``input_shape`` (for col2im) gives (N, C_in, H, W);
     either ``weight`` or ``kernel_size`` (for the building blocks) gives the
@@ -250,7 +361,37 @@ def validate(
         ArgumentError (a ValueError): a shape, size or geometry argument is
             wrong.
         Both are RuntimeErrors too, as torchvision's shape errors are.
+
+    A call whose signature -- array types, dtypes, shapes, GPU, the int
+    arguments -- was checked before gets the same Geometry without checking
+    again: nothing checked depends on the arrays' contents. (Calls that
+    cannot be keyed, e.g. with NumPy integers for stride, are checked in
+    full each time; calls that fail are never stored.) ``names`` only
+    changes error messages, so it is not part of the signature.
     """
+    try:
+        key = (
+            _array_key(input), _array_key(offset), _array_key(weight), _array_key(bias), _array_key(mask),
+            _array_key(grad_output), _array_key(columns), int_args_key(input_shape), pair_key(kernel_size),
+            pair_key(stride), pair_key(padding), pair_key(dilation),
+        )
+    except _Unkeyed:
+        key = None
+    else:
+        found = _geometries.get(key)
+        if found is not None:
+            return found
+    geom = _check(input, offset, weight, bias, mask, grad_output, columns, input_shape, kernel_size,
+                  stride, padding, dilation, names)
+    if key is not None:
+        _geometries.put(key, geom)
+    return geom
+
+
+def _check(input: Any, offset: Any, weight: Any, bias: Any, mask: Any, grad_output: Any, columns: Any,
+           input_shape: Any, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+           names: Mapping[str, str] | None) -> Geometry:
+    """:func:`validate`'s checks (its arguments, in order)."""
     names = dict(names or {})
 
     def nm(key: str) -> str:

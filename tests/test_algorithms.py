@@ -8,6 +8,7 @@ keeps the faster and returns its result, and that the choice is visible.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import types
@@ -17,7 +18,7 @@ import pytest
 
 import cudcn
 from cudcn.backends.cuda import algorithms
-from cudcn.geometry import validate
+from cudcn.geometry import SignatureCache, validate
 
 
 class NumpyEngine:
@@ -49,6 +50,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(algorithms, "REFERENCE", reference)
     monkeypatch.setattr(algorithms, "REGISTRY", {"im2col": reference, "fused": fused})
     monkeypatch.setattr(algorithms, "_choices", {})
+    monkeypatch.setattr(algorithms, "_applicable", SignatureCache())
     return {"im2col": reference_calls, "fused": fused_calls}
 
 
@@ -141,18 +143,90 @@ def test_environment_variable(value, expected):
         assert result.stdout.split() == ["imported", expected]
 
 
+def _stream(capturing: bool):
+    return types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(is_capturing=lambda: capturing))
+
+
 class CapturingEngine:
-    """An engine whose current stream is being captured into a CUDA graph."""
+    """An engine whose current stream is being captured into a CUDA graph,
+    and which cannot capture GEMMs (as CuPy's cuBLAS wrapper)."""
 
-    xp = types.SimpleNamespace(
-        cuda=types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(is_capturing=lambda: True))
-    )
+    xp = types.SimpleNamespace(cuda=_stream(True))
 
 
-def test_under_graph_capture_auto_takes_the_column_free_algorithm_untimed(registry):
-    """Nothing can be timed while a stream is captured, and CuPy refuses
-    cuBLAS calls then: the column-free algorithm runs where it applies."""
-    assert algorithms.run("forward", CapturingEngine(), _geometry()) == "fused"
-    assert registry["fused"] == [("forward", "float32")] and registry["im2col"] == []
-    assert algorithms.run("forward", CapturingEngine(), _geometry(np.float64)) == "im2col"
+class GemmCapturingEngine(CapturingEngine):
+    """A capturing engine that can capture GEMMs too (libcublas called directly)."""
+
+    captures_gemms = True
+
+
+def test_under_graph_capture_auto_runs_its_choice_for_the_key(registry):
+    """Nothing can be timed while a stream is captured: "auto" runs what it
+    measured for the key before the capture, whichever it chose."""
+    geom = _geometry()
+    algorithms.run("forward", NumpyEngine(), geom)  # measured: fused is faster here
+    assert algorithms.choices()[0].chosen == "fused"
+    calls = {name: len(c) for name, c in registry.items()}
+    assert algorithms.run("forward", GemmCapturingEngine(), geom) == "fused"
+    assert registry["fused"][calls["fused"]:] == [("forward", "float32")] and len(registry["im2col"]) == calls["im2col"]
+    # The same key with im2col measured faster: im2col runs under capture.
+    key = next(iter(algorithms._choices))
+    algorithms._choices[key] = _with_choice(algorithms._choices[key], "im2col")
+    assert algorithms.run("forward", GemmCapturingEngine(), geom) == "im2col"
+    assert len(algorithms.choices()) == 1  # nothing measured under capture
+
+
+def _with_choice(choice, chosen):
+    """``choice`` as if "auto" had measured ``chosen`` faster."""
+    return dataclasses.replace(choice, chosen=chosen)
+
+
+def test_under_graph_capture_an_unmeasured_key_runs_the_reference_untimed(registry):
+    assert algorithms.run("forward", GemmCapturingEngine(), _geometry()) == "im2col"
+    assert registry["im2col"] == [("forward", "float32")] and registry["fused"] == []
     assert algorithms.choices() == []
+
+
+def test_without_gemm_capture_the_column_free_algorithm_stands_in(registry):
+    """Where the engine cannot capture GEMMs, im2col (measured or not)
+    gives way to the column-free algorithm; where that does not apply
+    either, the call says why instead of failing inside CuPy."""
+    geom = _geometry()
+    assert algorithms.run("forward", CapturingEngine(), geom) == "fused"
+    algorithms.run("forward", NumpyEngine(), _geometry(batch=3))
+    key = next(iter(algorithms._choices))
+    algorithms._choices[key] = _with_choice(algorithms._choices[key], "im2col")
+    assert algorithms.run("forward", CapturingEngine(), _geometry(batch=3)) == "fused"
+    with pytest.raises(cudcn.UnsupportedError, match=r"cannot be captured into a CUDA graph.*no column-free "
+                                                     r"algorithm applies \(no float64\)"):
+        algorithms.run("forward", CapturingEngine(), _geometry(np.float64))
+    with cudcn.algorithm("im2col"), pytest.raises(cudcn.UnsupportedError, match="the algorithm setting is 'im2col'"):
+        algorithms.run("forward", CapturingEngine(), geom)
+
+
+def test_under_graph_capture_the_explicit_settings_stand(registry):
+    geom = _geometry()
+    with cudcn.algorithm("im2col"):
+        assert algorithms.run("forward", GemmCapturingEngine(), geom) == "im2col"
+    with cudcn.algorithm("fused"):
+        assert algorithms.run("backward", CapturingEngine(), geom) == "fused"
+        assert algorithms.run("forward", GemmCapturingEngine(), _geometry(np.float64)) == "im2col"
+    assert algorithms.choices() == []
+
+
+def test_what_applies_is_worked_out_once_per_key(registry, monkeypatch):
+    """The rules run on a key's first call only; another dtype is another key."""
+    seen = []
+    rule = algorithms.REGISTRY["fused"].applies
+
+    def counted(engine, geom, direction):
+        seen.append(geom.dtype.name)
+        return rule(engine, geom, direction)
+
+    monkeypatch.setitem(algorithms.REGISTRY, "fused", algorithms.Algorithm("fused", algorithms.REGISTRY["fused"].module,
+                                                                           counted))
+    with cudcn.algorithm("fused"):
+        for _ in range(3):
+            algorithms.run("forward", NumpyEngine(), _geometry())
+        algorithms.run("forward", NumpyEngine(), _geometry(np.float64))
+    assert seen == ["float32", "float64"]

@@ -236,9 +236,10 @@ def test_bfloat16_rounds_by_cvt_from_sm80(arch):
 @needs_nvrtc
 @pytest.mark.parametrize("dtype", list(cuda_kernels.TYPES))
 def test_layout_passes_transpose_through_shared_memory(dtype):
-    """to_channels_last and from_channels_last stage tiles in shared memory
-    between two barriers."""
-    names = [cuda_kernels.name_expression(k, dtype, "int") for k in ("to_channels_last", "from_channels_last")]
+    """to_channels_last, from_channels_last and layout_copies (both ways)
+    stage tiles in shared memory between two barriers."""
+    kernels = ("to_channels_last", "from_channels_last", "layout_copies", "layout_copies_from_accum")
+    names = list(dict.fromkeys(cuda_kernels.name_expression(k, dtype, "int") for k in kernels))
     for name, body in _ptx_bodies(names, 80).items():
         assert re.search(r"st\.shared\.", body) and re.search(r"ld\.shared\.", body), name
         assert body.count("bar.sync") >= 2, name

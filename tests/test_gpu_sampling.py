@@ -8,7 +8,10 @@ What the emulator can count but only a device can run:
   counts whose blocks do not (single channels);
 - the tiled layout passes, bit for bit against NumPy's transpose: whole
   and partial tiles, a single channel or pixel (the plain copy), and the
-  round trip through from_channels_last's float32 accumulator.
+  round trip through from_channels_last's float32 accumulator;
+- layout_copies with every view the im2col path copies through (tiled
+  transposes, the weight's runs, a broadcast, a conversion, a zero fill)
+  in one launch each way, bit for bit against NumPy.
 
 Every allocation starts as NaN bytes, so an element a kernel forgets fails.
 """
@@ -91,3 +94,59 @@ def test_layout_passes_match_numpy_bit_for_bit(dtype, channels, height, width):
                   [cupy.asarray(accum), itype(accum.size), np.int32(channels), np.int32(height * width), out])
     rounded = accum.transpose(0, 2, 1).reshape(3, channels, height, width).astype(dtype)
     assert cupy.asnumpy(out).tobytes() == rounded.tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layout_copies_match_numpy_bit_for_bit(dtype):
+    """The im2col path's layout_copies launches on a device: the input
+    channels-last, grad_output as GEMM rows and the weight matrix with a
+    zeroed accumulator; the accumulator, the weight gradient and a bias
+    gradient back, rounded to the dtype; a bias broadcast. Two groups and a
+    2 x 3 kernel, so that tiles are partial and cross images."""
+    dtype = _dtype(dtype)
+    rng = np.random.default_rng(7)
+    accum_dtype = np.float64 if dtype == np.float64 else np.float32
+    n, channels, out_channels = 3, 40, 36
+    x = rng.standard_normal((n, channels, 9, 7)).astype(dtype)
+    weight = rng.standard_normal((out_channels, channels // 2, 2, 3)).astype(dtype)
+    geom = validate(input=x, offset=np.zeros((n, 12, 8, 5), dtype), weight=weight)
+    grad_output = rng.standard_normal((n, out_channels, 8, 5)).astype(dtype)
+    engine = CupyEngine()
+    pixels = cupy.empty((n, 63, channels), dtype)
+    rows = cupy.empty((2, n * 40, out_channels // 2), dtype)
+    matrix = cupy.empty((2, 6 * channels // 2, out_channels // 2), dtype)
+    zeroed = cupy.full((n, 63, channels), np.nan, accum_dtype)
+    launchers.layout_copies(engine, geom, [
+        (cupy.asarray(x), launchers.channels_last_view(geom, n), pixels),
+        (cupy.asarray(grad_output), launchers.rows_view(geom, n), rows),
+        (cupy.asarray(weight), launchers.weight_matrix_view(geom), matrix),
+    ], zero=zeroed)
+    from cudcn.backends.layout import weight_matrix
+
+    assert cupy.asnumpy(pixels).tobytes() == np.ascontiguousarray(x.reshape(n, channels, 63).transpose(0, 2, 1)).tobytes()
+    expected_rows = grad_output.reshape(n, 2, out_channels // 2, 40).transpose(1, 0, 3, 2)
+    assert cupy.asnumpy(rows).tobytes() == np.ascontiguousarray(expected_rows).tobytes()
+    assert cupy.asnumpy(matrix).tobytes() == np.ascontiguousarray(weight_matrix(geom, weight, dtype)).tobytes()
+    assert not cupy.asnumpy(zeroed).any()
+
+    accum = rng.standard_normal((n, 63, channels)).astype(accum_dtype)
+    matrix_t = rng.standard_normal((2, out_channels // 2, 6 * channels // 2)).astype(accum_dtype)
+    bias_sum = rng.standard_normal(out_channels).astype(accum_dtype)
+    grad_input = cupy.empty(x.shape, dtype)
+    grad_weight = cupy.empty(weight.shape, dtype)
+    grad_bias = cupy.empty(out_channels, dtype)
+    launchers.layout_copies(engine, geom, [
+        (cupy.asarray(accum), launchers.from_channels_last_view(geom, n), grad_input),
+        (cupy.asarray(matrix_t), launchers.weight_from_matrix_view(geom), grad_weight),
+        (cupy.asarray(bias_sum), launchers.flat_view(out_channels), grad_bias),
+    ], from_accumulator=True)
+    assert cupy.asnumpy(grad_input).tobytes() == accum.transpose(0, 2, 1).reshape(x.shape).astype(dtype).tobytes()
+    expected_weight = matrix_t.reshape(2, out_channels // 2, 6, channels // 2).transpose(0, 1, 3, 2)
+    assert cupy.asnumpy(grad_weight).tobytes() == expected_weight.reshape(weight.shape).astype(dtype).tobytes()
+    assert cupy.asnumpy(grad_bias).tobytes() == bias_sum.astype(dtype).tobytes()
+
+    out = cupy.empty((n, out_channels, 8, 5), dtype)
+    bias = rng.standard_normal(out_channels).astype(dtype)
+    launchers.layout_copies(engine, geom, [(cupy.asarray(bias), launchers.bias_view(geom, n), out)])
+    assert cupy.asnumpy(out).tobytes() == np.ascontiguousarray(
+        np.broadcast_to(bias.reshape(1, -1, 1, 1), out.shape)).tobytes()

@@ -320,16 +320,17 @@ def test_deterministic_algorithms_cpu_runs_and_repeats():
 
 @pytest.fixture
 def determinism_seen_by_backend(monkeypatch):
-    """A list that records, per core backward call, whether cudcn's
+    """A list that records, per backend backward call, whether cudcn's
     deterministic setting was on (a spy, so it runs on the CPU)."""
     seen = []
-    backward = cudcn.deform_conv2d_backward
+    backend = cudcn.backends.load("numpy")
+    backward = backend.backward
 
     def spy(*args, **kwargs):
         seen.append(cudcn.are_deterministic_algorithms_enabled())
         return backward(*args, **kwargs)
 
-    monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy)
+    monkeypatch.setattr(backend, "backward", spy)
     return seen
 
 
@@ -337,7 +338,7 @@ def test_deterministic_algorithms_reach_the_backend(determinism_seen_by_backend)
     """torch.use_deterministic_algorithms(True) runs the backward under
     cudcn.deterministic_algorithms(True) (the CUDA backend's sorted input
     gradient); otherwise cudcn's own setting stands. Checked by a spy on the
-    core call, so it runs on the CPU."""
+    backend call, so it runs on the CPU."""
     seen = determinism_seen_by_backend
     input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
     previous = torch.are_deterministic_algorithms_enabled()
@@ -374,13 +375,14 @@ def test_algorithm_and_workspace_at_the_forward_reach_a_backward_in_another_thre
     thread, so the algorithm and workspace budget in force at the forward
     travel with the graph (simulated with backward() in a fresh thread)."""
     seen = []
-    backward = cudcn.deform_conv2d_backward
+    backend = cudcn.backends.load("numpy")
+    backward = backend.backward
 
     def spy(*args, **kwargs):
         seen.append((cudcn.get_algorithm(), cudcn.get_workspace_bytes()))
         return backward(*args, **kwargs)
 
-    monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy)
+    monkeypatch.setattr(backend, "backward", spy)
     input, offset, weight, bias, mask, conv = make_args(GEOMETRIES[0])
     leaves = [t.detach().requires_grad_() for t in (input, offset, weight, bias, mask)]
     with cudcn.algorithm("im2col"), cudcn.workspace_bytes(4096):

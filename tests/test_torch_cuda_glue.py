@@ -37,9 +37,10 @@ def _args():
 
 @pytest.fixture
 def tf32_seen(monkeypatch):
-    """(call, TF32 setting) for every core forward and backward call (a spy)."""
+    """(call, TF32 setting) for every backend forward and backward call (a spy)."""
     seen = []
-    forward, backward = cudcn.deform_conv2d, cudcn.deform_conv2d_backward
+    backend = cudcn.backends.load("numpy")
+    forward, backward = backend.forward, backend.backward
 
     def spy(name, fn):
         def call(*args, **kwargs):
@@ -47,8 +48,8 @@ def tf32_seen(monkeypatch):
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(cudcn, "deform_conv2d", spy("forward", forward))
-    monkeypatch.setattr(cudcn, "deform_conv2d_backward", spy("backward", backward))
+    monkeypatch.setattr(backend, "forward", spy("forward", forward))
+    monkeypatch.setattr(backend, "backward", spy("backward", backward))
     return seen
 
 

@@ -165,8 +165,8 @@ H100_SMS = 132
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_im2col_launches_fill_an_h100(shape, dtype):
-    """Forward and backward: every kernel launch of the im2col path (layout
-    passes, im2col, col2im, col2im_coord) at least 4 x 132 blocks, chunks
+    """Forward and backward: every kernel launch of the im2col path (the
+    layout copies, im2col, col2im, col2im_coord) at least 4 x 132 blocks, chunks
     balanced under the default workspace budget (float64 at N32 C128 32x32
     took 28 and 4 images, the second chunk's layout passes 512 tiles)."""
     if dtype == "bfloat16":
@@ -178,8 +178,7 @@ def test_im2col_launches_fill_an_h100(shape, dtype):
     im2col_gemm.forward(engine, geom, *(arrays[k] for k in ("input", "offset", "weight", "bias", "mask")))
     im2col_gemm.backward(engine, geom, grad_output, *(arrays[k] for k in ("input", "offset", "weight", "mask")))
     kernels = {name.split("<")[0] for name, _ in engine.launches}
-    assert kernels == {"to_channels_last", "deform_im2col", "deform_col2im", "from_channels_last",
-                       "deform_col2im_coord"}
+    assert kernels == {"layout_copies", "deform_im2col", "deform_col2im", "deform_col2im_coord"}
     small = [(name, launch.grid) for name, launch in engine.launches if launch.grid[0] < 4 * H100_SMS]
     assert not small, small
 

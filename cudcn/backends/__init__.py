@@ -89,9 +89,16 @@ def array_kind(value: Any, name: str) -> str:
     )
 
 
+#: Backend modules already imported, by array kind.
+_loaded: dict[str, ModuleType] = {}
+
+
 def load(kind: str) -> ModuleType:
     """The backend module for an array kind (imported on first use)."""
-    return importlib.import_module(_MODULES[kind])
+    module = _loaded.get(kind)
+    if module is None:
+        module = _loaded[kind] = importlib.import_module(_MODULES[kind])
+    return module
 
 
 def function(kind: str, name: str, argument: str) -> Callable[..., Any]:

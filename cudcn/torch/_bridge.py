@@ -18,13 +18,20 @@ attention, ...) is built from these pieces:
   :func:`backward_settings` around the backward op, which autograd may run
   in another thread;
 - arguments: :func:`autocast`, :func:`as_list` and :func:`script_list`
-  (an int or a pair as a list, in Python and in TorchScript).
+  (an int or a pair as a list, in Python and in TorchScript);
+- host time: :func:`signature` (a call's key for a cache of its checked
+  geometry, :class:`cudcn.geometry.SignatureCache`), :func:`backend_geometry`
+  (that geometry for the backend the tensors' device runs), and
+  :func:`eager` (whether a call may skip ``torch.library``'s dispatch, whose
+  Python path costs several times the rest of a small call, for an
+  ``autograd.Function`` of its own).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator
+import dataclasses
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,7 +41,7 @@ from torch import Tensor
 import cudcn
 from cudcn.backends.cuda.engine import external_stream
 from cudcn.errors import ArgumentError, ArgumentTypeError
-from cudcn.geometry import FLOAT_DTYPES
+from cudcn.geometry import FLOAT_DTYPES, Geometry, pair_key
 
 IntOrPair = int | tuple[int, int]
 
@@ -50,11 +57,20 @@ _ZERO_BYTES = bytes(16)  # the buffer of every stand-in (all strides are 0)
 def stand_in(name: str, t: Tensor) -> np.ndarray:
     """A NumPy array with t's shape and dtype and no data, for the core's validation.
 
-    bfloat16 shows as float32 (NumPy has none): :func:`check_tensors` keeps
-    bfloat16 mixed with another dtype out.
+    bfloat16 shows as the dtype the backend will see (:func:`to_array`):
+    float32 on the CPU, ml_dtypes' bfloat16 for a CUDA tensor (float32 where
+    ml_dtypes is missing; :func:`to_array` then says why CuPy cannot take it).
+    :func:`check_tensors` keeps bfloat16 mixed with another dtype out.
     """
     if t.dtype == torch.bfloat16:
         dtype = np.dtype(np.float32)
+        if t.is_cuda:
+            try:
+                import ml_dtypes
+
+                dtype = np.dtype(ml_dtypes.bfloat16)
+            except ImportError:
+                pass
     else:
         try:
             dtype = np.dtype(str(t.dtype).removeprefix("torch."))
@@ -135,6 +151,72 @@ def is_static(*tensors: Tensor | None) -> bool:
     )
 
 
+def signature(tensors: Sequence[Tensor | None], args: Sequence[Any]) -> tuple | None:
+    """A call's key for a :class:`cudcn.geometry.SignatureCache` of its checks,
+    or None when it has none (then it is checked in full).
+
+    Made of what :func:`check_tensors` and the core's validation look at:
+    each tensor's type, dtype, shape, device and layout, and the int
+    arguments (:func:`cudcn.geometry.pair_key`: an int and its pair alike);
+    never of contents.
+    """
+    key: list[Any] = []
+    try:
+        for t in tensors:
+            if t is None:
+                key.append(None)
+            else:
+                key += (type(t), t.dtype, t.shape, t.device, t.layout)
+        key += map(pair_key, args)
+    except Exception:  # nested tensors have no shape; an argument of another kind
+        return None
+    return tuple(key)  # unhashable with symbolic sizes (torch.compile): see SignatureCache.get
+
+
+def backend_geometry(geom: Geometry, t: Tensor) -> Geometry:
+    """``geom``, checked on NumPy stand-ins, for the backend that runs ``t``'s
+    device: the CUDA backend (CuPy arrays) for a CUDA tensor."""
+    if t.is_cuda and geom.kind != "cupy":
+        return dataclasses.replace(geom, kind="cupy")
+    return geom
+
+
+#: Tensor types a call may take straight to an autograd.Function (subclasses,
+#: fake and functional tensors go through the custom op).
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _c_flag(name: str) -> Any:
+    # torch's private switches; where one is missing, the custom op always runs.
+    return getattr(torch._C, name, lambda: True)
+
+
+_torch_function_mode = _c_flag("_is_torch_function_mode_enabled")
+_dispatch_modes = _c_flag("_len_torch_dispatch_stack")
+_functorch_transforms = _c_flag("_are_functorch_transforms_active")
+_tracing_state = _c_flag("_get_tracing_state")
+_profiler_enabled = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", lambda: True)
+
+
+def eager(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether a call on these tensors may run as a plain ``autograd.Function``
+    instead of its custom op: plain CPU or CUDA tensors (those of the
+    first, the others on its device: :func:`check_tensors`), outside torch.compile and
+    torch.export, TorchScript tracing, torch function and dispatch modes
+    (fake tensors, FlopCounterMode, ...), functorch transforms (vmap, grad)
+    and the profiler (which then shows the op by name). The op and the
+    Function compute alike; the op's dispatch through ``torch.library`` costs
+    tens of microseconds of Python per call.
+    """
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    if not (tensors[0].is_cpu or tensors[0].is_cuda):  # meta tensors: the op's fake implementation
+        return False
+    return not (torch.compiler.is_compiling() or _torch_function_mode() or _dispatch_modes()
+                or _functorch_transforms() or _tracing_state() is not None or _profiler_enabled())
+
+
 # --------------------------------------------------------------------------
 # Tensors to arrays and back
 # --------------------------------------------------------------------------
@@ -145,6 +227,10 @@ def to_array(t: Tensor | None) -> Any:
     (None stays None). A CPU bfloat16 tensor becomes a float32 copy."""
     if t is None:
         return None
+    if not t.is_cuda and t.dtype != torch.bfloat16:
+        # numpy(force=True) detaches in C++: the same memory, at half the cost.
+        array = t.numpy(force=True)
+        return array if array.flags.c_contiguous else np.ascontiguousarray(array)
     t = t.detach().contiguous()
     if t.is_cuda:
         import cupy
@@ -158,14 +244,20 @@ def to_array(t: Tensor | None) -> Any:
 
             cause = cupy_bfloat16_problem() or f"CuPy could not import the tensor through DLPack: {error}"
             raise ArgumentTypeError(f"bfloat16 CUDA tensors need CuPy's bfloat16: {cause}") from error
-    if t.dtype == torch.bfloat16:  # NumPy's DLPack has no bfloat16.
-        t = t.float()
-    return np.from_dlpack(t)
+    return t.float().numpy()  # NumPy has no bfloat16
 
 
 def to_tensor(array: Any, dtype: torch.dtype) -> Tensor:
     """A backend result as a contiguous tensor of ``dtype`` (no copy when it is one)."""
-    return torch.from_dlpack(array).to(dtype).contiguous()
+    if type(array) is np.ndarray:
+        t = torch.from_numpy(array)
+        if t.dtype == dtype and array.flags.c_contiguous:
+            return t
+    else:
+        t = torch.from_dlpack(array)
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
 
 
 # --------------------------------------------------------------------------
@@ -186,22 +278,39 @@ def torch_allocator(stream: int) -> Any:
     return cupy.cuda.memory.PythonFunctionAllocator(malloc, free).malloc
 
 
-@contextlib.contextmanager
-def backend_context(t: Tensor) -> Iterator[None]:
+#: One context that does nothing, for the CPU (a nullcontext can be reused).
+_NO_CONTEXT = contextlib.nullcontext()
+
+#: (device, torch stream handle) -> (CuPy stream, allocator): made once. A
+#: handle names one CUDA stream for as long as it exists; the objects hold
+#: no more than the handle.
+_cuda_streams: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def backend_context(t: Tensor) -> contextlib.AbstractContextManager:
     """Where a call on ``t`` runs: for CUDA, CuPy on t's device and torch's stream.
 
     DLPack exchanges inside this context see one stream on both sides, so
     they add no synchronisation.
     """
     if not t.is_cuda:
-        yield
-        return
+        return _NO_CONTEXT
+    return _cuda_context(t)
+
+
+@contextlib.contextmanager
+def _cuda_context(t: Tensor) -> Iterator[None]:
     import cupy
 
     device_id = t.device.index
-    stream = torch.cuda.current_stream(t.device)
-    allocator = torch_allocator(stream.cuda_stream)
-    cupy_stream = external_stream(cupy, stream.cuda_stream, device_id)  # 0, torch's default stream, made explicit
+    handle = torch.cuda.current_stream(t.device).cuda_stream
+    made = _cuda_streams.get((device_id, handle))
+    if made is None:
+        # 0, torch's default stream, made explicit
+        made = _cuda_streams[device_id, handle] = (
+            external_stream(cupy, handle, device_id), torch_allocator(handle)
+        )
+    cupy_stream, allocator = made
     with cupy.cuda.Device(device_id), cupy_stream, cupy.cuda.using_allocator(allocator):
         yield
 
@@ -209,6 +318,10 @@ def backend_context(t: Tensor) -> Iterator[None]:
 # --------------------------------------------------------------------------
 # cudcn's settings, from a forward to its backward
 # --------------------------------------------------------------------------
+
+
+_CUBLAS_MODULE = type(torch.backends.cuda.matmul)
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
 def torch_allows_tf32() -> bool:
@@ -220,6 +333,9 @@ def torch_allows_tf32() -> bool:
     fp32_precision; torch before it has only allow_tf32.
     """
     matmul = torch.backends.cuda.matmul
+    if type(matmul) is _CUBLAS_MODULE and _FP32_PRECISION is not None:
+        # What matmul.fp32_precision reads, without its Python __getattr__.
+        return _FP32_PRECISION("cuda", "matmul") == "tf32"
     precision = getattr(matmul, "fp32_precision", None)
     if precision is None:
         return bool(matmul.allow_tf32)
@@ -232,7 +348,7 @@ def tf32_setting(requested: bool) -> contextlib.AbstractContextManager:
     matmuls (read where the op runs: torch's setting is global)."""
     if requested or torch_allows_tf32():
         return cudcn.tf32(True)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 class ForwardSettings(NamedTuple):
@@ -259,10 +375,9 @@ def settings_at_forward() -> ForwardSettings:
     )
 
 
-@contextlib.contextmanager
 def backward_settings(
     deterministic: bool, tf32: bool, algorithm: str = "", workspace_bytes: int = 0
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager:
     """cudcn's settings for a backward op, from :func:`settings_at_forward`:
 
     - the deterministic path when the forward ran under cudcn's setting
@@ -270,15 +385,29 @@ def backward_settings(
     - TF32 as :func:`tf32_setting`;
     - the forward's algorithm and workspace budget ("" and 0: leave this
       thread's own).
+
+    Only what differs from this thread's settings is entered (each costs a
+    context variable's set and reset).
     """
+    needed = []
+    if (deterministic or torch.are_deterministic_algorithms_enabled()) and not cudcn.are_deterministic_algorithms_enabled():
+        needed.append(cudcn.deterministic_algorithms(True))
+    if not cudcn.is_tf32_enabled() and (tf32 or torch_allows_tf32()):
+        needed.append(cudcn.tf32(True))
+    if algorithm and algorithm != cudcn.get_algorithm():
+        needed.append(cudcn.algorithm(algorithm))
+    if workspace_bytes and workspace_bytes != cudcn.get_workspace_bytes():
+        needed.append(cudcn.workspace_bytes(workspace_bytes))
+    if not needed:
+        return _NO_CONTEXT
+    return needed[0] if len(needed) == 1 else _entered(needed)
+
+
+@contextlib.contextmanager
+def _entered(contexts: list[contextlib.AbstractContextManager]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        if deterministic or torch.are_deterministic_algorithms_enabled():
-            stack.enter_context(cudcn.deterministic_algorithms(True))
-        stack.enter_context(tf32_setting(tf32))
-        if algorithm:
-            stack.enter_context(cudcn.algorithm(algorithm))
-        if workspace_bytes:
-            stack.enter_context(cudcn.workspace_bytes(workspace_bytes))
+        for context in contexts:
+            stack.enter_context(context)
         yield
 
 

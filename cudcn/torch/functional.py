@@ -1,13 +1,21 @@
 """``cudcn.torch.deform_conv2d``: the custom ops, their fake implementations
-and autograd, and the public function.
+and autograd, the eager autograd.Function, and the public function.
 
 The pattern for an operator family: a forward op and a backward op
 (``torch.library.custom_op``), each checking its tensors and running the
-core inside :func:`~cudcn.torch._bridge.backend_context`; fake
+backend inside :func:`~cudcn.torch._bridge.backend_context`; fake
 implementations that run the core's validation on stand-ins; autograd that
 saves :func:`~cudcn.torch._bridge.settings_at_forward` for the backward op;
 and a public function that applies autocast, checks the call as the user
-wrote it and calls the forward op.
+wrote it and calls the forward op -- or, in plain eager calls
+(:func:`~cudcn.torch._bridge.eager`), an ``autograd.Function`` that runs
+the same forward and backward without ``torch.library``'s dispatch and
+hands the forward's geometry to its backward.
+
+One validation per call: :func:`_check` keeps each signature's geometry
+(:func:`~cudcn.torch._bridge.signature`), so that the public function, the
+op's implementation and its fake one check a signature once, and the
+backends run that geometry without checking again.
 """
 
 from __future__ import annotations
@@ -20,20 +28,25 @@ import torch
 from torch import Tensor
 
 import cudcn
+from cudcn import backends
 from cudcn.errors import ArgumentError, ArgumentTypeError, double_backward_error
-from cudcn.geometry import Geometry, check_ndim, output_size, validate
+from cudcn.geometry import Geometry, SignatureCache, check_ndim, output_size, validate
 from cudcn.msda_geometry import LAYOUTS as MSDA_LAYOUTS
 from cudcn.msda_geometry import MSDAGeometry, validate_msda
 from cudcn.torch._bridge import (
+    ForwardSettings,
     IntOrPair,
     as_list,
     autocast,
     backend_context,
+    backend_geometry,
     backward_settings,
     check_tensors,
+    eager,
     is_static,
     script_list,
     settings_at_forward,
+    signature,
     stand_ins,
     tf32_setting,
     to_array,
@@ -42,6 +55,9 @@ from cudcn.torch._bridge import (
 
 #: The tensors a call may leave out.
 OPTIONAL = ("bias", "mask")
+
+#: Geometries of the calls checked so far, by :func:`signature`.
+_geometries = SignatureCache()
 
 
 def _check(
@@ -55,15 +71,45 @@ def _check(
     dilation: Any,
     grad_output: Tensor | None = None,
 ) -> Geometry:
-    """The core's validation, on data-less NumPy stand-ins of the tensors.
+    """The core's validation, on data-less NumPy stand-ins of the tensors,
+    once per signature; the geometry is that of the backend the tensors'
+    device runs (:func:`~cudcn.torch._bridge.backend_geometry`).
 
     Gives the core's error messages before any data moves, also while
-    torch.compile traces with fake tensors.
+    torch.compile traces with fake tensors. A backward's call (with
+    ``grad_output``) has the forward's geometry.
     """
+    key = signature((input, offset, weight, bias, mask, grad_output), (stride, padding, dilation))
+    found = None if key is None else _geometries.get(key)
+    if found is not None:
+        return found
     tensors = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     if grad_output is not None:  # a backward's
         tensors["grad_output"] = grad_output
-    return validate(**stand_ins(tensors, OPTIONAL), stride=stride, padding=padding, dilation=dilation)
+    geom = validate(**stand_ins(tensors, OPTIONAL), stride=stride, padding=padding, dilation=dilation)
+    geom = backend_geometry(geom, input)
+    if key is not None:
+        _geometries.put(key, geom)
+    return geom
+
+
+def _run_forward(geom: Geometry, input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None,
+             mask: Tensor | None) -> Tensor:
+    """Output (N, C_out, Ho, Wo): the backend's forward of a checked call."""
+    with backend_context(input), tf32_setting(cudcn.is_tf32_enabled()):
+        arrays = [to_array(t) for t in (input, offset, weight, bias, mask)]
+        out = backends.load(geom.kind).forward(geom, *arrays)
+        return to_tensor(out, input.dtype)
+
+
+def _run_backward(geom: Geometry, settings: ForwardSettings, grad_output: Tensor, input: Tensor, offset: Tensor,
+              weight: Tensor, mask: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Gradients (input, offset, weight, bias or None, mask or None): the
+    backend's backward of a checked call, under the forward's settings."""
+    with backend_context(input), backward_settings(*settings):
+        arrays = [to_array(t) for t in (grad_output, input, offset, weight, mask)]
+        grads = backends.load(geom.kind).backward(geom, *arrays)
+        return tuple(None if g is None else to_tensor(g, input.dtype) for g in grads)
 
 
 # --------------------------------------------------------------------------
@@ -82,14 +128,9 @@ def _deform_conv2d_op(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> Tensor:
-    """Output (N, C_out, Ho, Wo) from the core's forward."""
-    check_tensors({"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}, OPTIONAL)
-    with backend_context(input), tf32_setting(cudcn.is_tf32_enabled()):
-        arrays = [to_array(t) for t in (input, offset, weight, bias, mask)]
-        out = cudcn.deform_conv2d(
-            *arrays[:4], stride=stride, padding=padding, dilation=dilation, mask=arrays[4]
-        )
-        return to_tensor(out, input.dtype)
+    """Output (N, C_out, Ho, Wo) from the backend's forward."""
+    geom = _check(input, offset, weight, bias, mask, stride, padding, dilation)
+    return _run_forward(geom, input, offset, weight, bias, mask)
 
 
 @_deform_conv2d_op.register_fake
@@ -128,18 +169,10 @@ def _deform_conv2d_backward_op(
     ``workspace_bytes`` are cudcn's settings at the forward ("" and 0: this
     thread's own).
     """
-    check_tensors({
-        "input": input, "offset": offset, "weight": weight, "bias": bias,
-        "mask": mask, "grad_output": grad_output,
-    }, OPTIONAL)
-    with backend_context(input), backward_settings(deterministic, tf32, algorithm, workspace_bytes):
-        arrays = [to_array(t) for t in (grad_output, input, offset, weight, bias, mask)]
-        grads = cudcn.deform_conv2d_backward(
-            *arrays[:5], stride=stride, padding=padding, dilation=dilation, mask=arrays[5]
-        )
-        return tuple(
-            input.new_empty(0) if g is None else to_tensor(g, input.dtype) for g in grads
-        )
+    geom = _check(input, offset, weight, bias, mask, stride, padding, dilation, grad_output)
+    settings = ForwardSettings(deterministic, tf32, algorithm, workspace_bytes)
+    grads = _run_backward(geom, settings, grad_output, input, offset, weight, mask)
+    return tuple(input.new_empty(0) if g is None else g for g in grads)
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -195,6 +228,37 @@ def _no_double_backward(ctx, *grads):
 # Gradients taken with create_graph=True are fine; differentiating them again
 # reaches this, and says so, instead of torch's "no autograd formula".
 torch.library.register_autograd("cudcn::deform_conv2d_backward", _no_double_backward)
+
+
+class _DeformConv2dFunction(torch.autograd.Function):
+    """Plain eager calls (:func:`~cudcn.torch._bridge.eager`): the op's
+    forward and backward without ``torch.library``'s dispatch, the forward's
+    geometry handed to the backward (no second validation)."""
+
+    @staticmethod
+    def forward(ctx, geom: Geometry, input, offset, weight, bias, mask):
+        out = _run_forward(geom, input, offset, weight, bias, mask)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(input, offset, weight, bias, mask)
+            ctx.geom = geom
+            ctx.settings = settings_at_forward()  # here, in the caller's thread
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, offset, weight, bias, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: through the backward op, whose own backward
+            # says that double backward is not supported.
+            geom = ctx.geom
+            conv_args = ([geom.stride_h, geom.stride_w], [geom.pad_h, geom.pad_w], [geom.dil_h, geom.dil_w])
+            grads = _deform_conv2d_backward_op(grad_output, input, offset, weight, bias, mask, *conv_args,
+                                               *ctx.settings)
+            grads = [g if present else None for g, present in zip(grads, (True, True, True, bias is not None,
+                                                                          mask is not None))]
+        else:
+            grads = _run_backward(ctx.geom, ctx.settings, grad_output, input, offset, weight, mask)
+        return (None, *grads)
 
 
 # --------------------------------------------------------------------------
@@ -255,7 +319,9 @@ def deform_conv2d(
     if not torch.compiler.is_compiling():
         # Report wrong arguments as the user wrote them (the op sees lists);
         # under torch.compile the fake implementation checks instead.
-        _check(input, offset, weight, bias, mask, stride, padding, dilation)
+        geom = _check(input, offset, weight, bias, mask, stride, padding, dilation)
+        if eager((input, offset, weight, bias, mask)):
+            return _DeformConv2dFunction.apply(geom, input, offset, weight, bias, mask)
     return _deform_conv2d_op(
         input, offset, weight, bias, mask,
         as_list(stride), as_list(padding), as_list(dilation),

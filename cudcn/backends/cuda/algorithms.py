@@ -19,12 +19,18 @@ CUDCN_ALGORITHM) picks:
   timed with CUDA events) and the faster is remembered for the rest of the process, as
   ``torch.backends.cudnn.benchmark`` does. That first call therefore costs
   two runs of each candidate and one wait for the device; later calls with
-  the same key cost nothing extra. With one candidate nothing is timed; while
-  the stream is being captured into a CUDA graph nothing is timed either and
-  the column-free algorithm runs where it applies (CuPy cannot capture
-  im2col's cuBLAS calls), else the reference.
+  the same key cost nothing extra. With one candidate nothing is timed.
 
-:func:`choices` lists what "auto" has measured and chosen.
+While the stream is being captured into a CUDA graph nothing can be timed:
+"auto" runs what it chose for the key before the capture, or, for a key it
+has not measured, the reference. An algorithm whose GEMMs the engine cannot
+capture (``engine.captures_gemms``; CuPy's cuBLAS wrapper refuses, so the
+CUDA engine calls libcublas itself then) gives way to one that can; where
+none applies, the call raises :class:`cudcn.UnsupportedError` saying why.
+
+The algorithms that apply are worked out once per key (a bounded cache),
+so that a known call costs a few dictionary lookups here. :func:`choices`
+lists what "auto" has measured and chosen.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 
 from cudcn import config
 from cudcn.backends.cuda import fused, im2col_gemm
-from cudcn.geometry import Geometry
+from cudcn.geometry import Geometry, SignatureCache
 
 DIRECTIONS = ("forward", "backward")
 
@@ -84,6 +90,7 @@ def choices() -> list[Choice]:
 def clear_choices() -> None:
     """Forget every choice (the next call of each key measures again)."""
     _choices.clear()
+    _applicable.clear()
 
 
 def _settings() -> tuple[tuple[str, Any], ...]:
@@ -98,6 +105,18 @@ def _settings() -> tuple[tuple[str, Any], ...]:
 def candidates(engine: Any, geom: Geometry, direction: str) -> list[Algorithm]:
     """The algorithms that can run this call on the engine's device, the reference first."""
     return [a for a in REGISTRY.values() if a.applies(engine, geom, direction) is None]
+
+
+def capturable(engine: Any, algorithm: Algorithm) -> bool:
+    """Whether ``algorithm`` can run on a stream being captured into a CUDA
+    graph: the reference only where the engine can capture its GEMMs (the
+    column-free algorithm has none)."""
+    return algorithm is not REFERENCE or bool(getattr(engine, "captures_gemms", False))
+
+
+#: (device, direction, geometry, settings, capability) -> the algorithms
+#: that apply, the reference first: worked out once per key.
+_applicable = SignatureCache()
 
 
 def _device_timer(engine: Any) -> Callable[[Callable[[], Any]], tuple[float, Any]]:
@@ -127,29 +146,66 @@ def _capturing(engine: Any) -> bool:
     return bool(getattr(stream, "is_capturing", lambda: False)())
 
 
+def _device(engine: Any) -> int | None:
+    cuda = getattr(engine.xp, "cuda", None)
+    return cuda.runtime.getDevice() if cuda is not None and hasattr(cuda, "runtime") else None
+
+
 def run(direction: str, engine: Any, geom: Geometry, *arrays: Any) -> Any:
     """Run ``direction`` ("forward" or "backward") of the algorithm the setting picks."""
     setting = config.get_algorithm()
-    applicable = candidates(engine, geom, direction)
-    if setting == "im2col" or len(applicable) == 1:
+    key = (_device(engine), direction, geom, _settings())
+    capability = getattr(engine, "capability", None)
+    applicable = _applicable.get((key, capability))
+    if applicable is None:
+        applicable = candidates(engine, geom, direction)
+        _applicable.put((key, capability), applicable)
+    if _capturing(engine):
+        chosen = _captured(engine, geom, direction, setting, applicable, _choices.get(key))
+    elif setting == "im2col" or len(applicable) == 1:
         chosen = REFERENCE
-    elif setting == "fused" or _capturing(engine):
-        # Under CUDA-graph capture nothing can be timed, and CuPy refuses
-        # cuBLAS calls (im2col's GEMMs) while a stream is being captured.
+    elif setting == "fused":
         chosen = applicable[1]
     else:
-        return _auto(direction, engine, geom, applicable, arrays)
+        known = _choices.get(key)
+        if known is None:
+            return _auto(key, engine, geom, applicable, arrays)
+        chosen = REGISTRY[known.chosen]
     return getattr(chosen.module, direction)(engine, geom, *arrays)
 
 
-def _auto(direction: str, engine: Any, geom: Geometry, applicable: list[Algorithm], arrays) -> Any:
-    settings = _settings()
-    cuda = getattr(engine.xp, "cuda", None)
-    device = cuda.runtime.getDevice() if cuda is not None and hasattr(cuda, "runtime") else None
-    key = (device, direction, geom, settings)
-    known = _choices.get(key)
-    if known is not None:
-        return getattr(REGISTRY[known.chosen].module, direction)(engine, geom, *arrays)
+def _captured(engine: Any, geom: Geometry, direction: str, setting: str, applicable: list[Algorithm],
+              known: Choice | None) -> Algorithm:
+    """The algorithm for a call on a stream being captured into a CUDA graph
+    (nothing can be timed): the setting's, "auto"'s choice for the key, else
+    the reference -- or, where that cannot be captured, the first that can."""
+    if setting == "im2col":
+        wanted = REFERENCE
+    elif setting == "fused":
+        wanted = applicable[1] if len(applicable) > 1 else REFERENCE
+    else:
+        wanted = REGISTRY[known.chosen] if known is not None else REFERENCE
+    if capturable(engine, wanted):
+        return wanted
+    usable = [a for a in applicable if capturable(engine, a)]
+    if setting != "im2col" and usable:
+        return usable[0]
+    if setting == "im2col":
+        why = "the algorithm setting is 'im2col'"
+    else:
+        reasons = [a.applies(engine, geom, direction) for a in REGISTRY.values() if a is not REFERENCE]
+        why = f"no column-free algorithm applies ({'; '.join(r for r in reasons if r)})"
+    from cudcn.errors import UnsupportedError
+
+    raise UnsupportedError(
+        f"this deformable convolution {direction} cannot be captured into a CUDA graph: im2col's GEMMs "
+        f"cannot be captured here (CuPy's cuBLAS wrapper refuses a capturing stream; cudcn's own route "
+        f"needs libcublas and one call outside a capture first, which makes its cuBLAS handle), and {why}"
+    )
+
+
+def _auto(key: tuple, engine: Any, geom: Geometry, applicable: list[Algorithm], arrays) -> Any:
+    _, direction, _, settings = key
     measure = _device_timer(engine)
     seconds: dict[str, float] = {}
     best = None

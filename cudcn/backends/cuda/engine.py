@@ -16,6 +16,7 @@ arguments are checked without a GPU too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from cudcn.backends.cuda import kernels
+
+
+@functools.lru_cache(maxsize=None)
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, which NumPy computes anew on every read, looked up once."""
+    return dtype.name
 
 
 #: What one GEMM may combine: (A and B dtype, C dtype), each a cuBLAS
@@ -74,7 +81,7 @@ class Gemm:
     tf32: bool = False
 
     def __post_init__(self) -> None:
-        types = (self.a.dtype.name, self.c.dtype.name)
+        types = (dtype_name(self.a.dtype), dtype_name(self.c.dtype))
         if self.b.dtype != self.a.dtype or types not in GEMM_TYPES:
             raise TypeError(f"no cuBLAS GEMM takes A {self.a.dtype}, B {self.b.dtype}, C {self.c.dtype}")
         if self.tf32 and types != ("float32", "float32"):
@@ -141,6 +148,7 @@ class Engine(Protocol):
         """Run one strided batched GEMM (see :class:`Gemm`)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def kernel_launch(kernel: str, grid: tuple[int, int, int], block: int = kernels.BLOCK) -> Launch:
     """A launch of ``kernel`` over ``grid``, its block and dynamic shared
     memory as :func:`cudcn.backends.cuda.kernels.block_shape` gives them
@@ -153,8 +161,13 @@ def grid_stride(engine: Engine, kernel: str, threads: int) -> Launch:
     """A 1-D launch of ``kernel`` for a grid-stride loop wanting ``threads``
     threads, capped at ``engine.max_blocks`` blocks; the block is the
     engine's (whole warps for the sampling kernels: :func:`kernel_launch`)."""
-    per_block, _ = kernels.block_shape(kernel, engine.block)
-    return kernel_launch(kernel, (min(max(-(-threads // per_block), 1), engine.max_blocks), 1, 1), engine.block)
+    return _grid_stride(kernel, threads, engine.block, engine.max_blocks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_stride(kernel: str, threads: int, block: int, max_blocks: int) -> Launch:
+    per_block, _ = kernels.block_shape(kernel, block)
+    return kernel_launch(kernel, (min(max(-(-threads // per_block), 1), max_blocks), 1, 1), block)
 
 
 class CupyEngine:
@@ -168,9 +181,11 @@ class CupyEngine:
         import cupy
 
         self.xp = cupy
-        # (device id, name expression) -> kernel: looked up once, not per launch.
-        self._functions: dict[tuple[int, str], Any] = {}
+        # (device id, kernel, dtype, index type) -> kernel: looked up once, not per launch.
+        self._functions: dict[tuple[int, str, str, str], Any] = {}
         self._capabilities: dict[int, int] = {}
+        # device id -> a cuBLAS handle of cudcn's own, for GEMMs captured into CUDA graphs
+        self._capture_handles: dict[int, int] = {}
 
     @property
     def capability(self) -> int:
@@ -182,10 +197,10 @@ class CupyEngine:
         return known
 
     def launch(self, kernel: str, dtype: str, index: str, launch: Launch, args: Sequence[Any]) -> None:
-        name = kernels.name_expression(kernel, dtype, index)
-        key = (self.xp.cuda.runtime.getDevice(), name)
+        key = (self.xp.cuda.runtime.getDevice(), kernel, dtype, index)
         function = self._functions.get(key)
         if function is None:
+            name = kernels.name_expression(kernel, dtype, index)
             function = self._functions[key] = kernels.module(dtype).get_function(name)
         if launch.shared_bytes > DEFAULT_SHARED_BYTES and function.max_dynamic_shared_size_bytes < launch.shared_bytes:
             # Above 48 KiB a kernel must opt in (a function attribute, kept
@@ -202,32 +217,159 @@ class CupyEngine:
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
 
-        data_type = {
-            "float16": runtime.CUDA_R_16F, "bfloat16": runtime.CUDA_R_16BF,
-            "float32": runtime.CUDA_R_32F, "float64": runtime.CUDA_R_64F,
-        }
-        double = call.c.dtype == np.float64
-        if double:
-            compute = cublas.CUBLAS_COMPUTE_64F
-        else:
-            compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if call.tf32 else cublas.CUBLAS_COMPUTE_32F
-        scale = np.float64 if double else np.float32
-        alpha, beta = np.array(1, scale), np.array(call.beta, scale)  # host scalars, read during the call
-        operation = {False: cublas.CUBLAS_OP_N, True: cublas.CUBLAS_OP_T}
+        arguments = gemm_arguments(call, cublas, runtime)
+        device = runtime.getDevice()
+        stream = self.xp.cuda.get_current_stream()
+        if not stream.is_capturing():
+            # bound to the current stream by the call
+            cublas.gemmStridedBatchedEx(self.xp.cuda.device.get_cublas_handle(), *arguments)
+            if device not in self._capture_handles:  # made now, outside any capture, for a later one
+                self._capture_handles[device] = cublas.create()
+            return
+        handle = self._capture_handles.get(device)
+        library = _captured_cublas()
+        if handle is None or library is None:
+            from cudcn.errors import UnsupportedError
 
-        def pointer(array: Any, offset: int) -> int:
-            return array.data.ptr + offset * array.itemsize
+            raise UnsupportedError(
+                "a GEMM cannot be captured into a CUDA graph here: "
+                + ("run one call outside the capture first (a cuBLAS handle cannot be made during one)"
+                   if library is not None else "libcublas was not found in this process")
+            )
+        # Workspace from the allocator in force: a graph's own pool under
+        # torch.cuda.graph; freed after the call, reused in stream order.
+        workspace = self.xp.empty(CAPTURE_WORKSPACE_BYTES, np.uint8)
+        library.run(handle, stream.ptr, workspace.data.ptr, workspace.nbytes, arguments)
 
-        cublas.gemmStridedBatchedEx(
-            self.xp.cuda.device.get_cublas_handle(),  # bound to the current stream by the call
-            operation[call.trans_a], operation[call.trans_b], call.m, call.n, call.k,
-            alpha.ctypes.data,
-            pointer(call.a, call.offset_a), data_type[call.a.dtype.name], call.lda, call.stride_a,
-            pointer(call.b, call.offset_b), data_type[call.b.dtype.name], call.ldb, call.stride_b,
-            beta.ctypes.data,
-            pointer(call.c, call.offset_c), data_type[call.c.dtype.name], call.ldc, call.stride_c,
-            call.batch, compute, cublas.CUBLAS_GEMM_DEFAULT,
-        )
+    @property
+    def captures_gemms(self) -> bool:
+        """Whether GEMMs can run on a stream being captured into a CUDA graph
+        on the current device: through libcublas itself (CuPy's cuBLAS
+        wrapper refuses them), on a handle made by a GEMM outside a capture."""
+        return self.xp.cuda.runtime.getDevice() in self._capture_handles and _captured_cublas() is not None
+
+
+#: Workspace of a GEMM captured into a CUDA graph (cuBLAS allocates none
+#: during a capture; its guide asks for 32 MiB on Hopper, 4 MiB before).
+CAPTURE_WORKSPACE_BYTES = 32 * 2**20
+
+#: Host scalars alpha and beta of the GEMMs, by (scale type, value): never
+#: written, so one array each serves every call (and stays alive while
+#: cuBLAS reads it; under a capture its value is baked into the graph).
+_SCALARS: dict[tuple[type, float], np.ndarray] = {}
+
+
+def _scalar(scale: type, value: float) -> np.ndarray:
+    array = _SCALARS.get((scale, value))
+    if array is None:
+        array = _SCALARS[scale, value] = np.array(value, scale)
+        array.flags.writeable = False
+    return array
+
+
+def gemm_arguments(call: Gemm, cublas: Any, runtime: Any) -> tuple:
+    """``cublasGemmStridedBatchedEx``'s arguments after the handle, in its
+    order, for ``call``. ``cublas`` and ``runtime`` give the constants
+    (CuPy's ``cupy_backends`` modules)."""
+    double = call.c.dtype == np.float64
+    if double:
+        compute = cublas.CUBLAS_COMPUTE_64F
+    else:
+        compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if call.tf32 else cublas.CUBLAS_COMPUTE_32F
+    scale = np.float64 if double else np.float32
+    alpha, beta = _scalar(scale, 1.0), _scalar(scale, float(call.beta))  # host scalars, read during the call
+    data_type = {
+        "float16": runtime.CUDA_R_16F, "bfloat16": runtime.CUDA_R_16BF,
+        "float32": runtime.CUDA_R_32F, "float64": runtime.CUDA_R_64F,
+    }
+    operation = {False: cublas.CUBLAS_OP_N, True: cublas.CUBLAS_OP_T}
+
+    def pointer(array: Any, offset: int) -> int:
+        return array.data.ptr + offset * array.itemsize
+
+    arguments = (
+        operation[call.trans_a], operation[call.trans_b], call.m, call.n, call.k,
+        alpha.ctypes.data,
+        pointer(call.a, call.offset_a), data_type[dtype_name(call.a.dtype)], call.lda, call.stride_a,
+        pointer(call.b, call.offset_b), data_type[dtype_name(call.b.dtype)], call.ldb, call.stride_b,
+        beta.ctypes.data,
+        pointer(call.c, call.offset_c), data_type[dtype_name(call.c.dtype)], call.ldc, call.stride_c,
+        call.batch, compute, cublas.CUBLAS_GEMM_DEFAULT,
+    )
+    return arguments
+
+
+class CapturedCublas:
+    """The libcublas functions a GEMM captured into a CUDA graph needs, called
+    through ctypes.
+
+    CuPy's cuBLAS wrapper (``cupy_backends.cuda.libs.cublas``) binds its
+    handle to the current stream before every call and refuses when that
+    stream is being captured (its ``setStream`` raises NotImplementedError),
+    although cuBLAS itself can be captured given a workspace it need not
+    allocate. So a captured GEMM runs on a handle of cudcn's own (made
+    outside the capture), bound here to the capturing stream, with a
+    workspace of its own, through ``cublasGemmStridedBatchedEx`` itself, with
+    the very arguments CuPy's wrapper would get (:func:`gemm_arguments`).
+    """
+
+    def __init__(self, library: Any) -> None:
+        import ctypes
+
+        pointer, integer, wide = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        self.set_stream = library.cublasSetStream_v2
+        self.set_stream.argtypes = [pointer, pointer]
+        self.set_workspace = library.cublasSetWorkspace_v2
+        self.set_workspace.argtypes = [pointer, pointer, ctypes.c_size_t]
+        self.gemm = library.cublasGemmStridedBatchedEx
+        self.gemm.argtypes = [
+            pointer, integer, integer, integer, integer, integer, pointer,
+            pointer, integer, integer, wide, pointer, integer, integer, wide,
+            pointer, pointer, integer, integer, wide, integer, integer, integer,
+        ]
+        for function in (self.set_stream, self.set_workspace, self.gemm):
+            function.restype = integer
+
+    def run(self, handle: int, stream: int, workspace: int, workspace_bytes: int, arguments: tuple) -> None:
+        """One GEMM (:func:`gemm_arguments`) on ``handle``, bound to ``stream``, with the given workspace."""
+        for name, call in (
+            ("cublasSetStream", lambda: self.set_stream(handle, stream)),
+            ("cublasSetWorkspace", lambda: self.set_workspace(handle, workspace, workspace_bytes)),
+            ("cublasGemmStridedBatchedEx", lambda: self.gemm(handle, *arguments)),
+        ):
+            status = call()
+            if status != 0:
+                raise RuntimeError(f"{name} failed during a CUDA-graph capture: cuBLAS status {status}")
+
+
+def _libcublas_path() -> str | None:
+    """The libcublas that CuPy's cuBLAS wrapper loaded into this process, if any."""
+    try:
+        import cupy_backends.cuda.libs.cublas  # noqa: F401  (loads libcublas)
+
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if path.rsplit("/", 1)[-1].startswith("libcublas.so"):
+                    return path
+    except (ImportError, OSError):
+        pass
+    import ctypes.util
+
+    return ctypes.util.find_library("cublas")
+
+
+@functools.lru_cache(maxsize=None)
+def _captured_cublas() -> CapturedCublas | None:
+    path = _libcublas_path()
+    if path is None:
+        return None
+    import ctypes
+
+    try:
+        return CapturedCublas(ctypes.CDLL(path))
+    except (OSError, AttributeError):  # no library, or one without these functions
+        return None
 
 
 #: CUDA's explicit handle of the legacy default stream (cudaStreamLegacy),

@@ -213,7 +213,8 @@ def _data_gradients(engine: Engine, geom: Geometry, suffix: str, grad_output, in
             index, itype = launchers.index_type(engine, accumulator.size)
             engine.launch(
                 "from_channels_last", geom.dtype.name, index,
-                grid_stride(engine, "from_channels_last", accumulator.size),
+                launchers.layout_launch(engine, "from_channels_last", n * geom.in_channels, 1,
+                                        geom.height * geom.width),
                 [accumulator, itype(accumulator.size), np.int32(1), np.int32(geom.height * geom.width),
                  grad_input[part]],
             )
@@ -241,5 +242,5 @@ def backward(engine: Engine, geom: Geometry, grad_output: Any, input: Any, offse
     _data_gradients(engine, geom, suffix, grad_output, input, offset, weight, mask, grad_input, grad_offset, grad_mask)
     grad_bias = None
     if geom.has_bias:  # summed in float32 as it is read, as im2col + GEMM does
-        grad_bias = xp.sum(grad_output, axis=(0, 2, 3), dtype=np.float32).astype(geom.dtype)
+        grad_bias = xp.sum(grad_output, axis=(0, 2, 3), dtype=np.float32).astype(geom.dtype, copy=False)
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask

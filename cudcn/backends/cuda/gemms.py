@@ -87,22 +87,27 @@ def column_gradients(engine: Engine, grad_rows: Any, matrix: Any, out: Any) -> N
     ))
 
 
-def add_transposed_product(engine: Engine, a: Any, b: Any, out: Any) -> None:
-    """out (batch, P, Q) += a (batch, R, P)^T @ b (batch, R, Q), summed in out's dtype.
+def add_transposed_product(engine: Engine, a: Any, b: Any, out: Any, beta: float = 1.0) -> None:
+    """out (batch, P, Q) = a (batch, R, P)^T @ b (batch, R, Q) + beta * out, summed in out's dtype.
 
     The weight gradient: a and b share a dtype; out is float32 (float64), so
-    that chunks add up without rounding to a half type. Row-major out is
+    that chunks add up without rounding to a half type (beta = 0 for the
+    first, whose out is then not read). Row-major out is
     column-major out^T = b^T a: b is stored as b^T (Q, R) and a as a^T
     (P, R), so op(A) = b as stored and op(B) = a^T transposed.
     """
     batch, rows, p = a.shape
     q = b.shape[2]
-    if out.size == 0 or rows == 0:
+    if out.size == 0:
+        return
+    if rows == 0:  # an empty sum (and cuBLAS needs k >= 1)
+        if beta == 0:
+            out[...] = 0
         return
     engine.gemm(Gemm(
         trans_a=False, trans_b=True, m=q, n=p, k=rows,
         a=b, lda=q, stride_a=rows * q,
         b=a, ldb=p, stride_b=rows * p,
-        beta=1.0, c=out, ldc=q, stride_c=p * q, batch=batch,
+        beta=beta, c=out, ldc=q, stride_c=p * q, batch=batch,
         tf32=_tf32(a),
     ))

@@ -121,6 +121,8 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
         "deform_col2im_coord": (t.value, t.column),
         "to_channels_last": (t.value,),
         "from_channels_last": (t.accum, t.value),
+        "layout_copies": (t.value, t.value),
+        "layout_copies_from_accum": (t.accum, t.value),
         "fused_weight_split_sum": (t.value,),
         "msda_forward": (t.value,),
         "msda_backward": (t.value, t.accum),
@@ -133,14 +135,16 @@ def name_expression(kernel: str, dtype: str, index: str) -> str:
         "sorted_gather": (t.value, t.accum),
         "accum_to_storage": (t.accum, t.value),
     }[kernel]
+    if kernel == "layout_copies_from_accum":
+        kernel = "layout_copies"  # the same template, from the accumulator type
     return f"{kernel}<{', '.join(args + (index,))}>"
 
 
 #: Every launchable kernel name.
 KERNELS = (
     "deform_im2col", "deform_col2im", "deform_col2im_keys", "deform_col2im_gather",
-    "deform_col2im_coord", "to_channels_last", "from_channels_last", "fused_weight_split_sum",
-    *FUSED_KERNELS,
+    "deform_col2im_coord", "to_channels_last", "from_channels_last", "layout_copies",
+    "layout_copies_from_accum", "fused_weight_split_sum", *FUSED_KERNELS,
     "msda_forward", "msda_backward", "msda_value_keys",
     "dcnv3_softmax_stats", "dcnv3_forward", "dcnv3_backward", "dcnv3_softmax_backward", "dcnv3_input_keys",
     "sorted_gather", "accum_to_storage",
@@ -154,9 +158,15 @@ def has_kernel(kernel: str, dtype: str) -> bool:
 
 def instantiations(dtype: str) -> list[tuple[str, str, str]]:
     """(kernel, index type, name expression) of every instantiation one dtype
-    needs: each kernel it has, both index types."""
-    return [(k, index, name_expression(k, dtype, index))
-            for index in INDEX_TYPES for k in KERNELS if has_kernel(k, dtype)]
+    needs: each kernel it has, both index types; each name once (where the
+    accumulator type is the dtype, layout_copies_from_accum is layout_copies)."""
+    found: dict[str, tuple[str, str, str]] = {}
+    for index in INDEX_TYPES:
+        for k in KERNELS:
+            if has_kernel(k, dtype):
+                name = name_expression(k, dtype, index)
+                found.setdefault(name, (k, index, name))
+    return list(found.values())
 
 
 def name_expressions(dtype: str) -> list[str]:
@@ -170,11 +180,15 @@ def name_expressions(dtype: str) -> list[str]:
 #: warp-uniform, their sums warp shuffles); the layout passes give each warp
 #: rows of a tile.
 WARP_KERNELS = ("deform_im2col", "deform_col2im", "deform_col2im_coord", "to_channels_last", "from_channels_last",
-                "msda_forward", "msda_backward", "dcnv3_forward", "dcnv3_backward")
+                "layout_copies", "layout_copies_from_accum", "msda_forward", "msda_backward",
+                "dcnv3_forward", "dcnv3_backward")
 
 #: The layout passes' tile (``kLayoutTile`` in kernels/dcn_layout.cu): a
 #: block transposes LAYOUT_TILE x LAYOUT_TILE elements at a time.
 LAYOUT_TILE = 32
+#: A layout copy that needs no tile moves LAYOUT_CHUNK elements per block at
+#: a time (``kLayoutChunk``).
+LAYOUT_CHUNK = LAYOUT_TILE * LAYOUT_TILE
 
 
 def block_shape(kernel: str, block: int = BLOCK) -> tuple[int, int]:

@@ -9,22 +9,30 @@ and choose 32- or 64-bit indexing per launch from the sizes involved.
 
 The sampling kernels (im2col, col2im, col2im_coord) give each sampling point
 a group of lanes (:func:`lanes_per_point`) and run over whole warps; the
-sorted col2im runs one thread per element; the layout passes one block per
-32 x 32 tile (:func:`layout_launch`). All of these are grid-stride launches
-of the engine's block size and block cap
-(:func:`cudcn.backends.cuda.engine.grid_stride`). The column-free forward
-launches one block per output tile instead.
+sorted col2im runs one thread per element. All of these are grid-stride
+launches of the engine's block size and block cap
+(:func:`cudcn.backends.cuda.engine.grid_stride`). The layout passes
+(``to_channels_last``, ``from_channels_last`` and ``layout_copies``, which
+does several copies and a zero fill in one launch) walk each copy in units
+of their own (:func:`copy_plan`): a 32 x 32 tile through shared memory
+where the copy transposes, so that loads and stores both run along
+contiguous memory, else 1024 elements in the destination's order; a block
+takes one unit at a time, up to the block cap. The column-free forward
+launches one block per output tile.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from cudcn import config
 from cudcn.backends.cuda import kernels
-from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, Launch, grid_stride, kernel_launch
+from cudcn.backends.cuda.engine import MAX_GRID, WARP, Engine, Launch, _grid_stride, grid_stride, kernel_launch
 from cudcn.geometry import Geometry
 
 
@@ -48,24 +56,30 @@ def lanes_per_point(geom: Geometry, kernel: str = "deform_im2col") -> int:
     accumulator for col2im (4 float32, 2 float64), whose lanes are laid out
     for its atomics (kernels/dcn_col2im.cu)."""
     if kernel == "deform_col2im":
-        per_lane = 16 // np.dtype(kernels.TYPES[geom.dtype.name].accum_dtype).itemsize
+        per_lane = 16 // np.dtype(kernels.TYPES[geom.dtype_name].accum_dtype).itemsize
     else:
-        per_lane = kernels.channels_per_lane(geom.dtype.name)
+        per_lane = kernels.channels_per_lane(geom.dtype_name)
     blocks = -(-(geom.in_channels // geom.offset_groups) // per_lane)
     return min(WARP, 1 << (blocks - 1).bit_length())
 
 
 def _sampling_launch(engine: Engine, kernel: str, geom: Geometry, n: int):
     """(points, lanes per point, launch) of a sampling kernel over n images."""
+    return _sampling_shape(kernel, geom, n, engine.block, engine.max_blocks)
+
+
+@functools.lru_cache(maxsize=4096)  # a function of the signature alone, made once
+def _sampling_shape(kernel: str, geom: Geometry, n: int, block: int, max_blocks: int):
     points = sampling_points(geom, n)
     lanes = lanes_per_point(geom, kernel)
     warps = -(-points * lanes // WARP)
-    return points, lanes, grid_stride(engine, kernel, warps * WARP)
+    return points, lanes, _grid_stride(kernel, warps * WARP, block, max_blocks)
 
 
-def shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
+@functools.lru_cache(maxsize=4096)  # a function of the signature alone, made once
+def shape_args(geom: Geometry, batch: int, groups: int) -> tuple[np.int32, ...]:
     """The kernels' DCN_SHAPE_PARAMS, in order (kernels/dcn_common.cuh)."""
-    return [
+    return tuple(
         np.int32(v)
         for v in (
             batch, geom.in_channels, geom.height, geom.width,
@@ -73,7 +87,7 @@ def shape_args(geom: Geometry, batch: int, groups: int) -> list[np.int32]:
             geom.pad_h, geom.pad_w, geom.dil_h, geom.dil_w,
             geom.out_h, geom.out_w, geom.offset_groups, groups,
         )
-    ]
+    )
 
 
 def mask_args(mask: Any, offset: Any) -> list[Any]:
@@ -85,14 +99,13 @@ def mask_args(mask: Any, offset: Any) -> list[Any]:
 def layout_launch(engine: Engine, kernel: str, n: int, channels: int, pixels: int) -> Launch:
     """A launch of a layout pass (``to_channels_last``, ``from_channels_last``)
     over n images of channels x pixels: a block per tile of
-    :data:`~cudcn.backends.cuda.kernels.LAYOUT_TILE` squared elements, capped
-    at the engine's block cap (the kernels loop over the rest); a single
-    channel or pixel is a copy, a thread per element."""
-    if channels == 1 or pixels == 1:
-        return grid_stride(engine, kernel, n * channels * pixels)
-    tile = kernels.LAYOUT_TILE
-    tiles = n * -(-channels // tile) * -(-pixels // tile)
-    return kernel_launch(kernel, (min(max(tiles, 1), engine.max_blocks), 1, 1), engine.block)
+    :data:`~cudcn.backends.cuda.kernels.LAYOUT_TILE` squared elements (a
+    single channel or pixel is a plain copy, a block per
+    :data:`~cudcn.backends.cuda.kernels.LAYOUT_CHUNK` elements): the walk
+    of :func:`copy_plan`, which the kernels take too."""
+    rows, cols = (channels, pixels) if kernel == "to_channels_last" else (pixels, channels)
+    plan = copy_plan(view((1, n, cols, rows), (0, rows * cols, 1, cols)))
+    return _units_launch(engine, kernel, plan.units)
 
 
 def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -> Any:
@@ -105,11 +118,209 @@ def channels_last(engine: Engine, geom: Geometry, input: Any, out: Any = None) -
     if out.size:
         index, itype = index_type(engine, out.size)
         engine.launch(
-            "to_channels_last", geom.dtype.name, index,
+            "to_channels_last", geom.dtype_name, index,
             layout_launch(engine, "to_channels_last", n, geom.in_channels, pixels),
             [input, itype(out.size), np.int32(geom.in_channels), np.int32(pixels), out],
         )
     return out
+
+
+class View(NamedTuple):
+    """How one copy of :func:`layout_copies` reads its source.
+
+    The destination is contiguous, of shape ``shape`` (four axes) and
+    ``size`` elements; its element (a, b, c, d) is element
+    ``a*s0 + b*s1 + c*s2 + d*s3`` of the contiguous source,
+    (s0, s1, s2, s3) = ``strides`` (in elements): a transpose, a broadcast
+    (stride 0) or a plain copy. Make one with :func:`view`.
+    """
+
+    shape: tuple[int, int, int, int]
+    strides: tuple[int, int, int, int]
+    size: int
+
+
+def view(shape: tuple[int, int, int, int], strides: tuple[int, int, int, int]) -> View:
+    return View(shape, strides, math.prod(shape))
+
+
+# The views of the algorithms' layout passes: functions of the geometry
+# alone, made once per signature.
+
+
+@functools.lru_cache(maxsize=1024)
+def channels_last_view(geom: Geometry, n: int) -> View:
+    """(n, H*W, C) from n images (n, C, H, W)."""
+    pixels, channels = geom.height * geom.width, geom.in_channels
+    return view((1, n, pixels, channels), (0, channels * pixels, 1, pixels))
+
+
+@functools.lru_cache(maxsize=1024)
+def from_channels_last_view(geom: Geometry, n: int) -> View:
+    """(n, C, H, W) from n images channels-last (n, H*W, C)."""
+    pixels, channels = geom.height * geom.width, geom.in_channels
+    return view((1, n, channels, pixels), (0, pixels * channels, 1, channels))
+
+
+@functools.lru_cache(maxsize=1024)
+def weight_matrix_view(geom: Geometry) -> View:
+    """The GEMM operand (groups, K, C/groups, O/groups) (``layout.weight_matrix``)
+    from the weight (O, C/groups, kh, kw), i.e. (groups, O/groups, C/groups, K)."""
+    groups, K = geom.groups, geom.kernel_points
+    per_group_out, group_channels = geom.out_channels // groups, geom.in_channels // groups
+    return view((groups, K, group_channels, per_group_out),
+                (per_group_out * group_channels * K, 1, K, group_channels * K))
+
+
+@functools.lru_cache(maxsize=1024)
+def weight_from_matrix_view(geom: Geometry) -> View:
+    """The weight's layout (groups, O/groups, C/groups, K) from the transposed
+    GEMM result (groups, O/groups, K, C/groups)."""
+    groups, K = geom.groups, geom.kernel_points
+    per_group_out, group_channels = geom.out_channels // groups, geom.in_channels // groups
+    return view((groups, per_group_out, group_channels, K),
+                (per_group_out * K * group_channels, K * group_channels, 1, group_channels))
+
+
+@functools.lru_cache(maxsize=1024)
+def rows_view(geom: Geometry, n: int) -> View:
+    """GEMM rows (groups, n, Ho*Wo, O/groups) from n images of grad_output (n, O, Ho, Wo)."""
+    groups, L = geom.groups, geom.out_pixels
+    per_group_out = geom.out_channels // groups
+    return view((groups, n, L, per_group_out), (per_group_out * L, groups * per_group_out * L, 1, L))
+
+
+@functools.lru_cache(maxsize=1024)
+def bias_view(geom: Geometry, n: int) -> View:
+    """n images' output (n, O, Ho, Wo) from the bias (O,), broadcast."""
+    return view((1, n, geom.out_channels, geom.out_pixels), (0, 0, 1, 0))
+
+
+@functools.lru_cache(maxsize=1024)
+def flat_view(size: int) -> View:
+    """A plain copy of ``size`` elements (a conversion of dtype)."""
+    return view((1, 1, 1, size), (0, 0, 0, 1))
+
+
+class CopyPlan(NamedTuple):
+    """How ``layout_copies`` walks one copy: ``LayoutCopy``'s fields in
+    kernels/dcn_layout.cu, and its units of work.
+
+    The destination's axes in the order of the walk, (a, b, c, d), d the
+    destination's contiguous one: their ``sizes``, the ``source`` strides and
+    the ``destination`` strides of a, b and c (d's is 1). ``tiled``: c is the
+    source's contiguous axis, and the copy goes through 32 x 32 tiles in
+    shared memory, each of 32 consecutive (b, c) positions by 32 of d; else
+    the destination is walked in order (a plain copy, a conversion, a
+    broadcast), ``kernels.LAYOUT_CHUNK`` elements a unit.
+    """
+
+    tiled: bool
+    sizes: tuple[int, int, int, int]
+    source: tuple[int, int, int, int]
+    destination: tuple[int, int, int]
+    units: int
+
+
+@functools.lru_cache(maxsize=1024)
+def copy_plan(view: View) -> CopyPlan:
+    """The walk of a copy through ``view``: tiled where it transposes -- the
+    destination's contiguous axis is strided in the source, and another axis
+    is the source's contiguous one -- else in destination order.
+
+    Tiled, the source's contiguous axis is c, and b is an axis that carries
+    the source's run on (its stride c's size: a tile row then reads 32
+    consecutive elements even where c is shorter, as the weight's kernel
+    points are) or else the destination's inner one of the other two.
+    """
+    sizes, strides = view.shape, view.strides
+    if max(sizes) + kernels.LAYOUT_CHUNK >= 2**31:  # the kernel carries positions along in 32-bit ints
+        raise ValueError(f"layout_copies takes axes of fewer than {2**31 - kernels.LAYOUT_CHUNK} elements, "
+                         f"got {sizes}")
+    natural = (sizes[1] * sizes[2] * sizes[3], sizes[2] * sizes[3], sizes[3])
+    contiguous = [axis for axis in range(3) if strides[axis] == 1 and sizes[axis] > 1]
+    tile = kernels.LAYOUT_TILE
+    if sizes[3] > 1 and strides[3] not in (0, 1) and contiguous:
+        c = contiguous[-1]
+        others = [axis for axis in range(3) if axis != c]
+        continuing = [axis for axis in others if sizes[axis] > 1 and strides[axis] == sizes[c]]
+        b = continuing[-1] if continuing else others[-1]
+        a = others[0] if b == others[1] else others[1]
+        order = (a, b, c)
+        units = sizes[a] * -(-sizes[b] * sizes[c] // tile) * -(-sizes[3] // tile)
+        tiled = True
+    else:
+        order, units, tiled = (0, 1, 2), -(-view.size // kernels.LAYOUT_CHUNK), False
+    return CopyPlan(tiled, (*(sizes[axis] for axis in order), sizes[3]),
+                    (*(strides[axis] for axis in order), strides[3]), tuple(natural[axis] for axis in order), units)
+
+
+def _units_launch(engine: Engine, kernel: str, units: int) -> Launch:
+    """A launch of a layout kernel: a block per unit, capped at the engine's
+    block cap (the kernels loop over the rest)."""
+    return kernel_launch(kernel, (min(max(units, 1), engine.max_blocks), 1, 1), engine.block)
+
+
+#: At most this many copies in one launch of :func:`layout_copies`.
+LAYOUT_COPIES = 3
+
+
+#: The arguments of a copy slot that copies nothing.
+_NO_COPY = CopyPlan(False, (0, 1, 1, 1), (0, 0, 0, 0), (0, 0, 0), 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_scalars(plans: tuple[CopyPlan, ...], zero_words: int, itype: type) -> tuple:
+    """layout_copies' scalar arguments: each slot's ``LayoutCopy`` fields
+    (whether tiled, sizes, source strides, destination strides), then the
+    zero fill's words."""
+    scalars: list[Any] = []
+    for slot in range(LAYOUT_COPIES):
+        plan = plans[slot] if slot < len(plans) else _NO_COPY
+        scalars += [np.int32(plan.tiled), *map(np.int32, plan.sizes), *map(itype, plan.source),
+                    *map(itype, plan.destination)]
+    return (*scalars, itype(zero_words))
+
+
+def layout_copies(engine: Engine, geom: Geometry, copies: Sequence[tuple[Any, View, Any]], zero: Any = None,
+                  from_accumulator: bool = False) -> None:
+    """Each ``(source, view, destination)`` copy, and ``zero`` filled with
+    zero bits, in one launch (``layout_copies`` in kernels/dcn_layout.cu).
+
+    At most :data:`LAYOUT_COPIES` copies; sources and destinations are
+    contiguous, a destination has its view's size. The arrays are in the
+    call's dtype, or, with ``from_accumulator``, the sources in its
+    accumulator dtype (float32, float64) and the destinations in the dtype.
+    ``zero`` is any float array (float32 or float64 accumulators). Copies of
+    nothing are left out; with nothing left, nothing is launched. Each copy
+    is walked as :func:`copy_plan` says, a transpose through tiles; the
+    launch's blocks share out the units of all of them.
+    """
+    copies = [copy for copy in copies if copy[1].size]
+    zero_words = 0 if zero is None else zero.nbytes // 4
+    if not copies and not zero_words:
+        return
+    if len(copies) > LAYOUT_COPIES:
+        raise ValueError(f"layout_copies takes at most {LAYOUT_COPIES} copies, got {len(copies)}")
+    types = kernels.TYPES[geom.dtype_name]
+    source_dtype = types.accum_dtype if from_accumulator else geom.dtype_name
+    for source, view, destination in copies:
+        if source.dtype != source_dtype or destination.dtype != geom.dtype or destination.size != view.size:
+            raise TypeError(f"layout_copies copies {source_dtype} into {geom.dtype_name} arrays of the view's "
+                            f"size {view.size}, got {source.dtype} into {destination.dtype} of {destination.size}")
+    total = sum(view.size for _, view, _ in copies) + zero_words
+    index, itype = index_type(engine, total, *(source.size for source, _, _ in copies))
+    placeholder = copies[0][0] if copies else zero  # a valid pointer for each unused slot
+    arrays: list[Any] = []
+    for slot in range(LAYOUT_COPIES):
+        arrays += copies[slot][::2] if slot < len(copies) else (placeholder, placeholder)
+    kernel = "layout_copies_from_accum" if from_accumulator else "layout_copies"
+    plans = tuple(copy_plan(view) for _, view, _ in copies)
+    units = sum(plan.units for plan in plans) + -(-zero_words // kernels.LAYOUT_CHUNK)
+    engine.launch(
+        kernel, geom.dtype_name, index, _units_launch(engine, kernel, units),
+        [*arrays, placeholder if zero is None else zero, *_layout_scalars(plans, zero_words, itype)],
+    )
 
 
 def im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any, groups: int) -> Any:
@@ -121,13 +332,13 @@ def im2col(engine: Engine, geom: Geometry, pixels: Any, offset: Any, mask: Any, 
     n = pixels.shape[0]
     per_group = geom.kernel_points * geom.in_channels // groups
     columns = engine.xp.empty(
-        (groups, n * geom.out_pixels, per_group), kernels.TYPES[geom.dtype.name].column_dtype
+        (groups, n * geom.out_pixels, per_group), kernels.TYPES[geom.dtype_name].column_dtype
     )
     if columns.size:
         points, lanes, launch = _sampling_launch(engine, "deform_im2col", geom, n)
         index, itype = index_type(engine, columns.size, pixels.size, offset.size)
         engine.launch(
-            "deform_im2col", geom.dtype.name, index, launch,
+            "deform_im2col", geom.dtype_name, index, launch,
             [pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
              itype(points), np.int32(lanes), columns],
         )
@@ -142,28 +353,41 @@ def col2im(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any,
     """
     xp = engine.xp
     n = offset.shape[0]
-    types = kernels.TYPES[geom.dtype.name]
+    types = kernels.TYPES[geom.dtype_name]
     pixels = geom.height * geom.width
     if n * pixels * geom.in_channels == 0:
         return
-    if config.are_deterministic_algorithms_enabled():
-        accum = col2im_sorted(engine, geom, columns, offset, mask, groups)
-    else:
+    accum = None
+    if not config.are_deterministic_algorithms_enabled():
         accum = xp.zeros((n, pixels, geom.in_channels), types.accum_dtype)
-        if columns.size:
-            points, lanes, launch = _sampling_launch(engine, "deform_col2im", geom, n)
-            index, itype = index_type(engine, columns.size, accum.size, offset.size)
-            engine.launch(
-                "deform_col2im", geom.dtype.name, index, launch,
-                [columns, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
-                 itype(points), np.int32(lanes), accum],
-            )
+    accum = scatter_columns(engine, geom, columns, offset, mask, groups, accum)
     index, itype = index_type(engine, accum.size)
     engine.launch(
-        "from_channels_last", geom.dtype.name, index,
+        "from_channels_last", geom.dtype_name, index,
         layout_launch(engine, "from_channels_last", n, geom.in_channels, pixels),
         [accum, itype(accum.size), np.int32(geom.in_channels), np.int32(pixels), out],
     )
+
+
+def scatter_columns(engine: Engine, geom: Geometry, columns: Any, offset: Any, mask: Any, groups: int,
+                    accum: Any) -> Any:
+    """The input gradient (n, H*W, C) in the accumulator dtype from column
+    gradients (groups, n*L, K*C/groups): float atomics into ``accum``, zero-filled
+    by the caller; with :func:`cudcn.config.are_deterministic_algorithms_enabled`,
+    the sorted, atomic-free gather (:func:`col2im_sorted`) into an array of its
+    own (``accum`` is then unused, and may be None)."""
+    if config.are_deterministic_algorithms_enabled():
+        return col2im_sorted(engine, geom, columns, offset, mask, groups)
+    n = offset.shape[0]
+    if columns.size:
+        points, lanes, launch = _sampling_launch(engine, "deform_col2im", geom, n)
+        index, itype = index_type(engine, columns.size, accum.size, offset.size)
+        engine.launch(
+            "deform_col2im", geom.dtype_name, index, launch,
+            [columns, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
+             itype(points), np.int32(lanes), accum],
+        )
+    return accum
 
 
 #: Bytes of device memory :func:`col2im_sorted` takes per bilinear corner, at
@@ -197,7 +421,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     """
     xp = engine.xp
     n = offset.shape[0]
-    types = kernels.TYPES[geom.dtype.name]
+    types = kernels.TYPES[geom.dtype_name]
     pixels = geom.height * geom.width
     points = n * geom.offset_groups * geom.kernel_points * geom.out_pixels
     entries = 4 * points
@@ -207,7 +431,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     weights = xp.empty(entries, types.accum_dtype)
     if points:
         engine.launch(
-            "deform_col2im_keys", geom.dtype.name, index, grid_stride(engine, "deform_col2im_keys", points),
+            "deform_col2im_keys", geom.dtype_name, index, grid_stride(engine, "deform_col2im_keys", points),
             [offset, *mask_args(mask, offset), *shape_args(geom, n, groups), itype(points), keys, weights],
         )
     # A stable sort keeps the entries of one key in entry order: one result,
@@ -217,7 +441,7 @@ def col2im_sorted(engine: Engine, geom: Geometry, columns: Any, offset: Any, mas
     accum = xp.empty((n, pixels, geom.in_channels), types.accum_dtype)
     index, itype = index_type(engine, columns.size, accum.size, entries, segments + 1)
     engine.launch(
-        "deform_col2im_gather", geom.dtype.name, index, grid_stride(engine, "deform_col2im_gather", accum.size),
+        "deform_col2im_gather", geom.dtype_name, index, grid_stride(engine, "deform_col2im_gather", accum.size),
         [columns, order.astype(np.int64, copy=False), starts.astype(np.int64, copy=False), weights,
          *shape_args(geom, n, groups), itype(accum.size), accum],
     )
@@ -235,7 +459,7 @@ def col2im_coord(
     points, lanes, launch = _sampling_launch(engine, "deform_col2im_coord", geom, n)
     index, itype = index_type(engine, columns.size, pixels.size, offset.size)
     engine.launch(
-        "deform_col2im_coord", geom.dtype.name, index, launch,
+        "deform_col2im_coord", geom.dtype_name, index, launch,
         [columns, pixels, offset, *mask_args(mask, offset), *shape_args(geom, n, groups),
          itype(points), np.int32(lanes), grad_offset, grad_offset if grad_mask is None else grad_mask],
     )
@@ -322,7 +546,7 @@ def fused_forward(
                          f"more than a grid has ({MAX_GRID[0]}): take fewer images per launch")
     index, _ = index_type(engine, pixels.size, offset.size, out.size, weight.size, n * geom.out_pixels)
     engine.launch(
-        kernel, geom.dtype.name, index, kernel_launch(kernel, grid, engine.block),
+        kernel, geom.dtype_name, index, kernel_launch(kernel, grid, engine.block),
         [pixels, offset, *mask_args(mask, offset), weight, weight if bias is None else bias,
          np.int32(bias is not None), *shape_args(geom, n, geom.groups), np.int32(geom.out_channels), out],
     )
