@@ -367,13 +367,14 @@ def _tool(name: str) -> str | None:
 # ----------------------------------------------------------------------------
 # Instrument 2: the emulator's memory accounting, at small sizes, scaled.
 
-#: Image heights at which the emulator counts each benchmark shape's kernels,
-#: one image of the shape's full width (warps of the NCHW kernels cover
-#: parts of a row, so the width stays), its channels, kernel size and groups:
-#: the rows between the two add interior pixels only (offsets of sigma 2
-#: reach about 3 rows past an edge), and pixel counts stay multiples of the
-#: fused kernels' 64-pixel tiles.
-ROWS = (8, 16)
+#: (images, image height) at which the emulator counts each benchmark shape's
+#: kernels, at the shape's full width (warps of the NCHW kernels cover parts
+#: of a row, so the width stays), its channels, kernel size and groups: the
+#: rows between 8 and 16 add interior pixels only (offsets of sigma 2 reach
+#: about 3 rows past an edge), and pixel counts stay multiples of the fused
+#: kernels' 64-pixel tiles; the second image separates what each image costs
+#: from what each call costs (the weight's copy into its GEMM layout).
+SIZES = ((1, 8), (1, 16), (2, 8))
 #: What the model reads of each kernel's accounting (summed over its access sites).
 COUNTERS = ("load_requests", "load_sectors", "load_trips", "store_requests", "store_sectors",
             "atomic_requests", "atomic_sectors", "shared_wavefronts")
@@ -381,25 +382,26 @@ COUNTERS = ("load_requests", "load_sectors", "load_trips", "store_requests", "st
 
 def sizes(op: "Operator", shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(N, H, W) of the emulated calls of a benchmark shape."""
-    return [(1, rows, op.extent(shape)[2]) for rows in ROWS]
+    return [(images, rows, op.extent(shape)[2]) for images, rows in SIZES]
 
 
 def basis(n: int, h: int, w: int) -> list[int]:
     """The law's variables for n images of h x w (stride 1, 'same' padding):
-    output pixels and images (each image's top and bottom rows, where corners
-    fall outside, and the per-launch costs, counted per image)."""
-    return [n * h * w, n]
+    output pixels, images (each image's top and bottom rows, where corners
+    fall outside) and 1 (what a call costs once, whatever its size)."""
+    return [n * h * w, n, 1]
 
 
 def fit_law(rows: list[list[int]], values: list[float]) -> list[float]:
-    """(a, b) with value = a*pixels + b*images at each of the rows."""
+    """(a, b, c) with value = a*pixels + b*images + c at each of the rows
+    ((a, b) for counts stored with two-term rows)."""
     return [float(x) for x in np.linalg.solve(np.array(rows, float), np.array(values, float))]
 
 
 def scale(law: dict, pixels: int, images: int) -> dict[str, float]:
     """A kernel's counters at another size: each counter's fitted law
     (:func:`fit_law` on the stored counts) there, never below 0."""
-    at = np.array([pixels, images], float)
+    at = np.array([pixels, images, 1][:len(law["basis"][0])], float)
     return {name: max(0.0, float(np.dot(fit_law(law["basis"], values), at)))
             for name, values in law["counts"].items()}
 
@@ -1268,7 +1270,7 @@ def count(op: Operator = DEFORM_CONV2D, shape_names: Iterable[str] | None = None
         for dtype in op.peer_dtypes:
             progress(f"{name}: {op.peer} {dtype}")
             entry["peer"][dtype] = op.peer_work(shape, dtype)
-    record["counted"] = {"kernels": kernel_digest(), "rows": list(ROWS), "arch": "sm_90",
+    record["counted"] = {"kernels": kernel_digest(), "sizes": [list(s) for s in SIZES], "arch": "sm_90",
                          "sass": sass, "nvrtc": _nvrtc_version()}
     return record
 

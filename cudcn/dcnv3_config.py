@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cudcn.dcnv3_geometry import _offset_scale, _remove_center, packed_channels
+from cudcn.dcnv3_geometry import _flag, _offset_scale, packed_channels
 from cudcn.errors import ArgumentError, ArgumentTypeError
 from cudcn.geometry import check_int, output_size
 
@@ -99,7 +99,7 @@ def _common(channels, kernel_size, stride, pad, dilation, group, offset_scale, r
     if channels % group:
         raise ArgumentError(f"channels = {channels} must be divisible by group = {group}")
     kernel_size = check_int(kernel_size, "kernel_size", 1)
-    centre = int(_remove_center(remove_center))
+    centre = int(_flag(remove_center, "remove_center"))
     if centre and kernel_size % 2 == 0:
         raise ArgumentError(
             f"remove_center needs an odd kernel_size (it drops the centre point), got {kernel_size}"

@@ -93,7 +93,7 @@ def test_the_stored_counts_cover_every_benchmark_shape_precision_and_call(stored
             for block in gm.DEFORM_CONV2D.public:
                 assert f"{precision}|public|{block}" in entry["calls"]
         assert set(entry["peer"]) == {"float32", "float16"} and stored["operator"] == "deform_conv2d"
-    assert stored["counted"]["rows"] == list(gm.ROWS)
+    assert stored["counted"]["sizes"] == [list(s) for s in gm.SIZES]
 
 
 def test_the_docs_quote_the_stored_goals_and_totals():
@@ -265,22 +265,25 @@ def test_load_batches_counts_the_loads_issued_before_a_first_use():
 
 
 def test_the_law_is_fitted_exactly_and_scaled():
-    a, b = 3.5, -20.0
+    a, b, c = 3.5, -20.0, 7.0
     rows = [gm.basis(*size) for size in gm.sizes(gm.DEFORM_CONV2D, (16, 256, 256, 64, 64, 3, 1))]
-    assert rows == [[8 * 64, 1], [16 * 64, 1]]
-    law = {"basis": rows, "counts": {"x": [a * p + b * n for p, n in rows], "y": [0.0, 0.0]}}
-    assert gm.fit_law(law["basis"], law["counts"]["x"]) == pytest.approx([a, b])
+    assert rows == [[8 * 64, 1, 1], [16 * 64, 1, 1], [2 * 8 * 64, 2, 1]]
+    law = {"basis": rows, "counts": {"x": [a * p + b * n + c for p, n, _ in rows], "y": [0.0] * 3}}
+    assert gm.fit_law(law["basis"], law["counts"]["x"]) == pytest.approx([a, b, c])
     full = gm.basis(16, 64, 64)
-    assert gm.scale(law, *full) == pytest.approx({"x": a * full[0] + b * full[1], "y": 0.0})
-    assert gm.scale({"basis": rows, "counts": {"x": [5.0, 1.0]}}, *full)["x"] == 0  # never negative
+    assert gm.scale(law, *full[:2]) == pytest.approx({"x": a * full[0] + b * full[1] + c, "y": 0.0})
+    assert gm.scale({"basis": rows, "counts": {"x": [5.0, 1.0, 1.0]}}, *full[:2])["x"] == 0  # never negative
+    two_terms = {"basis": [r[:2] for r in rows[:2]], "counts": {"x": [a * p + b for p, _, _ in rows[:2]]}}
+    assert gm.scale(two_terms, *full[:2])["x"] == pytest.approx(a * full[0] + b * full[1])  # counts stored before
 
 
 @pytest.mark.emulated
 def test_the_emulators_counts_scale_as_the_law_says():
     """At the third benchmark shape's channels and width, float16 forward
-    of both algorithms: the same image twice counts exactly twice (within
-    1%), and the law fitted at the stored sizes predicts another (12 rows,
-    fresh draws) within 3%, every counter of every kernel."""
+    of both algorithms: the same image twice costs twice what it adds to a
+    call (within 1%: one image, two, three), and the law fitted at the
+    stored sizes predicts others (12 rows, fresh draws, one and two images)
+    within 3%, every counter of every kernel."""
     from emulation import harness
 
     if harness.compiler() is None:
@@ -292,18 +295,21 @@ def test_the_emulators_counts_scale_as_the_law_says():
         call = ("float16", algorithm, "forward")
         laws = gm.count_calls(library, gm.DEFORM_CONV2D, shape, [call], {})["|".join(call)]
         one = gm._dcn_arguments(shape, "float16", 1, 8, width, seed=1)
-        two = dict(one, **{k: np.concatenate([one[k], one[k]]) for k in ("input", "offset", "mask")})
-        once, _ = gm._emulate(library, gm.DEFORM_CONV2D, one, algorithm, "forward", False)
-        twice, _ = gm._emulate(library, gm.DEFORM_CONV2D, two, algorithm, "forward", False)
-        for single, double in zip(once, twice):
-            counted, doubled = gm.kernel_counters(single, {})[0], gm.kernel_counters(double, {})[0]
-            for counter, value in counted.items():
-                assert doubled[counter] == pytest.approx(2 * value, rel=0.01, abs=2), (single.kernel, counter)
-        for n, h in ((1, 12),):
+        counted = []
+        for copies in (1, 2, 3):
+            args = dict(one, **{k: np.concatenate([one[k]] * copies) for k in ("input", "offset", "mask")})
+            stats, _ = gm._emulate(library, gm.DEFORM_CONV2D, args, algorithm, "forward", False)
+            counted.append({s.kernel: gm.kernel_counters(s, {})[0] for s in stats})
+        for kernel, once in counted[0].items():
+            twice, thrice = counted[1][kernel], counted[2][kernel]
+            for counter in once:
+                assert thrice[counter] - twice[counter] == pytest.approx(
+                    twice[counter] - once[counter], rel=0.01, abs=2), (kernel, counter)
+        for n, h in ((1, 12), (2, 12)):
             args = gm._dcn_arguments(shape, "float16", n, h, width, seed=7)
             stats, _ = gm._emulate(library, gm.DEFORM_CONV2D, args, algorithm, "forward", False)
             for launch in stats:
-                predicted = gm.scale(laws[gm._normal_index(launch.kernel)], *gm.basis(n, h, width))
+                predicted = gm.scale(laws[gm._normal_index(launch.kernel)], n * h * width, n)
                 for counter, value in gm.kernel_counters(launch, {})[0].items():
                     assert predicted[counter] == pytest.approx(value, rel=0.03, abs=2), (launch.kernel, counter, n, h)
 
@@ -348,21 +354,24 @@ def test_the_dry_run_records_the_backends_own_array_operations():
     import cudcn
     from cudcn.backends.cuda import im2col_gemm
     from cudcn.geometry import validate
-    from emulation.dry_run import DryRunEngine
+    from emulation.dry_run import DeviceOp, DryRunEngine
 
     engine = DryRunEngine(record=True)
-    make = lambda *shape: engine.track(np.empty(shape, np.float32))  # noqa: E731
+    make = lambda *shape: engine.adopt(np.empty(shape, np.float32))  # noqa: E731
     args = dict(input=make(2, 8, 6, 6), offset=make(2, 18, 6, 6), mask=make(2, 9, 6, 6), weight=make(4, 8, 3, 3))
     geom = validate(**args, bias=make(4), padding=1)
+    grad_output = make(2, 4, 6, 6)
     with cudcn.tf32(True):
-        im2col_gemm.backward(engine, geom, make(2, 4, 6, 6), *(args[k] for k in ("input", "offset", "weight", "mask")))
-    kinds = [op.kind for op in engine.host_ops]
-    assert kinds.count("zeros") == 2 and "reduce" in kinds  # weight-gradient accumulator, input-gradient
-    rows = [op for op in engine.host_ops if op.kind == "assign" and op.strided]
-    assert rows and rows[0].read == rows[0].written == 2 * 36 * 4 * 4  # grad_output as GEMM rows, transposed
+        im2col_gemm.backward(engine, geom, grad_output, *(args[k] for k in ("input", "offset", "weight", "mask")))
+    # The layouts, the zeroed accumulator and the gradients' conversions are
+    # kernels (layout_copies); what is left of the backend's own is the bias
+    # gradient, a reduction of grad_output.
+    assert engine.device_ops == [DeviceOp("reduction", grad_output.nbytes, 4 * 4)]
     assert len(engine.footprints) == len(engine.launches) and all(f > 0 for f in engine.footprints)
-    assert [g["tf32"] for g in engine.gemm_calls] == [True, True] and engine.gemm_calls[0]["reads_c"]
-    assert not engine.gemm_calls[1]["reads_c"]
+    assert [g["tf32"] for g in engine.gemm_calls] == [True, True]
+    assert not engine.gemm_calls[0]["reads_c"]  # one chunk: the weight gradient's GEMM writes, no memset
+    engine.xp.ascontiguousarray(grad_output.transpose(0, 2, 3, 1))
+    assert engine.device_ops[-1] == DeviceOp("copy", grad_output.nbytes, grad_output.nbytes, strided=True)
 
 
 def test_the_calibration_sets_each_measurement_beside_its_prediction():
