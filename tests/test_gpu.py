@@ -389,6 +389,19 @@ def skip_without_cupy_bfloat16(dtype) -> None:
         pytest.skip(f"CuPy has no bfloat16 here: {cupy_bfloat16_problem() or error}")
 
 
+def device_dtype(name: str) -> np.dtype:
+    """The dtype called ``name``; skips, naming the cause, where it cannot
+    live on the device (bfloat16 without ml_dtypes or without CuPy's
+    support)."""
+    if name != "bfloat16":
+        return np.dtype(name)
+    if ml_dtypes is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    dtype = np.dtype(ml_dtypes.bfloat16)
+    skip_without_cupy_bfloat16(dtype)
+    return dtype
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=[t.name for t in HALF_TYPES])
 @pytest.mark.parametrize("seed", range(4))

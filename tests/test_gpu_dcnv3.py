@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 import cudcn
 import test_gpu
 from dcnv3_reference import DCNv3Call, calls, fixed_call, pack
-from emulation.cases import ml_dtypes
 
 pytestmark = pytest.mark.gpu
 
@@ -43,14 +42,7 @@ DTYPES = tuple(TOLERANCE)
 FIELDS = ("input", "offset", "mask")
 
 
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        if ml_dtypes is None:
-            pytest.skip("bfloat16 needs ml_dtypes")
-        dtype = np.dtype(ml_dtypes.bfloat16)
-        test_gpu.skip_without_cupy_bfloat16(dtype)
-        return dtype
-    return np.dtype(name)
+_dtype = test_gpu.device_dtype
 
 
 def _call(dtype_name: str, batch=2, height=9, width=11, group=4, channels=16, **shape) -> DCNv3Call:

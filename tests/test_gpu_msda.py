@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 
 import cudcn
 import test_gpu
-from emulation.cases import ml_dtypes
 from msda_reference import calls
 
 pytestmark = pytest.mark.gpu
@@ -39,14 +38,7 @@ DTYPES = tuple(TOLERANCE)
 ARRAYS = ("value", "sampling_locations", "attention_weights")
 
 
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        if ml_dtypes is None:
-            pytest.skip("bfloat16 needs ml_dtypes")
-        dtype = np.dtype(ml_dtypes.bfloat16)
-        test_gpu.skip_without_cupy_bfloat16(dtype)
-        return dtype
-    return np.dtype(name)
+_dtype = test_gpu.device_dtype
 
 
 def _call(dtype_name: str, batch=2, queries=30, heads=4, channels=32, shapes=((12, 10), (6, 5), (3, 3), (1, 2)),

@@ -24,9 +24,10 @@ import pytest
 import cudcn
 from cudcn.backends import numpy as numpy_backend
 from cudcn.backends.cuda import launchers
-from cudcn.backends.cuda.engine import CupyEngine, cupy_bfloat16_problem
+from cudcn.backends.cuda.engine import CupyEngine
 from cudcn.geometry import validate
 from emulation.cases import assert_close, ml_dtypes
+from test_gpu import device_dtype as _dtype
 from test_gpu import poisoned_memory  # noqa: F401 (autouse: every allocation starts as NaN bytes)
 
 pytestmark = pytest.mark.gpu
@@ -36,13 +37,6 @@ cupy = pytest.importorskip("cupy")
 DTYPES = ["float64", "float32", "float16"] + (["bfloat16"] if ml_dtypes else [])
 
 
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        problem = cupy_bfloat16_problem()
-        if problem:
-            pytest.skip(f"CuPy has no bfloat16 here: {problem}")
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
