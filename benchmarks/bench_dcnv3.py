@@ -285,7 +285,7 @@ def markdown(env: dict, repeat: int, cpu: list[dict], gpu: list[dict]) -> str:
         f"N={BATCH}, {KERNEL}x{KERNEL}, stride 1, pad 1. Medians of {repeat} interleaved rounds; "
         "forward + backward (forward alone in parentheses), ms; ratio = cudcn / pure torch.",
         "",
-        "## CPU, float32",
+        "**CPU, float32**",
         "",
         "| operator | stage | cudcn | pure torch | time ratio (fwd+bwd) | time ratio (fwd) "
         "| cudcn peak, MiB | pure torch peak, MiB | memory ratio |",
@@ -301,7 +301,7 @@ def markdown(env: dict, repeat: int, cpu: list[dict], gpu: list[dict]) -> str:
     lines += ["", "Peak memory: forward + backward in a fresh process, resident set above the inputs "
               "after a warm-up on a 3x3 image (high-water mark reset)."]
     if gpu:
-        lines += ["", f"## GPU: {env['gpu_device']}", "",
+        lines += ["", f"**GPU: {env['gpu_device']}**", "",
                   "| dtype | operator | stage | cudcn | pure torch | time ratio (fwd+bwd) | cudcn peak, MiB "
                   "| pure torch peak, MiB |", "|---|---|---|---|---|---|---|---|"]
         for row in gpu:

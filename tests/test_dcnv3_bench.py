@@ -61,7 +61,7 @@ def test_gpu_table_renders_what_could_not_run():
            "status": {bench.OURS: "not available: ArgumentTypeError: no dcnv3_forward yet", bench.PURE: "ok"},
            "forward_ms": {bench.PURE: 0.25}, "forward_backward_ms": {bench.PURE: 0.75}, "peak_mib": {bench.PURE: 3.0}}
     table = bench.markdown(env, 3, [], [row])
-    assert "## GPU: NVIDIA H100" in table
+    assert "**GPU: NVIDIA H100**" in table
     assert "| bfloat16 | DCNv4 | 7x7 C=512 G=32 | - | 0.8 (0.2) | - | - | 3.0 |" in table
     assert "- cudcn: not available: ArgumentTypeError: no dcnv3_forward yet" in table
 
