@@ -170,6 +170,32 @@ def test_inplace_change_after_the_forward_is_caught():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "a transposed input", "bfloat16"])
+def test_the_backward_reuses_the_forwards_arrays_where_they_are_the_tensors_memory(monkeypatch, layout):
+    """Forward: five tensors to arrays. Backward: grad_output alone where
+    every array was the tensor's own memory; all five again where one was a
+    copy (a non-contiguous input, a CPU bfloat16 tensor), so that no copy is
+    held from the forward to the backward. The gradients are the same."""
+    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float64
+    args = _args(dtype=dtype)
+    if layout == "a transposed input":
+        args["input"] = args["input"].transpose(2, 3).contiguous().transpose(2, 3)
+    leaves = _leaves(args)
+    calls = []
+    counted = lambda t: calls.append(t) or _bridge.to_array(t)  # noqa: E731
+    monkeypatch.setattr(functional, "to_array", counted)
+    out = ct.deform_conv2d(**leaves, padding=1)
+    assert len(calls) == 5
+    out.backward(torch.ones_like(out))
+    assert len(calls) == (6 if layout == "contiguous" else 10)
+    grads = [leaves[k].grad for k in ("input", "offset", "weight", "mask")]
+    monkeypatch.setattr(functional, "same_memory", lambda t: False)
+    again = _leaves(args)
+    ct.deform_conv2d(**again, padding=1).backward(torch.ones_like(out))
+    for name, grad in zip(("input", "offset", "weight", "mask"), grads):
+        assert torch.equal(again[name].grad, grad), name
+
+
 def test_no_grad_saves_nothing(routes):
     args = _leaves(_args())
     with torch.no_grad():

@@ -247,6 +247,11 @@ def to_array(t: Tensor | None) -> Any:
     return t.float().numpy()  # NumPy has no bfloat16
 
 
+def same_memory(t: Tensor | None) -> bool:
+    """Whether :func:`to_array` gives ``t``'s own memory (no copy)."""
+    return t is None or (t.is_contiguous() and (t.is_cuda or t.dtype != torch.bfloat16))
+
+
 def to_tensor(array: Any, dtype: torch.dtype) -> Tensor:
     """A backend result as a contiguous tensor of ``dtype`` (no copy when it is one)."""
     if type(array) is np.ndarray:

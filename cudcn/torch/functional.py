@@ -45,6 +45,7 @@ from cudcn.torch._bridge import (
     eager,
     is_static,
     script_list,
+    same_memory,
     settings_at_forward,
     signature,
     stand_ins,
@@ -94,21 +95,27 @@ def _check(
 
 
 def _run_forward(geom: Geometry, input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None,
-             mask: Tensor | None) -> Tensor:
-    """Output (N, C_out, Ho, Wo): the backend's forward of a checked call."""
+             mask: Tensor | None, arrays: list | None = None) -> Tensor:
+    """Output (N, C_out, Ho, Wo): the backend's forward of a checked call.
+    ``arrays``, a list, receives the arrays the backend was handed."""
     with backend_context(input), tf32_setting(cudcn.is_tf32_enabled()):
-        arrays = [to_array(t) for t in (input, offset, weight, bias, mask)]
-        out = backends.load(geom.kind).forward(geom, *arrays)
+        handed = [to_array(t) for t in (input, offset, weight, bias, mask)]
+        out = backends.load(geom.kind).forward(geom, *handed)
+        if arrays is not None:
+            arrays += handed
         return to_tensor(out, input.dtype)
 
 
 def _run_backward(geom: Geometry, settings: ForwardSettings, grad_output: Tensor, input: Tensor, offset: Tensor,
-              weight: Tensor, mask: Tensor | None) -> tuple[Tensor | None, ...]:
+              weight: Tensor, mask: Tensor | None, arrays: Sequence[Any] | None = None) -> tuple[Tensor | None, ...]:
     """Gradients (input, offset, weight, bias or None, mask or None): the
-    backend's backward of a checked call, under the forward's settings."""
+    backend's backward of a checked call, under the forward's settings.
+    ``arrays``: (input, offset, weight, mask) as arrays already, else made
+    from the tensors."""
     with backend_context(input), backward_settings(*settings):
-        arrays = [to_array(t) for t in (grad_output, input, offset, weight, mask)]
-        grads = backends.load(geom.kind).backward(geom, *arrays)
+        if arrays is None:
+            arrays = [to_array(t) for t in (input, offset, weight, mask)]
+        grads = backends.load(geom.kind).backward(geom, to_array(grad_output), *arrays)
         return tuple(None if g is None else to_tensor(g, input.dtype) for g in grads)
 
 
@@ -237,11 +244,17 @@ class _DeformConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, geom: Geometry, input, offset, weight, bias, mask):
-        out = _run_forward(geom, input, offset, weight, bias, mask)
+        arrays: list = []
+        out = _run_forward(geom, input, offset, weight, bias, mask, arrays)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(input, offset, weight, bias, mask)
             ctx.geom = geom
             ctx.settings = settings_at_forward()  # here, in the caller's thread
+            # The forward's arrays, where they are the tensors' own memory
+            # (no copy is held): the backward need not convert them again.
+            # saved_tensors still guards against in-place changes.
+            tensors = (input, offset, weight, mask)
+            ctx.arrays = arrays[:3] + arrays[4:] if all(map(same_memory, tensors)) else None
         return out
 
     @staticmethod
@@ -257,7 +270,7 @@ class _DeformConv2dFunction(torch.autograd.Function):
             grads = [g if present else None for g, present in zip(grads, (True, True, True, bias is not None,
                                                                           mask is not None))]
         else:
-            grads = _run_backward(ctx.geom, ctx.settings, grad_output, input, offset, weight, mask)
+            grads = _run_backward(ctx.geom, ctx.settings, grad_output, input, offset, weight, mask, ctx.arrays)
         return (None, *grads)
 
 
