@@ -304,7 +304,7 @@ def markdown(record: dict) -> str:
     env = record["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     lines = [
-        "# Host time per call (provisional: a shared machine)",
+        "# Host time per call",
         "",
         f"{env['date']}, {env['machine']}, {env['cpu_count']} CPUs, {load_text(env['load_at_start'])} at the "
         f"start, {load_text(env['load_at_end'])} at the end; {versions}.",
